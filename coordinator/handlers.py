@@ -1,0 +1,188 @@
+"""The coordinator's RPC logic as plain functions ``(request, ctx, now) -> response``.
+
+No gRPC here beyond the message types: handlers raise ``coordinator.errors`` exceptions, which the
+servicer maps to status codes. That keeps every rule testable without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from coordinator.ledger import Ledger, Verdict
+from coordinator.run import SHARD_DIR
+from hivefold.identity import peer_id_from_public_key, register_message, verify_signature
+from hivefold.shards import shard_filename
+from hivefold.spec import RunSpec
+from protos import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
+MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
+NAME_MAX = 64
+
+VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
+
+
+@dataclass
+class Context:
+    """What handlers need besides the request: the run, its ledger and the process's settings."""
+
+    config: CoordinatorConfig
+    spec: RunSpec
+    ledger: Ledger
+    dht_maddrs: list[str]
+
+    def __post_init__(self) -> None:
+        self.spec_json = self.spec.to_json()
+        self.spec_hash = self.spec.hash
+        # Credit ("points") per sequence: proportional to the compute one sequence costs (~6 * params * tokens),
+        # in units of 1e9 FLOP-equivalents / 6, so bigger models earn more per sample.
+        n = self.spec.model
+        params = n.n_layer * 12 * n.d_model ** 2 + n.vocab_size * n.d_model
+        self.credit_per_sample = params * self.spec.seq_len / 1e9
+
+    @property
+    def workdir(self) -> Path:
+        return self.config.workdir
+
+
+def _auth(auth: pb.PeerAuth, ctx: Context) -> str:
+    if not auth.peer_id or not ctx.ledger.check_token(auth.peer_id, auth.token):
+        raise Unauthenticated("unknown peer id or session token; call Register again")
+    if auth.spec_hash != ctx.spec_hash:
+        raise FailedPrecondition(f"this coordinator runs spec {ctx.spec_hash[:12]}, the peer trains under "
+                                 f"{auth.spec_hash[:12] or '(none)'}; restart the peer to fetch the current spec")
+    return auth.peer_id
+
+
+def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.RegisterResponse:
+    name = request.name.strip()
+    if not name or len(name) > NAME_MAX or not name.isprintable():
+        raise InvalidArgument(f"name must be 1-{NAME_MAX} printable characters, got {request.name!r}")
+    if len(request.public_key) != 32:
+        raise InvalidArgument("public_key must be a raw 32-byte Ed25519 key")
+    if not math.isfinite(request.timestamp) or abs(now - request.timestamp) > MAX_CLOCK_SKEW_S:
+        raise PermissionDenied(f"signed timestamp is {request.timestamp - now:+.0f}s from the coordinator's clock; "
+                               "fix this machine's clock (NTP) and retry")
+    if not verify_signature(request.public_key, register_message(request.name, request.timestamp),
+                            request.signature):
+        raise PermissionDenied("signature does not match public_key; the peer's identity file may be damaged")
+    if request.expected_spec_hash and request.expected_spec_hash != ctx.spec_hash:
+        raise FailedPrecondition(
+            f"this coordinator runs spec {ctx.spec_hash[:12]}, but this peer's workdir trained under "
+            f"{request.expected_spec_hash[:12]}; use a fresh --workdir to join this run")
+    peer_id = peer_id_from_public_key(request.public_key)
+    device = request.device
+    token = ctx.ledger.register_peer(peer_id=peer_id, name=name, public_key=request.public_key,
+                                     device_kind=device.kind[:16], device_name=device.name[:128],
+                                     memory_bytes=device.memory_bytes, now=now)
+    log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
+             device.memory_bytes / 2**30)
+    return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
+                               dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval)
+
+
+def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.LeaseShardResponse:
+    peer_id = _auth(request.auth, ctx)
+    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=ctx.config.lease_seconds, now=now)
+    if outcome.run_complete:
+        return pb.LeaseShardResponse(run_complete=True)
+    if outcome.lease is None:
+        return pb.LeaseShardResponse(retry_after_s=min(ctx.config.heartbeat_interval, 5.0))
+    lease = outcome.lease
+    log.info("peer %s leased shard %d (lease %s, pass %d)", peer_id, lease.shard_id, lease.lease_id,
+             lease.data_pass)
+    return pb.LeaseShardResponse(work=pb.WorkUnit(
+        shard_id=lease.shard_id, lease_id=lease.lease_id, deadline=lease.deadline, byte_size=lease.byte_size,
+        sha256=lease.sha256, num_sequences=lease.num_sequences, data_pass=lease.data_pass))
+
+
+def fetch_shard(request: pb.FetchShardRequest, ctx: Context, now: float) -> Iterator[pb.DataChunk]:
+    peer_id = _auth(request.auth, ctx)
+    lease = ctx.ledger.active_lease_for(peer_id, request.lease_id, now=now)
+    return stream_file(ctx.workdir / SHARD_DIR / shard_filename(lease.shard_id))
+
+
+def stream_file(path: Path) -> Iterator[pb.DataChunk]:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise NotFound(f"{path.name} is missing on the coordinator") from None
+    total = path.stat().st_size
+
+    def chunks() -> Iterator[pb.DataChunk]:
+        with f:
+            offset = 0
+            while data := f.read(CHUNK_BYTES):
+                yield pb.DataChunk(data=data, offset=offset, total_size=total)
+                offset += len(data)
+
+    return chunks()
+
+
+def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> pb.SubmitResultResponse:
+    peer_id = _auth(request.auth, ctx)
+    if not request.lease_id:
+        raise InvalidArgument("lease_id is required")
+    max_batches = math.ceil(request.samples / ctx.spec.micro_batch) if request.samples else 0
+    if len(request.losses) > max_batches:
+        raise InvalidArgument(f"{len(request.losses)} losses for {request.samples} samples; at most one per "
+                              f"micro-batch of {ctx.spec.micro_batch}")
+    losses = [(float(x.loss), int(x.epoch)) for x in request.losses]
+    if any(not math.isfinite(loss) or loss < 0 for loss, _ in losses):
+        raise InvalidArgument("losses must be finite and non-negative")
+    if not math.isfinite(request.compute_seconds) or request.compute_seconds < 0:
+        raise InvalidArgument("compute_seconds must be finite and >= 0")
+    outcome = ctx.ledger.submit(peer_id, request.lease_id, samples=request.samples, losses=losses,
+                                compute_seconds=request.compute_seconds,
+                                credit_per_sample=ctx.credit_per_sample, now=now)
+    log.info("peer %s submitted lease %s: %s", peer_id, request.lease_id, outcome.detail)
+    return pb.SubmitResultResponse(verdict=VERDICT_TO_PB[outcome.verdict], credit=outcome.credit,
+                                   detail=outcome.detail)
+
+
+def release_lease(request: pb.ReleaseLeaseRequest, ctx: Context, now: float) -> pb.ReleaseLeaseResponse:
+    peer_id = _auth(request.auth, ctx)
+    released = ctx.ledger.release(peer_id, request.lease_id, reason=request.reason[:200] or "released", now=now)
+    log.info("peer %s released lease %s (%s): %s", peer_id, request.lease_id, request.reason,
+             "ok" if released else "was not active")
+    return pb.ReleaseLeaseResponse(released=released)
+
+
+def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.HeartbeatResponse:
+    peer_id = _auth(request.auth, ctx)
+    loss = float(request.recent_loss)
+    rate = float(request.samples_per_second)
+    ids, step = ctx.ledger.heartbeat(
+        peer_id, epoch=int(request.epoch), samples=int(request.samples_trained),
+        recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
+        samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
+        lease_seconds=ctx.config.lease_seconds, now=now)
+    return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step)
+
+
+def status_document(ctx: Context, now: float) -> dict:
+    return ctx.ledger.status(now=now, online_seconds=3 * ctx.config.heartbeat_interval, seq_len=ctx.spec.seq_len)
+
+
+def get_status(request: pb.GetStatusRequest, ctx: Context, now: float) -> pb.GetStatusResponse:
+    return pb.GetStatusResponse(status_json=json.dumps(status_document(ctx, now), sort_keys=True))
+
+
+def fetch_checkpoint(request: pb.FetchCheckpointRequest, ctx: Context, now: float) -> Iterator[pb.DataChunk]:
+    latest = ctx.ledger.latest_checkpoint()
+    if latest is None:
+        raise NotFound("no checkpoint has been written yet")
+    step, path = latest
+    if step < request.min_step:
+        raise NotFound(f"the latest checkpoint is at step {step}, older than the requested {request.min_step}")
+    return stream_file(Path(path))
+

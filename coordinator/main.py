@@ -1,0 +1,125 @@
+"""``hivefold coordinator``: build or reopen a run, start the DHT bootstrap node, gRPC, HTTP and keeper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import hivemind
+
+from coordinator.config import CoordinatorConfig, RunOptions
+from coordinator.handlers import Context
+from coordinator.http_status import start_http
+from coordinator.run import open_run
+from coordinator.server import start_server
+
+log = logging.getLogger("hivefold.coordinator")
+
+ENDPOINTS_FILE = "coordinator.json"  # written once serving: {"grpc": "host:port", "http": ..., "pid": ...}
+KEEPER_STOP_TIMEOUT_S = 120.0
+KEEPER_RESTART_S = 30.0  # the keeper's final checkpoint downloads the swarm's state first
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = CoordinatorConfig(workdir=Path("."))
+    p.add_argument("--workdir", type=Path, required=True, help="directory holding the run (created if missing)")
+    p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
+    p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
+    p.add_argument("--dht-listen", action="append", help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
+    p.add_argument("--dht-announce", action="append", help="multiaddr given to peers instead of the visible ones")
+    p.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="lease timeout without heartbeats")
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds between heartbeats")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="swarm steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept on disk")
+    p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
+    p.add_argument("--keeper-poll", type=float, default=d.keeper_poll, help="seconds between the keeper's checks")
+    g = p.add_argument_group("run definition (for a new run; must match when reopening a workdir)")
+    g.add_argument("--corpus", help="'stdlib' (default), a text file, a directory of text files, or a .jsonl file")
+    g.add_argument("--model", help="tiny (default) | small | base | L<layers>-H<heads>-D<width>")
+    for name, typ in (("seq_len", int), ("micro_batch", int), ("target_batch_size", int), ("lr", float),
+                      ("warmup_steps", int), ("decay_steps", int), ("shard_sequences", int), ("seed", int),
+                      ("data_passes", int), ("max_corpus_mb", float), ("matchmaking_time", float),
+                      ("averaging_timeout", float)):
+        g.add_argument("--" + name.replace("_", "-"), type=typ,
+                       help=f"default {RunOptions.DEFAULTS[name]}")
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    run = RunOptions(**{k: getattr(args, k) for k in RunOptions.DEFAULTS})
+    return CoordinatorConfig(
+        workdir=args.workdir, listen=args.listen, http=args.http,
+        dht_listen=tuple(args.dht_listen or CoordinatorConfig.dht_listen),
+        dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
+        heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll, run=run)
+
+
+def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "coordinator.keeper", "--workdir", str(config.workdir),
+           "--checkpoint-every", str(config.checkpoint_every), "--keep-checkpoints", str(config.keep_checkpoints),
+           "--poll", str(config.keeper_poll)]
+    for m in maddrs:
+        cmd += ["--initial-peer", m]
+    for m in config.dht_listen:  # same interfaces as the bootstrap node, any free port
+        cmd += ["--dht-listen", "/".join(m.split("/")[:-1] + ["0"]) if "/tcp/" in m else m]
+    return cmd
+
+
+def run(config: CoordinatorConfig, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set; always releases everything it started."""
+    spec, ledger = open_run(config.workdir, config.run)
+    dht = server = http = keeper = None
+    endpoints = config.workdir / ENDPOINTS_FILE
+    try:
+        dht = hivemind.DHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
+                           start=True)
+        maddrs = list(config.dht_announce) or [str(m) for m in dht.get_visible_maddrs()]
+        log.info("DHT bootstrap node at %s", " ".join(maddrs))
+        ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=maddrs)
+        server, port = start_server(ctx, config.listen)
+        host = config.listen.rpartition(":")[0]
+        info = {"grpc": f"{host}:{port}", "pid": os.getpid(), "run_id": spec.run_id, "dht": maddrs}
+        if config.http:
+            http, http_port = start_http(ctx, config.http)
+            info["http"] = f"{config.http.rpartition(':')[0]}:{http_port}"
+        tmp = endpoints.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, endpoints)
+        log.info("run %s serving %d shards on %s", spec.run_id, len(spec.shards), info["grpc"])
+        last_keeper_start = -float("inf")
+        while True:
+            # A crashed keeper is restarted, at most once per KEEPER_RESTART_S so a broken one cannot spin.
+            due = time.monotonic() - last_keeper_start >= KEEPER_RESTART_S
+            if config.keeper and (keeper is None or keeper.poll() is not None) and due:
+                if keeper is not None:
+                    log.error("keeper exited with code %s; restarting it", keeper.returncode)
+                keeper = subprocess.Popen(_keeper_cmd(config, maddrs))
+                last_keeper_start = time.monotonic()
+            if stop.wait(1.0):
+                break
+    finally:
+        if keeper is not None and keeper.poll() is None:
+            log.info("stopping the keeper (final checkpoint)")
+            keeper.send_signal(signal.SIGTERM)
+            try:
+                keeper.wait(KEEPER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("keeper did not stop in %.0fs; killing it", KEEPER_STOP_TIMEOUT_S)
+                keeper.kill()
+        endpoints.unlink(missing_ok=True)
+        if server is not None:
+            server.stop(grace=2.0).wait()
+        if http is not None:
+            http.shutdown()
+        if dht is not None:
+            dht.shutdown()
+        ledger.close()
+        log.info("coordinator stopped")

@@ -1,0 +1,107 @@
+"""Create a run in a workdir, or reopen the one already there.
+
+Layout of a coordinator workdir:
+    spec.json        the run spec (canonical JSON; its sha256 is the run's spec hash)
+    ledger.sqlite    the ledger (see coordinator.ledger)
+    shards/          shard-NNNNNN.npy and validation.npy
+    checkpoints/     step-NNNNNNNN.pt written by the keeper, and spec.json beside them
+    dht.key          the bootstrap DHT node's identity, so its address survives restarts
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from coordinator.config import RunOptions
+from coordinator.ledger import Ledger
+from hivefold.corpus import read_documents
+from hivefold.errors import ConfigError
+from hivefold.shards import VAL_FILENAME, build_shards, shard_filename
+from hivefold.spec import AveragingConfig, OptimizerConfig, RunSpec, model_config_from_name
+from hivefold.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "spec.json"
+LEDGER_FILE = "ledger.sqlite"
+SHARD_DIR = "shards"
+CHECKPOINT_DIR = "checkpoints"
+MAX_VAL_SEQUENCES = 128  # enough for a stable loss estimate, cheap enough to evaluate on a CPU
+VAL_FRACTION = 0.02
+
+
+def build_spec(options: RunOptions, workdir: Path) -> RunSpec:
+    """Read the corpus, write its shards under ``workdir/shards`` and return the new run's spec."""
+    o = options.resolved
+    tokenizer = get_tokenizer("bytes")
+    max_mb = o("max_corpus_mb")
+    t0 = time.monotonic()
+    docs, description = read_documents(o("corpus"), max_chars=int(max_mb * 1e6) if max_mb else None)
+    shards, val = build_shards(docs, tokenizer, seq_len=o("seq_len"), shard_sequences=o("shard_sequences"),
+                               val_fraction=VAL_FRACTION, max_val_sequences=MAX_VAL_SEQUENCES, seed=o("seed"),
+                               out_dir=workdir / SHARD_DIR)
+    log.info("corpus %s: %d documents -> %d shards + %d validation sequences in %.1fs", description, len(docs),
+             len(shards), val.num_sequences, time.monotonic() - t0)
+    model = model_config_from_name(o("model"), vocab_size=tokenizer.vocab_size, max_seq_len=o("seq_len"))
+    draft = dict(
+        seed=o("seed"), tokenizer=tokenizer.name, seq_len=o("seq_len"), micro_batch=o("micro_batch"),
+        target_batch_size=o("target_batch_size"), model=model,
+        optimizer=OptimizerConfig(lr=o("lr"), warmup_steps=o("warmup_steps"), decay_steps=o("decay_steps")),
+        averaging=AveragingConfig(matchmaking_time=o("matchmaking_time"), averaging_timeout=o("averaging_timeout")),
+        shards=tuple(shards), validation=val, corpus_name=f"{o('corpus')} ({description})",
+        data_passes=o("data_passes"),
+    )
+    provisional = RunSpec(run_id="", **draft)
+    # The run id carries the spec's hash, so two different runs never share hivemind DHT keys.
+    return RunSpec(run_id=f"hivefold-{provisional.hash[:12]}", **draft)
+
+
+def _check_reopen(spec: RunSpec, options: RunOptions) -> None:
+    saved = {
+        "model": None, "seq_len": spec.seq_len, "micro_batch": spec.micro_batch,
+        "target_batch_size": spec.target_batch_size, "lr": spec.optimizer.lr,
+        "warmup_steps": spec.optimizer.warmup_steps, "decay_steps": spec.optimizer.decay_steps,
+        "seed": spec.seed, "data_passes": spec.data_passes, "matchmaking_time": spec.averaging.matchmaking_time,
+        "averaging_timeout": spec.averaging.averaging_timeout,
+    }
+    if options.model is not None:
+        wanted = model_config_from_name(options.model, vocab_size=spec.model.vocab_size,
+                                        max_seq_len=spec.model.max_seq_len)
+        if wanted != spec.model:
+            raise ConfigError(f"the workdir holds a run with a different model ({spec.model}); drop --model to "
+                              "resume it, or use a fresh --workdir for a new run")
+    for name, value in saved.items():
+        given = getattr(options, name)
+        if value is not None and given is not None and given != value:
+            raise ConfigError(f"the workdir holds a run with {name}={value}, but --{name.replace('_', '-')}={given} "
+                              "was given; drop the flag to resume the run, or use a fresh --workdir")
+    for name in ("corpus", "shard_sequences", "max_corpus_mb"):
+        if getattr(options, name) is not None:
+            log.warning("--%s is ignored: the workdir already holds run %s", name.replace("_", "-"), spec.run_id)
+
+
+def open_run(workdir: Path, options: RunOptions) -> tuple[RunSpec, Ledger]:
+    """Reopen the run in ``workdir`` or create one; returns its spec and an open ledger."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / SPEC_FILE
+    if spec_path.exists():
+        spec = RunSpec.from_json(spec_path.read_text())
+        _check_reopen(spec, options)
+        missing = [s.shard_id for s in spec.shards if not (workdir / SHARD_DIR / shard_filename(s.shard_id)).exists()]
+        if missing or not (workdir / SHARD_DIR / VAL_FILENAME).exists():
+            raise ConfigError(f"{len(missing)} shard files are missing under {workdir / SHARD_DIR}; restore them or "
+                              "start a fresh --workdir")
+        log.info("reopened run %s (spec %s) in %s", spec.run_id, spec.hash[:12], workdir)
+    else:
+        spec = build_spec(options, workdir)
+        tmp = spec_path.with_suffix(".tmp")
+        tmp.write_text(spec.to_json())
+        os.replace(tmp, spec_path)
+        log.info("created run %s (spec %s) in %s", spec.run_id, spec.hash[:12], workdir)
+    ledger = Ledger(workdir / LEDGER_FILE)
+    ledger.init_run(run_id=spec.run_id, spec_hash=spec.hash, shards=list(spec.shards), seed=spec.seed,
+                    data_passes=spec.data_passes, now=time.time())
+    return spec, ledger

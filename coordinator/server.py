@@ -1,0 +1,81 @@
+"""The gRPC transport: a servicer that calls handlers and maps domain errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+
+from coordinator import handlers
+from coordinator.errors import (DomainError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                                Unauthenticated)
+from protos import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Maps each RPC onto ``coordinator.handlers``; nothing else."""
+
+    def __init__(self, ctx: handlers.Context, clock: Callable[[], float] = time.time):
+        self.ctx, self.clock = ctx, clock
+
+    def _call(self, handler, request, context: grpc.ServicerContext):
+        try:
+            return handler(request, self.ctx, self.clock())
+        except DomainError as e:
+            context.abort(STATUS_OF.get(type(e), grpc.StatusCode.FAILED_PRECONDITION), str(e))
+
+    def _stream(self, handler, request, context: grpc.ServicerContext) -> Iterator:
+        yield from self._call(handler, request, context)
+
+    def Register(self, request, context):
+        return self._call(handlers.register, request, context)
+
+    def LeaseShard(self, request, context):
+        return self._call(handlers.lease_shard, request, context)
+
+    def FetchShard(self, request, context):
+        return self._stream(handlers.fetch_shard, request, context)
+
+    def SubmitResult(self, request, context):
+        return self._call(handlers.submit_result, request, context)
+
+    def ReleaseLease(self, request, context):
+        return self._call(handlers.release_lease, request, context)
+
+    def Heartbeat(self, request, context):
+        return self._call(handlers.heartbeat, request, context)
+
+    def GetStatus(self, request, context):
+        return self._call(handlers.get_status, request, context)
+
+    def FetchCheckpoint(self, request, context):
+        return self._stream(handlers.fetch_checkpoint, request, context)
+
+
+def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], float] = time.time,
+                 max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"))
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc raises this when the address cannot be bound
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    server.start()
+    log.info("gRPC listening on %s (port %d)", listen, port)
+    return server, port

@@ -1,0 +1,138 @@
+"""The ``hivefold`` command: ``coordinator``, ``peer``, ``status``, ``demo``, ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from hivefold.errors import HivefoldError
+
+
+def _status_cmd(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from hivefold.client import CoordinatorClient, describe_rpc_error
+    from hivefold.demo import render
+
+    import grpc
+
+    client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
+    try:
+        status = client.status()
+    except grpc.RpcError as e:
+        raise HivefoldError(f"coordinator at {args.coordinator} answered {describe_rpc_error(e)}") from None
+    except HivefoldError as e:
+        raise HivefoldError(f"cannot reach the coordinator at {args.coordinator}: {e}. Is it running, and is the "
+                            "address right?") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        console = Console()
+        console.print(render(status, elapsed=time.time() - status["time"], total=0))
+        ckpt = status["checkpoint"]
+        console.print(f"checkpoint: {ckpt['path']} (step {ckpt['step']})" if ckpt else "checkpoint: none yet")
+    return 0
+
+
+def _generate_cmd(args: argparse.Namespace) -> int:
+    from hivefold.generate import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, tokens=args.tokens, temperature=args.temperature,
+                        top_k=args.top_k or None, seed=args.seed))
+    return 0
+
+
+def _coordinator_cmd(args: argparse.Namespace) -> int:
+    import signal
+
+    from coordinator.main import config_from_args, run
+    from hivefold.logs import setup_logging
+
+    config = config_from_args(args)
+    setup_logging("coordinator")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run(config, stop)
+    return 0
+
+
+def _peer_cmd(args: argparse.Namespace) -> int:
+    from hivefold.logs import setup_logging
+    from peer.daemon import config_from_args, install_stop_handlers, run
+
+    config = config_from_args(args)
+    setup_logging("peer")
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    run(config, stop)
+    return 0
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    from hivefold.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    status = run_demo(peers=args.peers, minutes=args.minutes, corpus=args.corpus, workdir=args.workdir,
+                      model=args.model)
+    if status["checkpoint"] is None:
+        raise HivefoldError("the demo finished without a checkpoint; see the logs in its workdir")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coordinator.main import add_arguments as coordinator_arguments
+    from peer.daemon import add_arguments as peer_arguments
+
+    parser = argparse.ArgumentParser(prog="hivefold", description="Volunteer-computing training of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("coordinator", help="define a run and hand out work units")
+    coordinator_arguments(p)
+    p.set_defaults(func=_coordinator_cmd)
+    p = sub.add_parser("peer", help="contribute this machine to a run")
+    peer_arguments(p)
+    p.set_defaults(func=_peer_cmd)
+    p = sub.add_parser("status", help="show a run's progress")
+    p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to keep trying to reach the coordinator")
+    p.set_defaults(func=_status_cmd)
+    p = sub.add_parser("demo", help="a local swarm: coordinator + peers on this machine")
+    p.add_argument("--peers", type=int, default=2, help="number of peer processes (default 2)")
+    p.add_argument("--minutes", type=float, default=3.0, help="how long to train (default 3)")
+    p.add_argument("--corpus", default="stdlib", help="'stdlib' (default), a text file, directory or .jsonl file")
+    p.add_argument("--workdir", type=Path, help="where the run and logs go (default ./hivefold-demo/run-<time>)")
+    p.add_argument("--model", default="tiny", help="model size (default tiny)")
+    p.set_defaults(func=_demo_cmd)
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by the keeper")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_generate_cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HivefoldError as e:
+        print(f"hivefold {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""A client of the coordinator's gRPC service, with retries, used by peers, ``status`` and ``demo``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from hivefold.errors import HivefoldError, IntegrityError
+from hivefold.identity import Identity, register_message
+from hivefold.netaddr import parse_host_port
+from hivefold.retry import call_with_retry
+from protos import coordinator_pb2 as pb
+from protos import coordinator_pb2_grpc as pb_grpc
+
+RPC_TIMEOUT_S = 30.0  # one unary call; streams get STREAM_TIMEOUT_S
+STREAM_TIMEOUT_S = 600.0
+
+
+class CoordinatorClient:
+    """Talks to one coordinator. Transient failures are retried with backoff until ``give_up_after``
+    seconds pass (``None``: forever, for daemons) or ``stop`` is set."""
+
+    def __init__(self, address: str, *, stop: threading.Event | None = None, give_up_after: float | None = None,
+                 retry_cap: float = 30.0):
+        parse_host_port(address, flag="--coordinator")
+        self.address = address
+        self.stop = stop
+        self.give_up_after = give_up_after
+        self.retry_cap = retry_cap
+        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        self.stub = pb_grpc.CoordinatorStub(self._channel)
+        self.auth: pb.PeerAuth | None = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _retry(self, fn, what: str, give_up_after: float | None = None):
+        return call_with_retry(fn, what=f"{what} at {self.address}", stop=self.stop, cap=self.retry_cap,
+                               give_up_after=give_up_after if give_up_after is not None else self.give_up_after)
+
+    def register(self, identity: Identity, *, name: str, device: pb.DeviceReport,
+                 expected_spec_hash: str = "") -> pb.RegisterResponse:
+        def attempt():
+            ts = round(time.time(), 3)
+            req = pb.RegisterRequest(public_key=identity.public_key, name=name, timestamp=ts,
+                                     signature=identity.sign(register_message(name, ts)), device=device,
+                                     expected_spec_hash=expected_spec_hash)
+            return self.stub.Register(req, timeout=RPC_TIMEOUT_S)
+
+        resp = self._retry(attempt, "Register")
+        self.auth = pb.PeerAuth(peer_id=resp.peer_id, token=resp.token, spec_hash=resp.spec_hash)
+        return resp
+
+    def lease(self) -> pb.LeaseShardResponse:
+        return self._retry(lambda: self.stub.LeaseShard(pb.LeaseShardRequest(auth=self.auth), timeout=RPC_TIMEOUT_S),
+                           "LeaseShard")
+
+    def submit(self, request: pb.SubmitResultRequest) -> pb.SubmitResultResponse:
+        request.auth.CopyFrom(self.auth)
+        return self._retry(lambda: self.stub.SubmitResult(request, timeout=RPC_TIMEOUT_S), "SubmitResult")
+
+    def release(self, lease_id: str, reason: str, *, give_up_after: float = 5.0) -> bool:
+        req = pb.ReleaseLeaseRequest(auth=self.auth, lease_id=lease_id, reason=reason)
+        return self._retry(lambda: self.stub.ReleaseLease(req, timeout=5.0), "ReleaseLease",
+                           give_up_after=give_up_after).released
+
+    def heartbeat(self, request: pb.HeartbeatRequest, *, timeout: float = 10.0) -> pb.HeartbeatResponse:
+        """One attempt, no retry: a missed heartbeat is harmless, the next one follows."""
+        request.auth.CopyFrom(self.auth)
+        return self.stub.Heartbeat(request, timeout=timeout)
+
+    def status(self) -> dict:
+        resp = self._retry(lambda: self.stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S), "GetStatus")
+        return json.loads(resp.status_json)
+
+    def fetch_shard(self, lease_id: str, expected_sha256: str) -> bytes:
+        """The shard's bytes, verified; raises IntegrityError on a sha256 mismatch (the caller refetches)."""
+        def attempt() -> bytes:
+            req = pb.FetchShardRequest(auth=self.auth, lease_id=lease_id)
+            return _collect(self.stub.FetchShard(req, timeout=STREAM_TIMEOUT_S))
+
+        data = self._retry(attempt, "FetchShard")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise IntegrityError(f"shard download has sha256 {actual[:12]}, lease says {expected_sha256[:12]}")
+        return data
+
+    def fetch_checkpoint(self, dest: Path, *, min_step: int = 0) -> Path | None:
+        """Download the latest checkpoint to ``dest`` (atomically); None if there is none."""
+        def attempt() -> bytes:
+            return _collect(self.stub.FetchCheckpoint(pb.FetchCheckpointRequest(min_step=min_step),
+                                                      timeout=STREAM_TIMEOUT_S))
+
+        try:
+            data = self._retry(attempt, "FetchCheckpoint")
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+        return dest
+
+
+def _collect(stream) -> bytes:
+    parts, expected, received = [], None, 0
+    for chunk in stream:
+        if chunk.offset != received:
+            raise HivefoldError(f"stream chunk at offset {chunk.offset} arrived out of order")
+        expected = chunk.total_size
+        parts.append(chunk.data)
+        received += len(chunk.data)
+    data = b"".join(parts)
+    if expected is not None and len(data) != expected:
+        raise HivefoldError(f"stream ended after {len(data)} of {expected} bytes")
+    return data
+
+
+def describe_rpc_error(e: grpc.RpcError) -> str:
+    """One line for a user: the status code and the coordinator's message."""
+    return f"{e.code().name}: {e.details()}"

@@ -1,0 +1,1 @@
+"""The volunteer peer: registers, leases shards, trains them with hivemind, submits results."""

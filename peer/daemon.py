@@ -1,0 +1,346 @@
+"""``hivefold peer``: the volunteer's daemon loop.
+
+register → join the DHT → load the swarm's state → loop { lease → fetch (verify sha256, cache by
+hash) → train → submit }. SIGINT/SIGTERM finish the current micro-batch, hand the lease back and
+leave the swarm. While the coordinator is unreachable the peer retries with backoff and jitter;
+finished results wait in ``workdir/outbox`` and are submitted when it is back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import hivemind
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hivefold.client import CoordinatorClient, describe_rpc_error
+from hivefold.errors import HivefoldError, IntegrityError
+from hivefold.identity import Identity
+from hivefold.retry import Stopped
+from hivefold.shards import decode_shard
+from hivefold.spec import RunSpec, verify_spec
+from peer.config import PeerConfig
+from peer.device import describe_device, resolve_device
+from peer.trainer import ShardResult, Trainer
+from protos import coordinator_pb2 as pb
+
+log = logging.getLogger("hivefold.peer")
+
+STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
+FETCH_ATTEMPTS = 3
+SHUTDOWN_TIMEOUT_S = 60.0  # sha256 mismatches tolerated per lease before handing it back
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PeerConfig(coordinator="localhost:7600")
+    p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
+    p.add_argument("--workdir", type=Path, default=d.workdir, help="identity, shard cache, unsent results "
+                   "(default %(default)s)")
+    p.add_argument("--name", default=d.name, help="display name (default: this host's name)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--dht-listen", action="append", help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
+    p.add_argument("--dht-announce", action="append", help="public multiaddr to announce, repeatable")
+    p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--max-shards", type=int, default=d.max_shards, help="leave after N shards (0 = no limit)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--retry-cap", type=float, default=d.retry_cap, help="longest wait between retries, seconds")
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    return PeerConfig(coordinator=args.coordinator, workdir=args.workdir.expanduser(), name=args.name,
+                      device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
+                      dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
+                      threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
+                      retry_cap=args.retry_cap)
+
+
+class Outbox:
+    """Finished results not yet acknowledged by the coordinator, one file per lease."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, request: pb.SubmitResultRequest) -> None:
+        path = self.dir / f"{request.lease_id}.pb"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(request.SerializeToString())
+        os.replace(tmp, path)
+
+    def pending(self) -> list[pb.SubmitResultRequest]:
+        out = []
+        for path in sorted(self.dir.glob("*.pb")):
+            try:
+                out.append(pb.SubmitResultRequest.FromString(path.read_bytes()))
+            except Exception:  # noqa: BLE001 - a damaged file must not stop the peer
+                log.warning("dropping unreadable outbox entry %s", path.name)
+                path.unlink(missing_ok=True)
+        return out
+
+    def done(self, lease_id: str) -> None:
+        (self.dir / f"{lease_id}.pb").unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for path in self.dir.glob("*.pb"):
+            path.unlink()
+
+
+class Peer:
+    def __init__(self, config: PeerConfig, stop: threading.Event):
+        self.config, self.stop = config, stop
+        self.workdir = config.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(self.workdir)
+        self.client = CoordinatorClient(config.coordinator, stop=stop, retry_cap=config.retry_cap)
+        self.outbox = Outbox(self.workdir / "outbox")
+        self.device = resolve_device(config.device)
+        self.trainer: Trainer | None = None
+        self.dht: hivemind.DHT | None = None
+        self.spec: RunSpec | None = None
+        self.shards_done = 0
+        self.heartbeat_interval = 10.0
+
+    # --- joining ------------------------------------------------------------------------------
+
+    def join(self) -> None:
+        state_path = self.workdir / STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        log.info("peer %s (%s) registering with %s", self.identity.peer_id, self.config.name, self.config.coordinator)
+        try:
+            resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
+                                        expected_spec_hash=state.get("spec_hash", ""))
+        except grpc.RpcError as e:
+            raise HivefoldError(f"the coordinator refused to register this peer: {describe_rpc_error(e)}") from None
+        self.spec = verify_spec(resp.spec_json, resp.spec_hash)
+        if state.get("spec_hash") != resp.spec_hash:
+            self.outbox.clear()
+            state_path.write_text(json.dumps({"spec_hash": resp.spec_hash, "run_id": self.spec.run_id}))
+        self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
+        log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
+                 resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
+        self.dht = hivemind.DHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
+                                announce_maddrs=list(self.config.dht_announce) or None,
+                                client_mode=self.config.client_mode, start=True)
+        self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode)
+        source = self.trainer.load_swarm_state(
+            lambda: self.client.fetch_checkpoint(self.workdir / "checkpoint.pt", min_step=1))
+        log.info("peer %s starts at step %d from %s", self.identity.peer_id, self.trainer.epoch, source)
+
+    def reregister(self) -> None:
+        """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
+        resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
+                                    expected_spec_hash=self.spec.hash)
+        if resp.spec_hash != self.spec.hash:
+            raise HivefoldError("the coordinator now runs a different spec; restart the peer with a fresh --workdir")
+
+    # --- heartbeats ---------------------------------------------------------------------------
+
+    def heartbeat_loop(self) -> None:
+        while not self.stop.wait(self.heartbeat_interval):
+            m = self.trainer.meter
+            try:
+                self.client.heartbeat(pb.HeartbeatRequest(epoch=self.trainer.epoch, samples_trained=m.samples_total,
+                                                          recent_loss=m.loss, samples_per_second=m.samples_per_second))
+            except grpc.RpcError as e:
+                log.warning("heartbeat failed: %s", describe_rpc_error(e))
+
+    # --- the work loop ------------------------------------------------------------------------
+
+    def flush_outbox(self) -> None:
+        for request in self.outbox.pending():
+            try:
+                resp = self.client.submit(request)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+                                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                    log.warning("dropping result for lease %s: %s", request.lease_id, describe_rpc_error(e))
+                    self.outbox.done(request.lease_id)
+                    continue
+                raise
+            log.info("peer %s result for lease %s: %s (credit %.3f)", self.identity.peer_id, request.lease_id,
+                     resp.detail, resp.credit)
+            self.outbox.done(request.lease_id)
+
+    def load_shard(self, work: pb.WorkUnit):
+        cache = self.workdir / "shards" / f"{work.sha256}.npy"
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            if cache.exists():
+                data = cache.read_bytes()
+                if hashlib.sha256(data).hexdigest() == work.sha256:
+                    break
+                cache.unlink()
+            try:
+                data = self.client.fetch_shard(work.lease_id, work.sha256)
+            except IntegrityError as e:
+                log.warning("peer %s shard %d attempt %d/%d: %s; fetching again", self.identity.peer_id,
+                            work.shard_id, attempt, FETCH_ATTEMPTS, e)
+                continue
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, cache)
+            break
+        else:
+            raise IntegrityError(f"shard {work.shard_id} failed its sha256 check {FETCH_ATTEMPTS} times")
+        return decode_shard(data, sha256=work.sha256, seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
+
+    def _train(self, work: pb.WorkUnit, sequences, progress: Progress | None) -> ShardResult:
+        task = None
+        if progress is not None:
+            task = progress.add_task(f"shard {work.shard_id}", total=len(sequences), loss=float("nan"),
+                                     step=self.trainer.global_step, rate=0.0)
+
+        def on_batch(n: int, loss: float) -> None:
+            if progress is not None:
+                progress.update(task, advance=n, loss=self.trainer.meter.loss, step=self.trainer.global_step,
+                                rate=self.trainer.meter.samples_per_second)
+
+        try:
+            return self.trainer.train_shard(sequences, self.stop, on_batch)
+        finally:
+            if progress is not None:
+                progress.remove_task(task)
+
+    def work_loop(self, progress: Progress | None) -> None:
+        while not self.stop.is_set():
+            self.flush_outbox()
+            if self.config.max_shards and self.shards_done >= self.config.max_shards:
+                log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
+                return
+            try:
+                resp = self.client.lease()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                self.reregister()
+                continue
+            if resp.run_complete:
+                log.info("the run is complete; peer %s leaves", self.identity.peer_id)
+                return
+            if not resp.HasField("work"):
+                self.stop.wait(resp.retry_after_s or 5.0)
+                continue
+            work = resp.work
+            try:
+                sequences = self.load_shard(work)
+            except IntegrityError as e:
+                log.error("peer %s shard %d: %s; handing the lease back", self.identity.peer_id, work.shard_id, e)
+                self._release(work, f"integrity: {e}")
+                self.stop.wait(5.0)
+                continue
+            log.info("peer %s training shard %d (lease %s, %d sequences) at step %d", self.identity.peer_id,
+                     work.shard_id, work.lease_id, len(sequences), self.trainer.global_step)
+            result = self._train(work, sequences, progress)
+            if result.interrupted:
+                self._release(work, "peer stopping")
+                return
+            request = pb.SubmitResultRequest(
+                lease_id=work.lease_id, samples=result.samples, compute_seconds=result.compute_seconds,
+                losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses])
+            self.outbox.put(request)  # survives a coordinator outage or a crash before the ack
+            self.shards_done += 1
+            first, last = result.losses[0][0], result.losses[-1][0]
+            log.info("peer %s finished shard %d: %d samples, loss %.3f -> %.3f, step %d", self.identity.peer_id,
+                     work.shard_id, result.samples, first, last, self.trainer.global_step)
+        self.flush_outbox_once()
+
+    def flush_outbox_once(self) -> None:
+        """On the way out: one quick try, results stay in the outbox for the next start otherwise."""
+        try:
+            client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
+            client.auth = self.client.auth
+            for request in self.outbox.pending():
+                client.submit(request)
+                self.outbox.done(request.lease_id)
+        except (grpc.RpcError, HivefoldError) as e:
+            log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
+
+    def _release(self, work: pb.WorkUnit, reason: str) -> None:
+        try:
+            client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
+            client.auth = self.client.auth
+            client.release(work.lease_id, reason)
+            log.info("peer %s handed back lease %s (%s)", self.identity.peer_id, work.lease_id, reason)
+        except (grpc.RpcError, HivefoldError) as e:
+            log.warning("could not hand back lease %s (%s); it will expire", work.lease_id, e)
+
+    def shutdown(self) -> None:
+        if self.trainer is not None:
+            self.trainer.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        self.client.close()
+
+
+def make_progress(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:6.1f} samples/s"), TextColumn("loss {task.fields[loss]:.3f}"),
+                    TextColumn("step {task.fields[step]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def run(config: PeerConfig, stop: threading.Event) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    peer = Peer(config, stop)
+    try:
+        peer.join()
+        threading.Thread(target=peer.heartbeat_loop, name="heartbeat", daemon=True).start()
+        progress = make_progress(config.progress)
+        if progress is not None:
+            with progress:
+                peer.work_loop(progress)
+        else:
+            peer.work_loop(None)
+    except Stopped:
+        log.info("stopped while waiting for the coordinator")
+    finally:
+        stop.set()
+        # hivemind's shutdown waits on its helper processes; if one died, it would wait forever.
+        watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _force_exit)
+        watchdog.daemon = True
+        watchdog.start()
+        peer.shutdown()
+        watchdog.cancel()
+        log.info("peer %s left the swarm", peer.identity.peer_id)
+
+
+def _force_exit() -> None:
+    log.error("shutdown did not finish in %.0fs; exiting anyway", SHUTDOWN_TIMEOUT_S)
+    logging.shutdown()
+    os._exit(3)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    main_pid = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() != main_pid:  # a hivemind helper forked from us: die as it would by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stop.is_set():  # a second Ctrl-C: leave now
+            sys.exit(130)
+        log.info("received %s: finishing the micro-batch, then leaving", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
