@@ -7,6 +7,7 @@ coordinator can hold tensors and plain containers, never pickled code.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,5 +59,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         return Checkpoint(spec=RunSpec.from_json(raw[KEY_SPEC]), step=int(raw[KEY_STEP]), model=raw[KEY_MODEL],
                           optimizer=raw.get(KEY_OPTIMIZER), val_loss=raw.get(KEY_VAL_LOSS))
-    except (RuntimeError, KeyError, TypeError, EOFError, OSError) as e:
+    except (RuntimeError, KeyError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise ConfigError(f"{path} is not a hivefold checkpoint: {e}") from e

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny run spec, and process helpers that never leave strays behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Processes:
+    """Starts commands in their own process groups and kills every group at teardown."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        log = self.logdir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "hivefold", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                    start_new_session=True)
+        proc.log = log  # type: ignore[attr-defined]
+        self.procs.append((proc, log))
+        return proc
+
+    @staticmethod
+    def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+        """SIGTERM, wait, then SIGKILL the whole group (hivemind helpers and p2pd included)."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group(proc)
+                proc.wait()
+        self.kill_group(proc)  # helpers that outlived their parent
+        return proc.returncode
+
+    def close(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                self.kill_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc, _ in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill_group(proc)
+            if proc.poll() is None:
+                proc.wait()
+
+    def tail(self) -> str:
+        out = []
+        for proc, log in self.procs:
+            lines = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
+            out.append(f"==== {log.name} (exit {proc.poll()})\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str = "condition",
+             procs: Processes | None = None):
+    """Poll ``predicate`` until it returns something truthy; fail with the logs after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n" + (procs.tail() if procs else ""))
+
+
+@pytest.fixture
+def processes(tmp_path: Path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.close()

@@ -1,0 +1,76 @@
+"""The ``hivefold`` command's answers to bad input: a clear message, exit code 2, nothing left behind."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, wait_for
+
+
+def hivefold(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("corpus,message", [("/nonexistent/corpus", "does not exist"), ("EMPTY", "is empty")])
+def test_coordinator_refuses_a_bad_corpus(tmp_path, corpus, message):
+    if corpus == "EMPTY":
+        corpus = str(tmp_path / "empty.txt")
+        (tmp_path / "empty.txt").write_text("\n")
+    r = hivefold("coordinator", "--workdir", str(tmp_path / "w"), "--corpus", corpus, "--listen", "127.0.0.1:0")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--listen", "nonsense"], "--listen must be HOST:PORT"),
+    (["--lease-seconds", "5", "--heartbeat-interval", "10"], "must exceed --heartbeat-interval"),
+    (["--seq-len", "0"], "--seq-len must be >= 1"),
+    (["--model", "gigantic"], "unknown model 'gigantic'"),
+])
+def test_coordinator_flag_errors(tmp_path, flags, message):
+    r = hivefold("coordinator", "--workdir", str(tmp_path / "w"), "--corpus", "stdlib", "--max-corpus-mb", "0.1",
+                 *flags)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_status_of_an_unreachable_coordinator():
+    r = hivefold("status", "--coordinator", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert r.returncode == 2
+    assert "cannot reach the coordinator" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_peer_flag_errors(tmp_path):
+    r = hivefold("peer", "--coordinator", "localhost", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "--coordinator must be HOST:PORT" in r.stderr
+    r = hivefold("peer", "--coordinator", "127.0.0.1:1", "--device", "tpu", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "--device must be one of" in r.stderr
+
+
+def test_peer_waits_for_an_unreachable_coordinator_and_stops_cleanly(tmp_path, processes):
+    peer = processes.start("peer", "peer", "--coordinator", f"127.0.0.1:{free_port()}", "--workdir",
+                           str(tmp_path / "p"), "--retry-cap", "1")
+    wait_for(lambda: "Register at 127.0.0.1" in peer.log.read_text() and "retrying" in peer.log.read_text(),
+             timeout=60, what="the peer to report the unreachable coordinator", procs=processes)
+    time.sleep(1)
+    peer.send_signal(signal.SIGTERM)
+    assert peer.wait(30) == 0
+    assert "stopped while waiting for the coordinator" in peer.log.read_text()
+
+
+def test_generate_needs_a_real_checkpoint(tmp_path):
+    r = hivefold("generate", "--checkpoint", str(tmp_path / "missing.pt"), "--prompt", "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    r = hivefold("generate", "--checkpoint", str(tmp_path / "junk.pt"), "--prompt", "x")
+    assert r.returncode == 2 and "is not a hivefold checkpoint" in r.stderr

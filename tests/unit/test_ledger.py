@@ -1,0 +1,220 @@
+"""The ledger contract, run against ``:memory:`` and a real file."""
+
+import sqlite3
+import threading
+
+import pytest
+
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from coordinator.ledger import Ledger, LeaseState, ShardState, Verdict
+from hivefold.spec import ShardInfo
+
+LEASE_S = 60.0
+SHARDS = [ShardInfo(i, f"{i:064x}", 100, 8) for i in range(4)]
+
+
+@pytest.fixture(params=["memory", "file"])
+def ledger(request, tmp_path):
+    path = ":memory:" if request.param == "memory" else tmp_path / "ledger.sqlite"
+    led = Ledger(path)
+    led.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
+    for name in ("a", "b"):
+        led.register_peer(peer_id=name, name=name, public_key=name.encode() * 32, device_kind="cpu",
+                          device_name="", memory_bytes=0, now=0.0)
+    yield led
+    led.close()
+
+
+def lease(led, peer, now=1.0):
+    return led.lease_shard(peer, lease_seconds=LEASE_S, now=now).lease
+
+
+def submit(led, peer, lease_obj, now=2.0, samples=8):
+    return led.submit(peer, lease_obj.lease_id, samples=samples, losses=[(2.0, 0), (1.5, 1)], compute_seconds=1.0,
+                      credit_per_sample=0.5, now=now)
+
+
+def test_schema_is_versioned_and_pragmas_apply(ledger):
+    assert ledger.schema_version() == 1
+    assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
+
+
+def test_lease_submit_marks_done_and_credits(ledger):
+    a = lease(ledger, "a")
+    assert a.state is LeaseState.ACTIVE and a.deadline == 1.0 + LEASE_S
+    assert ledger.shard_counts() == {"pending": 3, "leased": 1, "done": 0}
+    out = submit(ledger, "a", a)
+    assert out.verdict is Verdict.ACCEPTED and out.credit == 4.0
+    assert ledger.get_lease(a.lease_id).state is LeaseState.COMPLETED
+    assert ledger.shard_counts()["done"] == 1
+
+
+def test_each_peer_holds_one_lease_and_gets_it_back(ledger):
+    a1, a2 = lease(ledger, "a"), lease(ledger, "a", now=5.0)
+    assert a1.lease_id == a2.lease_id and a2.deadline == 5.0 + LEASE_S
+    b = lease(ledger, "b")
+    assert b.shard_id != a1.shard_id
+
+
+def test_submit_is_idempotent(ledger):
+    a = lease(ledger, "a")
+    first, second = submit(ledger, "a", a), submit(ledger, "a", a, now=3.0)
+    assert first == second
+    assert ledger.accepted_results_per_shard(0) == {a.shard_id: 1}
+
+
+def test_expired_lease_returns_the_shard_to_the_pool(ledger):
+    a = lease(ledger, "a")
+    assert ledger.expire_leases(now=1.0 + LEASE_S + 1) == 1
+    assert ledger.get_lease(a.lease_id).state is LeaseState.EXPIRED
+    b = lease(ledger, "b", now=100.0)
+    assert b.shard_id == a.shard_id  # the expired shard keeps its place at the front of the pass
+    late = submit(ledger, "a", a, now=101.0)
+    assert late.verdict is Verdict.REJECTED_LATE and late.credit == 0
+    assert submit(ledger, "b", b, now=102.0).verdict is Verdict.ACCEPTED
+    assert ledger.accepted_results_per_shard(0) == {a.shard_id: 1}
+
+
+def test_late_result_is_accepted_when_nobody_took_the_shard(ledger):
+    a = lease(ledger, "a")
+    ledger.expire_leases(now=1.0 + LEASE_S + 1)
+    out = submit(ledger, "a", a, now=200.0)
+    assert out.verdict is Verdict.ACCEPTED and "after lease expiry" in out.detail
+    assert ledger.shard_counts()["done"] == 1
+    assert lease(ledger, "b", now=201.0).shard_id != a.shard_id
+
+
+def test_heartbeat_extends_leases_and_raises_step(ledger):
+    a = lease(ledger, "a")
+    ids, step = ledger.heartbeat("a", epoch=5, samples=10, recent_loss=2.0, samples_per_second=3.0,
+                                 lease_seconds=LEASE_S, now=50.0)
+    assert ids == [a.lease_id] and step == 5
+    assert ledger.expire_leases(now=1.0 + LEASE_S + 1) == 0
+    _, step = ledger.heartbeat("a", epoch=3, samples=10, recent_loss=None, samples_per_second=0,
+                               lease_seconds=LEASE_S, now=51.0)
+    assert step == 5  # a stale report never moves the swarm's step back
+
+
+def test_release(ledger):
+    a = lease(ledger, "a")
+    with pytest.raises(PermissionDenied):
+        ledger.release("b", a.lease_id, reason="x", now=2.0)
+    assert ledger.release("a", a.lease_id, reason="stopping", now=2.0) is True
+    assert ledger.release("a", a.lease_id, reason="stopping", now=2.0) is False
+    assert ledger.shard_counts()["pending"] == 4
+
+
+def test_bad_submissions(ledger):
+    a = lease(ledger, "a")
+    with pytest.raises(NotFound, match="unknown lease id"):
+        ledger.submit("a", "nope", samples=8, losses=[], compute_seconds=0, credit_per_sample=1, now=2.0)
+    with pytest.raises(PermissionDenied):
+        submit(ledger, "b", a)
+    with pytest.raises(InvalidArgument, match="samples=3"):
+        submit(ledger, "a", a, samples=3)
+    assert ledger.get_lease(a.lease_id).state is LeaseState.ACTIVE  # nothing was lost
+
+
+def test_passes_roll_over_in_a_new_order(ledger):
+    orders = []
+    for data_pass in range(2):
+        order = []
+        for i in range(len(SHARDS)):
+            got = lease(ledger, "a", now=10.0 * data_pass + i)
+            assert got.data_pass == data_pass
+            order.append(got.shard_id)
+            submit(ledger, "a", got, now=10.0 * data_pass + i)
+        orders.append(order)
+        assert sorted(order) == [s.shard_id for s in SHARDS]
+    assert ledger.accepted_results_per_shard(1) == {s.shard_id: 1 for s in SHARDS}
+
+
+def test_nothing_to_do_and_run_complete(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.init_run(run_id="r", spec_hash="x", shards=SHARDS[:1], seed=0, data_passes=1, now=0.0)
+    for p in ("a", "b"):
+        led.register_peer(peer_id=p, name=p, public_key=p.encode() * 32, device_kind="", device_name="",
+                          memory_bytes=0, now=0.0)
+    a = lease(led, "a")
+    nothing = led.lease_shard("b", lease_seconds=LEASE_S, now=1.0)
+    assert nothing.lease is None and not nothing.run_complete
+    submit(led, "a", a)
+    assert led.lease_shard("b", lease_seconds=LEASE_S, now=3.0).run_complete
+
+
+def test_reopen_keeps_state_and_refuses_another_run(tmp_path):
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    led.init_run(run_id="r", spec_hash="x", shards=SHARDS, seed=0, data_passes=0, now=0.0)
+    led.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="", device_name="", memory_bytes=0,
+                      now=0.0)
+    a = lease(led, "a")
+    led.close()
+    led = Ledger(path)
+    led.init_run(run_id="r", spec_hash="x", shards=SHARDS, seed=0, data_passes=0, now=5.0)  # no-op
+    assert led.get_lease(a.lease_id).state is LeaseState.ACTIVE
+    with pytest.raises(FailedPrecondition, match="fresh workdir"):
+        led.init_run(run_id="r2", spec_hash="y", shards=SHARDS, seed=0, data_passes=0, now=5.0)
+    led.close()
+
+
+def test_register_refuses_a_different_key_for_an_id(ledger):
+    with pytest.raises(PermissionDenied, match="another key"):
+        ledger.register_peer(peer_id="a", name="a", public_key=b"z" * 32, device_kind="", device_name="",
+                             memory_bytes=0, now=1.0)
+    token = ledger.register_peer(peer_id="a", name="a2", public_key=b"a" * 32, device_kind="", device_name="",
+                                 memory_bytes=0, now=1.0)
+    assert ledger.check_token("a", token) and not ledger.check_token("a", "wrong")
+
+
+def test_racing_peers_never_share_a_shard(tmp_path):
+    """Two connections (as the server's threads and the keeper have) lease concurrently."""
+    path = tmp_path / "l.sqlite"
+    setup = Ledger(path)
+    setup.init_run(run_id="r", spec_hash="x", shards=[ShardInfo(i, "0" * 64, 1, 8) for i in range(40)], seed=0,
+                   data_passes=1, now=0.0)
+    peers = [f"p{i}" for i in range(8)]
+    for p in peers:
+        setup.register_peer(peer_id=p, name=p, public_key=p.encode().ljust(32, b"."), device_kind="", device_name="",
+                            memory_bytes=0, now=0.0)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker(peer):
+        led = Ledger(path)
+        for i in range(10):
+            lease_obj = led.lease_shard(peer, lease_seconds=LEASE_S, now=1.0 + i).lease
+            if lease_obj is None:
+                break
+            with lock:
+                got.append(lease_obj.shard_id)
+            led.submit(peer, lease_obj.lease_id, samples=8, losses=[], compute_seconds=0, credit_per_sample=1,
+                       now=1.0 + i)
+        led.close()
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(40))
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT COUNT(*) FROM shards WHERE state = ?", (ShardState.DONE.value,)).fetchone()[0] == 40
+    setup.close()
+
+
+def test_status_document(ledger):
+    a = lease(ledger, "a")
+    submit(ledger, "a", a)
+    ledger.record_evaluation(0, 5.5, now=3.0)
+    ledger.record_evaluation(2, 4.0, now=4.0)
+    ledger.record_checkpoint(2, "/x/step-2.pt", 4.0, now=4.0)
+    status = ledger.status(now=10.0, online_seconds=30.0, seq_len=16)
+    assert status["run_id"] == "run" and status["global_step"] == 2
+    assert status["shards"] == {"total": 4, "pending": 3, "leased": 0, "done": 1}
+    assert status["tokens_trained"] == 8 * 16 and status["samples_trained"] == 8
+    assert (status["val_loss_first"], status["val_loss"]) == (5.5, 4.0)
+    assert status["train_loss"] == pytest.approx((2.0 + 1.5) / 2)
+    assert status["checkpoint"] == {"step": 2, "path": "/x/step-2.pt", "val_loss": 4.0}
+    peer_a = next(p for p in status["peers"] if p["peer_id"] == "a")
+    assert peer_a["shards_done"] == 1 and peer_a["samples"] == 8 and peer_a["online"]

@@ -1,0 +1,171 @@
+"""The coordinator's gRPC and HTTP services, really served on loopback (no DHT: these RPCs don't need it)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.config import CoordinatorConfig, RunOptions
+from coordinator.handlers import Context
+from coordinator.http_status import start_http
+from coordinator.run import SHARD_DIR, open_run
+from coordinator.server import start_server
+from hivefold.client import CoordinatorClient
+from hivefold.errors import IntegrityError
+from hivefold.identity import Identity, register_message
+from hivefold.shards import shard_filename
+from hivefold.spec import verify_spec
+from peer.config import PeerConfig
+from peer.daemon import Peer
+from protos import coordinator_pb2 as pb
+
+FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("coordinator")
+    corpus = workdir.parent / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    config = CoordinatorConfig(workdir=workdir, listen="127.0.0.1:0", http="127.0.0.1:0",
+                               run=RunOptions(corpus=str(corpus), seq_len=32, micro_batch=4, target_batch_size=16,
+                                              shard_sequences=16))
+    spec, ledger = open_run(workdir, config.run)
+    ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=[FAKE_MADDR])
+    server, port = start_server(ctx, "127.0.0.1:0")
+    http, http_port = start_http(ctx, "127.0.0.1:0")
+    yield ctx, f"127.0.0.1:{port}", http_port
+    server.stop(0)
+    http.shutdown()
+    ledger.close()
+
+
+def registered(address: str, workdir: Path, name: str = "tester") -> tuple[CoordinatorClient, Identity]:
+    identity = Identity.load_or_create(workdir)
+    client = CoordinatorClient(address, give_up_after=5.0)
+    client.register(identity, name=name, device=pb.DeviceReport(kind="cpu"))
+    return client, identity
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_register_returns_a_verifiable_spec(service, tmp_path):
+    ctx, address, _ = service
+    client, identity = registered(address, tmp_path)
+    assert client.auth.peer_id == identity.peer_id
+    resp = client.register(identity, name="again", device=pb.DeviceReport(kind="cpu"))
+    assert verify_spec(resp.spec_json, resp.spec_hash) == ctx.spec
+    assert list(resp.dht_maddrs) == [FAKE_MADDR]
+    assert Identity.load_or_create(tmp_path).peer_id == identity.peer_id  # the key persists
+
+
+def test_register_refusals_say_what_to_fix(service, tmp_path):
+    ctx, address, _ = service
+    identity = Identity.load_or_create(tmp_path)
+    stub = CoordinatorClient(address).stub
+
+    def req(name="ok", ts=None, sign_name=None, expected=""):
+        ts = time.time() if ts is None else ts
+        return pb.RegisterRequest(public_key=identity.public_key, name=name, timestamp=ts,
+                                  signature=identity.sign(register_message(sign_name or name, ts)),
+                                  expected_spec_hash=expected)
+
+    code, msg = code_of(lambda: stub.Register(req(sign_name="other")))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "signature" in msg
+    code, msg = code_of(lambda: stub.Register(req(ts=time.time() - 3600)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "clock" in msg
+    code, msg = code_of(lambda: stub.Register(req(name="")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "name" in msg
+    code, msg = code_of(lambda: stub.Register(req(expected="0" * 64)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "fresh --workdir" in msg
+
+
+def test_calls_need_a_valid_token_and_the_current_spec(service, tmp_path):
+    ctx, address, _ = service
+    client, _ = registered(address, tmp_path)
+    stub = client.stub
+    bad_token = pb.PeerAuth(peer_id=client.auth.peer_id, token="nope", spec_hash=ctx.spec_hash)
+    code, msg = code_of(lambda: stub.LeaseShard(pb.LeaseShardRequest(auth=bad_token)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "Register again" in msg
+    old_spec = pb.PeerAuth(peer_id=client.auth.peer_id, token=client.auth.token, spec_hash="f" * 64)
+    code, msg = code_of(lambda: stub.LeaseShard(pb.LeaseShardRequest(auth=old_spec)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "restart the peer" in msg
+
+
+def test_unknown_lease_and_bad_results(service, tmp_path):
+    ctx, address, _ = service
+    client, _ = registered(address, tmp_path)
+    code, msg = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id="feedbeef", samples=1)))
+    assert code == grpc.StatusCode.NOT_FOUND and "unknown lease id 'feedbeef'" in msg
+    work = client.lease().work
+    too_many = [pb.MicroBatchLoss(loss=1.0, epoch=0)] * (work.num_sequences + 1)
+    code, _ = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id,
+                                                                   samples=work.num_sequences, losses=too_many)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    nan = [pb.MicroBatchLoss(loss=float("nan"), epoch=0)]
+    code, _ = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id,
+                                                                   samples=work.num_sequences, losses=nan)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    ok = client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences,
+                                              losses=[pb.MicroBatchLoss(loss=2.0, epoch=0)]))
+    assert ok.verdict == pb.RESULT_VERDICT_ACCEPTED and ok.credit > 0
+    again = client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences))
+    assert again.verdict == ok.verdict and again.credit == ok.credit
+
+
+def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_path):
+    ctx, address, _ = service
+    stop = threading.Event()
+    peer = Peer(PeerConfig(coordinator=address, workdir=tmp_path, device="cpu"), stop)
+    peer.client.register(peer.identity, name="fetcher", device=pb.DeviceReport(kind="cpu"))
+    peer.spec = ctx.spec
+    work = peer.client.lease().work
+    path = ctx.workdir / SHARD_DIR / shard_filename(work.shard_id)
+    good = path.read_bytes()
+    try:
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(IntegrityError, match="failed its sha256 check 3 times"):
+            peer.load_shard(work)
+    finally:
+        path.write_bytes(good)
+    sequences = peer.load_shard(work)
+    assert sequences.shape == (work.num_sequences, ctx.spec.seq_len + 1)
+    cache = tmp_path / "shards" / f"{work.sha256}.npy"
+    assert cache.read_bytes() == good
+    cache.write_bytes(b"damaged cache")  # a damaged cache is detected and fetched again
+    assert (peer.load_shard(work) == sequences).all() and cache.read_bytes() == good
+    assert peer.client.release(work.lease_id, "test done")
+    peer.client.close()
+
+
+def test_checkpoint_not_found_before_the_keeper_writes_one(service, tmp_path):
+    _, address, _ = service
+    client = CoordinatorClient(address)
+    assert client.fetch_checkpoint(tmp_path / "c.pt") is None
+
+
+def test_status_over_grpc_and_http_agree(service, tmp_path):
+    ctx, address, http_port = service
+    registered(address, tmp_path, name="watcher")
+    over_grpc = CoordinatorClient(address).status()
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/status") as r:
+        over_http = json.load(r)
+    for doc in (over_grpc, over_http):
+        assert doc["run_id"] == ctx.spec.run_id
+        assert doc["shards"]["total"] == len(ctx.spec.shards)
+        assert {"global_step", "peers", "train_loss", "val_loss", "tokens_trained", "checkpoint"} <= set(doc)
+        assert any(p["name"] == "watcher" for p in doc["peers"])
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/nope")
+    assert info.value.code == 404
