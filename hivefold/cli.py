@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from pathlib import Path
 
 from hivefold.errors import HivefoldError
@@ -35,7 +34,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         console = Console()
-        console.print(render(status, elapsed=time.time() - status["time"], total=0))
+        console.print(render(status))
         ckpt = status["checkpoint"]
         console.print(f"checkpoint: {ckpt['path']} (step {ckpt['step']})" if ckpt else "checkpoint: none yet")
     return 0

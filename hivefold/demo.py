@@ -39,11 +39,11 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def render(status: dict, *, elapsed: float, total: float) -> Group:
+def render(status: dict, *, clock: str = "") -> Group:
+    """The swarm at a glance: a one-line summary and a row per peer (used by ``demo`` and ``status``)."""
     head = Table.grid(padding=(0, 2))
     head.add_row(
-        f"[bold]hivefold demo[/] {status['run_id']}", f"{elapsed:4.0f}/{total:.0f}s",
-        f"step [bold]{status['global_step']}[/]",
+        f"[bold]{status['run_id']}[/]", clock, f"step [bold]{status['global_step']}[/]",
         f"shards {status['shards']['done']}/{status['shards']['total']} (pass {status['data_pass']})",
         f"{status['samples_per_second']:.0f} samples/s",
         f"train loss {_fmt(status['train_loss'])}", f"val loss {_fmt(status['val_loss'])}",
@@ -120,7 +120,7 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
         total = minutes * 60
         start = time.monotonic()
         status = client.status()
-        with Live(render(status, elapsed=0, total=total), console=console, refresh_per_second=2) as live:
+        with Live(render(status, clock=f"0/{total:.0f}s"), console=console, refresh_per_second=2) as live:
             while (elapsed := time.monotonic() - start) < total:
                 time.sleep(1.0)
                 dead = [p for p in procs if p.poll() is not None]
@@ -130,7 +130,7 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
                     status = client.status()
                 except Unreachable:
                     continue
-                live.update(render(status, elapsed=elapsed, total=total))
+                live.update(render(status, clock=f"{elapsed:.0f}/{total:.0f}s"))
         client.close()
         console.print("stopping: the keeper takes a final checkpoint, then the peers leave …")
         _stop([coord], STOP_TIMEOUT_S)

@@ -52,6 +52,8 @@ def make_optimizer(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
         averaging_timeout=spec.averaging.averaging_timeout,
         average_state_every=spec.averaging.average_state_every,
         client_mode=client_mode,
+        # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise).
+        averager_opts=dict(request_timeout=min(3.0, spec.averaging.matchmaking_time / 2)),
         verbose=verbose,
     )
 

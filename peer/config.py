@@ -27,6 +27,7 @@ class PeerConfig:
     max_shards: int = 0  # leave after this many shards; 0 = until stopped or the run completes
     progress: bool = True  # show a progress bar (off: one log line per shard)
     retry_cap: float = 30.0  # longest wait between retries when the coordinator is unreachable
+    step_interval: float = 1.0  # seconds of local gradient accumulation per hivemind step call (less DHT chatter)
 
     def __post_init__(self) -> None:
         parse_host_port(self.coordinator, flag="--coordinator")
@@ -38,6 +39,8 @@ class PeerConfig:
             raise ConfigError("--threads and --max-shards must be >= 0")
         if self.retry_cap <= 0:
             raise ConfigError("--retry-cap must be > 0")
+        if self.step_interval < 0:
+            raise ConfigError("--step-interval must be >= 0")
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/0)")

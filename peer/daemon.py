@@ -40,7 +40,8 @@ log = logging.getLogger("hivefold.peer")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 FETCH_ATTEMPTS = 3
-SHUTDOWN_TIMEOUT_S = 60.0  # sha256 mismatches tolerated per lease before handing it back
+SHUTDOWN_TIMEOUT_S = 60.0
+ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator  # sha256 mismatches tolerated per lease before handing it back
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shards", type=int, default=d.max_shards, help="leave after N shards (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--retry-cap", type=float, default=d.retry_cap, help="longest wait between retries, seconds")
+    p.add_argument("--step-interval", type=float, default=d.step_interval,
+                   help="seconds of local gradient accumulation between hivemind steps (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
@@ -64,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
-                      retry_cap=args.retry_cap)
+                      retry_cap=args.retry_cap, step_interval=args.step_interval)
 
 
 class Outbox:
@@ -134,7 +137,8 @@ class Peer:
         self.dht = hivemind.DHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
                                 announce_maddrs=list(self.config.dht_announce) or None,
                                 client_mode=self.config.client_mode, start=True)
-        self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode)
+        self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
+                               step_interval=self.config.step_interval)
         source = self.trainer.load_swarm_state(
             lambda: self.client.fetch_checkpoint(self.workdir / "checkpoint.pt", min_step=1))
         log.info("peer %s starts at step %d from %s", self.identity.peer_id, self.trainer.epoch, source)
@@ -159,10 +163,21 @@ class Peer:
 
     # --- the work loop ------------------------------------------------------------------------
 
+    def _authed(self, call):
+        """Run ``call``; on UNAUTHENTICATED (token replaced, ledger restored) register again once and retry."""
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            log.warning("peer %s: %s; registering again", self.identity.peer_id, e.details())
+            self.reregister()
+            return call()
+
     def flush_outbox(self) -> None:
         for request in self.outbox.pending():
             try:
-                resp = self.client.submit(request)
+                resp = self._authed(lambda: self.client.submit(request))
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
                                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
@@ -216,46 +231,53 @@ class Peer:
 
     def work_loop(self, progress: Progress | None) -> None:
         while not self.stop.is_set():
-            self.flush_outbox()
-            if self.config.max_shards and self.shards_done >= self.config.max_shards:
-                log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
-                return
             try:
-                resp = self.client.lease()
+                if not self.work_once(progress):
+                    break
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAUTHENTICATED:
-                    raise
-                self.reregister()
-                continue
-            if resp.run_complete:
-                log.info("the run is complete; peer %s leaves", self.identity.peer_id)
-                return
-            if not resp.HasField("work"):
-                self.stop.wait(resp.retry_after_s or 5.0)
-                continue
-            work = resp.work
-            try:
-                sequences = self.load_shard(work)
-            except IntegrityError as e:
-                log.error("peer %s shard %d: %s; handing the lease back", self.identity.peer_id, work.shard_id, e)
-                self._release(work, f"integrity: {e}")
-                self.stop.wait(5.0)
-                continue
-            log.info("peer %s training shard %d (lease %s, %d sequences) at step %d", self.identity.peer_id,
-                     work.shard_id, work.lease_id, len(sequences), self.trainer.global_step)
-            result = self._train(work, sequences, progress)
-            if result.interrupted:
-                self._release(work, "peer stopping")
-                return
-            request = pb.SubmitResultRequest(
-                lease_id=work.lease_id, samples=result.samples, compute_seconds=result.compute_seconds,
-                losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses])
-            self.outbox.put(request)  # survives a coordinator outage or a crash before the ack
-            self.shards_done += 1
-            first, last = result.losses[0][0], result.losses[-1][0]
-            log.info("peer %s finished shard %d: %d samples, loss %.3f -> %.3f, step %d", self.identity.peer_id,
-                     work.shard_id, result.samples, first, last, self.trainer.global_step)
+                # Transient codes were already retried; anything else is logged and tried again later,
+                # so one bad answer does not end a volunteer's daemon.
+                log.error("peer %s: coordinator answered %s; trying again in %.0fs", self.identity.peer_id,
+                          describe_rpc_error(e), ERROR_PAUSE_S)
+                self.stop.wait(ERROR_PAUSE_S)
         self.flush_outbox_once()
+
+    def work_once(self, progress: Progress | None) -> bool:
+        """One lease → fetch → train → submit cycle; False when the peer should leave."""
+        self.flush_outbox()
+        if self.config.max_shards and self.shards_done >= self.config.max_shards:
+            log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
+            return False
+        resp = self._authed(self.client.lease)
+        if resp.run_complete:
+            log.info("the run is complete; peer %s leaves", self.identity.peer_id)
+            return False
+        if not resp.HasField("work"):
+            self.stop.wait(resp.retry_after_s or 5.0)
+            return True
+        work = resp.work
+        try:
+            sequences = self.load_shard(work)
+        except IntegrityError as e:
+            log.error("peer %s shard %d: %s; handing the lease back", self.identity.peer_id, work.shard_id, e)
+            self._release(work, f"integrity: {e}")
+            self.stop.wait(5.0)
+            return True
+        log.info("peer %s training shard %d (lease %s, %d sequences) at step %d", self.identity.peer_id,
+                 work.shard_id, work.lease_id, len(sequences), self.trainer.global_step)
+        result = self._train(work, sequences, progress)
+        if result.interrupted:
+            self._release(work, "peer stopping")
+            return False
+        request = pb.SubmitResultRequest(
+            lease_id=work.lease_id, samples=result.samples, compute_seconds=result.compute_seconds,
+            losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses])
+        self.outbox.put(request)  # survives a coordinator outage or a crash before the ack
+        self.shards_done += 1
+        first, last = result.losses[0][0], result.losses[-1][0]
+        log.info("peer %s finished shard %d: %d samples, loss %.3f -> %.3f, step %d", self.identity.peer_id,
+                 work.shard_id, result.samples, first, last, self.trainer.global_step)
+        return True
 
     def flush_outbox_once(self) -> None:
         """On the way out: one quick try, results stay in the outbox for the next start otherwise."""

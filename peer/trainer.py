@@ -43,10 +43,17 @@ class Meter:
     loss: float = 0.0
     samples_per_second: float = 0.0
 
+    def update(self, samples: int, seconds: float) -> None:
+        self.samples_total += samples
+        rate = samples / max(seconds, 1e-9)
+        self.samples_per_second = rate if self.samples_per_second == 0 else (
+            (1 - EMA) * self.samples_per_second + EMA * rate)
+
 
 class Trainer:
-    def __init__(self, spec: RunSpec, dht: hivemind.DHT, *, device: str, client_mode: bool):
-        self.spec, self.device = spec, device
+    def __init__(self, spec: RunSpec, dht: hivemind.DHT, *, device: str, client_mode: bool,
+                 step_interval: float = 1.0):
+        self.spec, self.device, self.step_interval = spec, device, step_interval
         self.model = build_model(spec.model, spec.seed).to(device)
         self.opt = make_optimizer(spec, self.model, dht, client_mode=client_mode)
         self.meter = Meter()
@@ -79,11 +86,17 @@ class Trainer:
         return f"the coordinator's checkpoint (step {ckpt.step})"
 
     def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None) -> ShardResult:
-        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set."""
+        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set.
+
+        Gradients of consecutive micro-batches are summed locally for ``step_interval`` seconds before
+        one ``hivemind.Optimizer.step()``: each step call publishes progress to the DHT, and doing that
+        for every micro-batch costs a small CPU a noticeable share of its time.
+        """
         result = ShardResult()
         self.model.train()
-        clip = self.spec.optimizer.grad_clip
-        for inputs, targets in micro_batches(sequences, self.spec.micro_batch):
+        pending, window_start = 0, time.perf_counter()
+        batches = list(micro_batches(sequences, self.spec.micro_batch))
+        for i, (inputs, targets) in enumerate(batches):
             if stop.is_set():
                 result.interrupted = True
                 break
@@ -91,26 +104,32 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with autocast(self.device):
                 _, loss = self.model(inputs, targets)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            epoch = self.opt.local_epoch
+            (loss * len(inputs)).backward()  # summed here, divided by the sample count at the step
             value = float(loss.detach())
-            compute = time.perf_counter() - t0
-            self.opt.step(batch_size=len(inputs))  # may block for the swarm's all-reduce
-            self.opt.zero_grad()
-            elapsed = time.perf_counter() - t0
+            result.compute_seconds += time.perf_counter() - t0
             result.samples += len(inputs)
-            result.losses.append((value, epoch))
-            result.compute_seconds += compute
-            m = self.meter
-            m.samples_total += len(inputs)
-            m.loss = value if m.loss == 0 else (1 - EMA) * m.loss + EMA * value
-            rate = len(inputs) / max(elapsed, 1e-9)
-            m.samples_per_second = rate if m.samples_per_second == 0 else (1 - EMA) * m.samples_per_second + EMA * rate
+            result.losses.append((value, self.opt.local_epoch))
+            pending += len(inputs)
+            last = i == len(batches) - 1
+            if last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
+                self._step(pending)
+                elapsed = time.perf_counter() - window_start
+                self.meter.update(pending, elapsed)
+                pending, window_start = 0, time.perf_counter()
+            self.meter.loss = value if self.meter.loss == 0 else (1 - EMA) * self.meter.loss + EMA * value
             if on_batch is not None:
                 on_batch(len(inputs), value)
         return result
+
+    def _step(self, samples: int) -> None:
+        """Turn the summed gradients into a mean over ``samples``, clip, and hand them to the swarm."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(samples)
+        if self.spec.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
+        self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
+        self.opt.zero_grad()
 
     def shutdown(self) -> None:
         self.opt.shutdown()

@@ -37,7 +37,7 @@ def test_a_few_steps_reduce_the_loss():
     first = None
     for _ in range(20):
         _, loss = model(x[:, :-1], x[:, 1:])
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         loss.backward()
         opt.step()
         opt.zero_grad()
