@@ -106,6 +106,7 @@ def swarm(args, root: Path) -> dict:
               "--corpus", "stdlib", "--max-corpus-mb", "4", "--model", args.model, "--seq-len", str(args.seq_len),
               "--micro-batch", str(args.micro_batch), "--target-batch-size", str(args.target_batch_size),
               "--shard-sequences", str(args.shard_sequences), "--matchmaking-time", str(args.matchmaking_time),
+              "--average-state-every", str(args.average_state_every),
               *(["--no-keeper"] if args.no_keeper else []))
         endpoints = workdir / "coordinator.json"
         deadline = time.monotonic() + 180
@@ -165,8 +166,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--target-batch-size", type=int, default=384)
     parser.add_argument("--shard-sequences", type=int, default=256)
-    parser.add_argument("--matchmaking-time", type=float, default=2.0)
+    parser.add_argument("--matchmaking-time", type=float, default=1.0)
     parser.add_argument("--step-interval", type=float, default=1.0)
+    parser.add_argument("--average-state-every", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=20.0, help="extra seconds after the first swarm step")
     parser.add_argument("--no-keeper", action="store_true", help="run the coordinator without its keeper")
@@ -175,7 +177,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hivefold-bench-") as tmp:
         result = swarm(args, Path(tmp))
     print(f"model {args.model}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, target batch "
-          f"{args.target_batch_size}, step interval {args.step_interval}s, keeper {'off' if args.no_keeper else 'on'}")
+          f"{args.target_batch_size}, step interval {args.step_interval}s, "
+          f"state averaging every {args.average_state_every} steps, keeper {'off' if args.no_keeper else 'on'}")
     print(f"alone (plain torch, 1 thread):   {single:8.1f} samples/s")
     print(f"swarm of 2 (aggregate):          {result['aggregate']:8.1f} samples/s "
           f"({', '.join(f'{v:.1f}' for v in result['per_peer'].values())} per peer; "

@@ -28,13 +28,16 @@ class RunOptions:
     max_corpus_mb: float | None = None  # read at most this many MB of text; 0 = all (default)
     matchmaking_time: float | None = None  # hivemind all-reduce group gathering time, seconds (default 3)
     averaging_timeout: float | None = None  # hivemind all-reduce timeout, seconds (default 30)
+    average_state_every: int | None = None  # swarm steps between parameter averaging rounds (default 5)
 
     DEFAULTS = dict(corpus="stdlib", model="tiny", seq_len=128, micro_batch=16, target_batch_size=256, lr=3e-3,
                     warmup_steps=10, decay_steps=2000, shard_sequences=256, seed=0, data_passes=0,
-                    max_corpus_mb=0.0, matchmaking_time=3.0, averaging_timeout=30.0)
+                    max_corpus_mb=0.0, matchmaking_time=3.0, averaging_timeout=30.0,
+                    average_state_every=5)
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "micro_batch", "target_batch_size", "shard_sequences", "decay_steps"):
+        for name in ("seq_len", "micro_batch", "target_batch_size", "shard_sequences", "decay_steps",
+                     "average_state_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -328,20 +328,14 @@ class Ledger:
     def active_lease_for(self, peer_id: str, lease_id: str, *, now: float) -> Lease:
         """The lease, if it is active and held by ``peer_id``; raises otherwise (for FetchShard)."""
         with self._tx() as c:
-            _expire(c, now)
-            lease = _get_lease(c, lease_id)
-        if lease.peer_id != peer_id:
-            raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            lease = _owned_lease(c, peer_id, lease_id, now)
         if lease.state is not LeaseState.ACTIVE:
             raise FailedPrecondition(f"lease {lease_id} is {lease.state.value}; lease a new shard")
         return lease
 
     def release(self, peer_id: str, lease_id: str, *, reason: str, now: float) -> bool:
         with self._tx() as c:
-            _expire(c, now)
-            lease = _get_lease(c, lease_id)
-            if lease.peer_id != peer_id:
-                raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            lease = _owned_lease(c, peer_id, lease_id, now)
             if lease.state is not LeaseState.ACTIVE:
                 return False
             _close_lease(c, lease, LeaseState.RELEASED, reason, now)
@@ -355,12 +349,8 @@ class Ledger:
                compute_seconds: float, credit_per_sample: float, now: float) -> SubmitOutcome:
         """Record a result. Idempotent: a second submission of a lease returns the first outcome."""
         with self._tx() as c:
-            _expire(c, now)
-            prior = c.execute("SELECT verdict, credit, detail, peer_id FROM results WHERE lease_id = ?",
-                              (lease_id,)).fetchone()
-            lease = _get_lease(c, lease_id)
-            if lease.peer_id != peer_id:
-                raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            lease = _owned_lease(c, peer_id, lease_id, now)
+            prior = c.execute("SELECT verdict, credit, detail FROM results WHERE lease_id = ?", (lease_id,)).fetchone()
             if prior is not None:
                 return SubmitOutcome(Verdict(prior["verdict"]), prior["credit"], prior["detail"])
             if samples != lease.num_sequences:
@@ -482,6 +472,15 @@ def _get_lease(c: sqlite3.Connection, lease_id: str) -> Lease:
         raise NotFound(f"unknown lease id {lease_id!r}; lease a shard first")
     return Lease(row["lease_id"], row["shard_id"], row["peer_id"], row["data_pass"], LeaseState(row["state"]),
                  row["deadline"], row["sha256"], row["byte_size"], row["num_sequences"])
+
+
+def _owned_lease(c: sqlite3.Connection, peer_id: str, lease_id: str, now: float) -> Lease:
+    """Expire overdue leases, then return ``lease_id`` if ``peer_id`` holds it (in any state)."""
+    _expire(c, now)
+    lease = _get_lease(c, lease_id)
+    if lease.peer_id != peer_id:
+        raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+    return lease
 
 
 def _close_lease(c: sqlite3.Connection, lease: Lease, state: LeaseState, reason: str, now: float) -> None:

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, typ in (("seq_len", int), ("micro_batch", int), ("target_batch_size", int), ("lr", float),
                       ("warmup_steps", int), ("decay_steps", int), ("shard_sequences", int), ("seed", int),
                       ("data_passes", int), ("max_corpus_mb", float), ("matchmaking_time", float),
-                      ("averaging_timeout", float)):
+                      ("averaging_timeout", float), ("average_state_every", int)):
         g.add_argument("--" + name.replace("_", "-"), type=typ,
                        help=f"default {RunOptions.DEFAULTS[name]}")
 

@@ -50,7 +50,8 @@ def build_spec(options: RunOptions, workdir: Path) -> RunSpec:
         seed=o("seed"), tokenizer=tokenizer.name, seq_len=o("seq_len"), micro_batch=o("micro_batch"),
         target_batch_size=o("target_batch_size"), model=model,
         optimizer=OptimizerConfig(lr=o("lr"), warmup_steps=o("warmup_steps"), decay_steps=o("decay_steps")),
-        averaging=AveragingConfig(matchmaking_time=o("matchmaking_time"), averaging_timeout=o("averaging_timeout")),
+        averaging=AveragingConfig(matchmaking_time=o("matchmaking_time"), averaging_timeout=o("averaging_timeout"),
+                                  average_state_every=o("average_state_every")),
         shards=tuple(shards), validation=val, corpus_name=f"{o('corpus')} ({description})",
         data_passes=o("data_passes"),
     )
@@ -66,6 +67,7 @@ def _check_reopen(spec: RunSpec, options: RunOptions) -> None:
         "warmup_steps": spec.optimizer.warmup_steps, "decay_steps": spec.optimizer.decay_steps,
         "seed": spec.seed, "data_passes": spec.data_passes, "matchmaking_time": spec.averaging.matchmaking_time,
         "averaging_timeout": spec.averaging.averaging_timeout,
+        "average_state_every": spec.averaging.average_state_every,
     }
     if options.model is not None:
         wanted = model_config_from_name(options.model, vocab_size=spec.model.vocab_size,
