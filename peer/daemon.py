@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import hivemind
+from google.protobuf.message import DecodeError
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,9 +40,10 @@ from protos import coordinator_pb2 as pb
 log = logging.getLogger("hivefold.peer")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
-FETCH_ATTEMPTS = 3
+CACHE_SHARDS = 64  # shard files kept in workdir/shards
+FETCH_ATTEMPTS = 3  # sha256 mismatches tolerated per lease before handing it back
 SHUTDOWN_TIMEOUT_S = 60.0
-ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator  # sha256 mismatches tolerated per lease before handing it back
+ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +90,7 @@ class Outbox:
         for path in sorted(self.dir.glob("*.pb")):
             try:
                 out.append(pb.SubmitResultRequest.FromString(path.read_bytes()))
-            except Exception:  # noqa: BLE001 - a damaged file must not stop the peer
+            except DecodeError:  # a torn or damaged file must not stop the peer
                 log.warning("dropping unreadable outbox entry %s", path.name)
                 path.unlink(missing_ok=True)
         return out
@@ -99,6 +101,13 @@ class Outbox:
     def clear(self) -> None:
         for path in self.dir.glob("*.pb"):
             path.unlink()
+
+
+def _prune_cache(directory: Path) -> None:
+    """Keep the ``CACHE_SHARDS`` most recently fetched shards: a long run must not fill the volunteer's disk."""
+    files = sorted(directory.glob("*.npy"), key=lambda p: p.stat().st_mtime)
+    for old in files[:-CACHE_SHARDS]:
+        old.unlink(missing_ok=True)
 
 
 class Peer:
@@ -120,7 +129,10 @@ class Peer:
 
     def join(self) -> None:
         state_path = self.workdir / STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        try:
+            state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HivefoldError(f"{state_path} is damaged; delete it to join the coordinator's current run") from None
         log.info("peer %s (%s) registering with %s", self.identity.peer_id, self.config.name, self.config.coordinator)
         try:
             resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
@@ -207,6 +219,7 @@ class Peer:
             tmp = cache.with_suffix(".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, cache)
+            _prune_cache(cache.parent)
             break
         else:
             raise IntegrityError(f"shard {work.shard_id} failed its sha256 check {FETCH_ATTEMPTS} times")
