@@ -25,7 +25,7 @@ from hivefold.generate import generate_text
 from hivefold.retry import Unreachable
 
 # Settings tuned so a 2-core CPU machine shows a clearly falling validation loss in ~3 minutes.
-DEMO_RUN_FLAGS = ["--seq-len", "128", "--micro-batch", "16", "--target-batch-size", "384",
+DEMO_RUN_FLAGS = ["--seq-len", "128", "--micro-batch", "16", "--target-batch-size", "128",
                   "--lr", "3e-3", "--warmup-steps", "5", "--decay-steps", "300", "--shard-sequences", "128",
                   "--matchmaking-time", "1", "--averaging-timeout", "20"]
 DEMO_SERVICE_FLAGS = ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0",
