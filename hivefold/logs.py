@@ -20,3 +20,12 @@ def setup_logging(role: str, level: str | None = None) -> None:
 
     use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel(os.environ.get("HIVEFOLD_HIVEMIND_LOG", "WARNING").upper())
+
+
+def log_to_console(console) -> None:
+    """Send log lines through a rich console, so they scroll above its live progress bar instead of tearing it."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger().handlers[:] = [handler]

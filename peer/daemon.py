@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
+from hivefold.logs import log_to_console
 from hivefold.retry import Stopped
 from hivefold.shards import decode_shard
 from hivefold.spec import RunSpec, verify_spec
@@ -124,6 +125,7 @@ class Peer:
         self.spec: RunSpec | None = None
         self.shards_done = 0
         self.heartbeat_interval = 10.0
+        self.left = threading.Event()  # set once the work loop is over
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -165,7 +167,9 @@ class Peer:
     # --- heartbeats ---------------------------------------------------------------------------
 
     def heartbeat_loop(self) -> None:
-        while not self.stop.wait(self.heartbeat_interval):
+        # Runs until the peer has left, not merely until it was asked to stop: the last micro-batch's
+        # all-reduce can take a while, and the lease must stay alive until it is handed back.
+        while not self.left.wait(self.heartbeat_interval):
             m = self.trainer.meter
             try:
                 self.client.heartbeat(pb.HeartbeatRequest(epoch=self.trainer.epoch, samples_trained=m.samples_total,
@@ -307,8 +311,10 @@ class Peer:
         try:
             client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
             client.auth = self.client.auth
-            client.release(work.lease_id, reason)
-            log.info("peer %s handed back lease %s (%s)", self.identity.peer_id, work.lease_id, reason)
+            if client.release(work.lease_id, reason):
+                log.info("peer %s handed back lease %s (%s)", self.identity.peer_id, work.lease_id, reason)
+            else:
+                log.warning("peer %s: lease %s had already ended", self.identity.peer_id, work.lease_id)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not hand back lease %s (%s); it will expire", work.lease_id, e)
 
@@ -326,6 +332,7 @@ def make_progress(enabled: bool) -> Progress | None:
     console = Console(stderr=True)
     if not console.is_terminal:
         return None
+    log_to_console(console)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]:6.1f} samples/s"), TextColumn("loss {task.fields[loss]:.3f}"),
                     TextColumn("step {task.fields[step]}"), TimeElapsedColumn(), console=console, transient=True)
@@ -337,6 +344,8 @@ def run(config: PeerConfig, stop: threading.Event) -> None:
     peer = Peer(config, stop)
     try:
         peer.join()
+        # hivemind's averagers set SIGINT to SIG_IGN in this process when they start: take Ctrl-C back.
+        install_stop_handlers(stop)
         threading.Thread(target=peer.heartbeat_loop, name="heartbeat", daemon=True).start()
         progress = make_progress(config.progress)
         if progress is not None:
@@ -348,6 +357,7 @@ def run(config: PeerConfig, stop: threading.Event) -> None:
         log.info("stopped while waiting for the coordinator")
     finally:
         stop.set()
+        peer.left.set()
         # hivemind's shutdown waits on its helper processes; if one died, it would wait forever.
         watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, _force_exit)
         watchdog.daemon = True

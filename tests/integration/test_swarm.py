@@ -154,3 +154,28 @@ def test_killed_peer_loses_its_lease_and_the_other_trains_the_shard(swarm):
     assert state == "expired" and winner == bob
     status = swarm.status()
     assert {p["name"]: p["online"] for p in status["peers"]} == {"alice": False, "bob": True}
+
+
+def test_ctrl_c_hands_the_lease_back_and_leaves(swarm):
+    """SIGINT (Ctrl-C) after the peer joined: hivemind sets SIGINT to SIG_IGN when its averagers start, and the
+    peer must take it back, finish the micro-batch, release its lease and exit cleanly."""
+    bob = swarm.peers["bob"]
+    bob_id = peer_ids(swarm.status())["bob"]
+
+    def active_lease():
+        with swarm.db() as db:
+            row = db.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = 'active'",
+                             (bob_id,)).fetchone()
+        return row[0] if row else None
+
+    lease_id = wait_for(active_lease, timeout=60, interval=0.2, what="bob to hold a lease", procs=swarm.procs)
+    bob.send_signal(signal.SIGINT)
+    assert bob.wait(90) == 0, swarm.procs.tail()
+    log = bob.log.read_text()
+    assert "received SIGINT" in log and "left the swarm" in log
+    with swarm.db() as db:
+        # Handed back, or (if the signal came after the shard's last micro-batch) submitted: never left to expire.
+        state = db.execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()[0]
+        active = db.execute("SELECT COUNT(*) FROM leases WHERE peer_id = ? AND state = 'active'",
+                            (bob_id,)).fetchone()[0]
+    assert state in ("released", "completed") and active == 0, state

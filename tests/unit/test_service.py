@@ -155,6 +155,27 @@ def test_checkpoint_not_found_before_the_keeper_writes_one(service, tmp_path):
     assert client.fetch_checkpoint(tmp_path / "c.pt") is None
 
 
+def test_checkpoint_download_roundtrips(service, tmp_path):
+    ctx, address, _ = service
+    from hivefold.checkpoint import load_checkpoint, save_checkpoint
+    from hivefold.model import build_model
+
+    model = build_model(ctx.spec.model, ctx.spec.seed)
+    path = ctx.workdir / "checkpoints" / "step-00000007.pt"
+    save_checkpoint(path, spec=ctx.spec, step=7, model=model.state_dict(), optimizer=None, val_loss=3.5)
+    ctx.ledger.record_checkpoint(7, str(path), 3.5, now=time.time())
+    try:
+        client = CoordinatorClient(address)
+        assert client.fetch_checkpoint(tmp_path / "c.pt", min_step=8) is None  # older than asked: NOT_FOUND
+        got = client.fetch_checkpoint(tmp_path / "c.pt", min_step=1)
+        ckpt = load_checkpoint(got)
+        assert ckpt.step == 7 and ckpt.spec == ctx.spec and ckpt.val_loss == 3.5
+        assert all((ckpt.model[k] == v).all() for k, v in model.state_dict().items())
+        assert (path.parent / "spec.json").read_text() == ctx.spec.to_json()  # the spec beside the checkpoint
+    finally:
+        ctx.ledger.forget_checkpoint(7)
+
+
 def test_status_over_grpc_and_http_agree(service, tmp_path):
     ctx, address, http_port = service
     registered(address, tmp_path, name="watcher")
