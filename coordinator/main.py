@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, required=True, help="directory holding the run (created if missing)")
     p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
     p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
-    p.add_argument("--dht-listen", action="append", help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
+    p.add_argument("--dht-listen", action="append",
+                   help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
     p.add_argument("--dht-announce", action="append", help="multiaddr given to peers instead of the visible ones")
     p.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="lease timeout without heartbeats")
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds between heartbeats")

@@ -10,8 +10,14 @@ from concurrent import futures
 import grpc
 
 from coordinator import handlers
-from coordinator.errors import (DomainError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
-                                Unauthenticated)
+from coordinator.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

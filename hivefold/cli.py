@@ -13,12 +13,11 @@ from hivefold.errors import HivefoldError
 
 
 def _status_cmd(args: argparse.Namespace) -> int:
+    import grpc
     from rich.console import Console
 
     from hivefold.client import CoordinatorClient, describe_rpc_error
     from hivefold.demo import render
-
-    import grpc
 
     client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
     try:

@@ -16,13 +16,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import hivemind
-from google.protobuf.message import DecodeError
 import torch
+from google.protobuf.message import DecodeError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -54,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default %(default)s)")
     p.add_argument("--name", default=d.name, help="display name (default: this host's name)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps (default auto)")
-    p.add_argument("--dht-listen", action="append", help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
+    p.add_argument("--dht-listen", action="append",
+                   help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
     p.add_argument("--dht-announce", action="append", help="public multiaddr to announce, repeatable")
     p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0 = torch's default)")
@@ -193,7 +193,7 @@ class Peer:
     def flush_outbox(self) -> None:
         for request in self.outbox.pending():
             try:
-                resp = self._authed(lambda: self.client.submit(request))
+                resp = self._authed(lambda request=request: self.client.submit(request))
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
                                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):

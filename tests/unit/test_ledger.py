@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from coordinator.ledger import Ledger, LeaseState, ShardState, Verdict
+from coordinator.ledger import LeaseState, Ledger, ShardState, Verdict
 from hivefold.spec import ShardInfo
 
 LEASE_S = 60.0

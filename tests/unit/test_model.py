@@ -16,9 +16,9 @@ def test_tiny_is_about_one_million_parameters():
 
 def test_init_is_deterministic_by_seed():
     a, b, c = build_model(tiny(), 1), build_model(tiny(), 1), build_model(tiny(), 2)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), name
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_forward_shapes_and_initial_loss_near_uniform():

@@ -3,8 +3,15 @@ import dataclasses
 import pytest
 
 from hivefold.errors import ConfigError, IntegrityError
-from hivefold.spec import (AveragingConfig, ModelConfig, OptimizerConfig, RunSpec, ShardInfo, model_config_from_name,
-                           verify_spec)
+from hivefold.spec import (
+    AveragingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunSpec,
+    ShardInfo,
+    model_config_from_name,
+    verify_spec,
+)
 
 
 def make_spec(**overrides) -> RunSpec:
