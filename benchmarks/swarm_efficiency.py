@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -174,8 +175,9 @@ def main() -> None:
     parser.add_argument("--no-keeper", action="store_true", help="run the coordinator without its keeper")
     args = parser.parse_args()
     single = alone(args.model, args.seq_len, args.micro_batch, min(args.seconds, 30.0))
-    with tempfile.TemporaryDirectory(prefix="hivefold-bench-") as tmp:
-        result = swarm(args, Path(tmp))
+    tmp = Path(tempfile.mkdtemp(prefix="hivefold-bench-"))
+    result = swarm(args, tmp)  # on failure the logs stay in tmp for a look
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"model {args.model}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, target batch "
           f"{args.target_batch_size}, step interval {args.step_interval}s, "
           f"state averaging every {args.average_state_every} steps, keeper {'off' if args.no_keeper else 'on'}")
