@@ -35,6 +35,18 @@ class RunOptions:
                     max_corpus_mb=0.0, matchmaking_time=3.0, averaging_timeout=30.0,
                     average_state_every=5)
 
+    HELP = dict(
+        seq_len="tokens per training sequence", micro_batch="sequences per forward/backward pass on a peer",
+        target_batch_size="sequences the swarm accumulates per optimizer step", lr="peak learning rate (AdamW)",
+        warmup_steps="swarm steps of linear warmup", decay_steps="swarm steps of cosine decay after warmup",
+        shard_sequences="sequences per work unit", seed="model init and data order",
+        data_passes="passes over the data before the run completes; 0 = endless",
+        max_corpus_mb="read at most this many MB of text; 0 = all",
+        matchmaking_time="seconds peers spend forming an all-reduce group (shorter: less overhead; longer: "
+                         "sturdier on slow links)",
+        averaging_timeout="seconds before an all-reduce round is abandoned",
+        average_state_every="swarm steps between parameter averaging rounds")
+
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch", "target_batch_size", "shard_sequences", "decay_steps",
                      "average_state_every"):

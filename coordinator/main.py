@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       ("data_passes", int), ("max_corpus_mb", float), ("matchmaking_time", float),
                       ("averaging_timeout", float), ("average_state_every", int)):
         g.add_argument("--" + name.replace("_", "-"), type=typ,
-                       help=f"default {RunOptions.DEFAULTS[name]}")
+                       help=f"{RunOptions.HELP[name]} (default {RunOptions.DEFAULTS[name]})")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
