@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -296,27 +297,37 @@ class Peer:
                  work.shard_id, result.samples, first, last, self.trainer.global_step)
         return True
 
+    @contextmanager
+    def _quick_client(self):
+        """A client that gives up after 5 s and ignores the stop event: for the last calls on the way out."""
+        client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
+        client.auth = self.client.auth
+        try:
+            yield client
+        finally:
+            client.close()
+
     def flush_outbox_once(self) -> None:
         """On the way out: one quick try, results stay in the outbox for the next start otherwise."""
         try:
-            client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
-            client.auth = self.client.auth
-            for request in self.outbox.pending():
-                client.submit(request)
-                self.outbox.done(request.lease_id)
+            with self._quick_client() as client:
+                for request in self.outbox.pending():
+                    client.submit(request)
+                    self.outbox.done(request.lease_id)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
 
     def _release(self, work: pb.WorkUnit, reason: str) -> None:
         try:
-            client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
-            client.auth = self.client.auth
-            if client.release(work.lease_id, reason):
-                log.info("peer %s handed back lease %s (%s)", self.identity.peer_id, work.lease_id, reason)
-            else:
-                log.warning("peer %s: lease %s had already ended", self.identity.peer_id, work.lease_id)
+            with self._quick_client() as client:
+                released = client.release(work.lease_id, reason)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not hand back lease %s (%s); it will expire", work.lease_id, e)
+            return
+        if released:
+            log.info("peer %s handed back lease %s (%s)", self.identity.peer_id, work.lease_id, reason)
+        else:
+            log.warning("peer %s: lease %s had already ended", self.identity.peer_id, work.lease_id)
 
     def shutdown(self) -> None:
         if self.trainer is not None:

@@ -45,9 +45,15 @@ class Meter:
 
     def update(self, samples: int, seconds: float) -> None:
         self.samples_total += samples
-        rate = samples / max(seconds, 1e-9)
-        self.samples_per_second = rate if self.samples_per_second == 0 else (
-            (1 - EMA) * self.samples_per_second + EMA * rate)
+        self.samples_per_second = _ema(self.samples_per_second, samples / max(seconds, 1e-9))
+
+    def update_loss(self, loss: float) -> None:
+        self.loss = _ema(self.loss, loss)
+
+
+def _ema(old: float, new: float) -> float:
+    """Exponential moving average that starts at the first value (0 means no value yet)."""
+    return new if old == 0 else (1 - EMA) * old + EMA * new
 
 
 class Trainer:
@@ -116,7 +122,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.meter.update(pending, elapsed)
                 pending, window_start = 0, time.perf_counter()
-            self.meter.loss = value if self.meter.loss == 0 else (1 - EMA) * self.meter.loss + EMA * value
+            self.meter.update_loss(value)
             if on_batch is not None:
                 on_batch(len(inputs), value)
         return result
