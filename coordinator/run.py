@@ -39,12 +39,13 @@ def build_spec(options: RunOptions, workdir: Path) -> RunSpec:
     tokenizer = get_tokenizer("bytes")
     max_mb = o("max_corpus_mb")
     t0 = time.monotonic()
-    docs, description = read_documents(o("corpus"), max_chars=int(max_mb * 1e6) if max_mb else None)
+    docs, description, stats = read_documents(o("corpus"), max_chars=int(max_mb * 1e6) if max_mb else None)
     shards, val = build_shards(docs, tokenizer, seq_len=o("seq_len"), shard_sequences=o("shard_sequences"),
                                val_fraction=VAL_FRACTION, max_val_sequences=MAX_VAL_SEQUENCES, seed=o("seed"),
                                out_dir=workdir / SHARD_DIR)
-    log.info("corpus %s: %d documents -> %d shards + %d validation sequences in %.1fs", description, len(docs),
-             len(shards), val.num_sequences, time.monotonic() - t0)
+    log.info("corpus %s: %s", description, stats)
+    log.info("corpus: %d documents -> %d shards + %d validation sequences in %.1fs", len(docs), len(shards),
+             val.num_sequences, time.monotonic() - t0)
     model = model_config_from_name(o("model"), vocab_size=tokenizer.vocab_size, max_seq_len=o("seq_len"))
     draft = dict(
         seed=o("seed"), tokenizer=tokenizer.name, seq_len=o("seq_len"), micro_batch=o("micro_batch"),

@@ -68,7 +68,7 @@ def test_corpus_inputs(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("beta text")
     (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
-    docs, _ = read_documents(str(tmp_path))
+    docs = read_documents(str(tmp_path)).documents
     assert docs == ["alpha text", "beta text"]
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 2}) + "\n")
@@ -106,5 +106,5 @@ def test_stdlib_corpus_is_present_and_capped():
     files = stdlib_files()
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
-    docs, description = read_documents("stdlib", max_chars=50_000)
+    docs, description, _ = read_documents("stdlib", max_chars=50_000)
     assert sum(len(d) for d in docs) == 50_000 and description.startswith("stdlib:")
