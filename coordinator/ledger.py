@@ -3,8 +3,9 @@
 Every state change of a shard or lease happens in one ``BEGIN IMMEDIATE`` transaction, so two
 peers racing for the last shard, or a submission racing its lease's expiry, can never both win.
 Time comes from an injected clock (``now`` arguments) so expiry is testable without sleeping.
-The keeper process writes to the same file (checkpoints, evaluations, the swarm's step); WAL mode
-lets the dashboard and status readers run beside the writers.
+The keeper process writes to the same file (checkpoints, evaluations, the swarm's step, how its
+downloads of the swarm's state fare); WAL mode lets the dashboard and status readers run beside
+the writers.
 """
 
 from __future__ import annotations
@@ -224,8 +225,15 @@ class Ledger:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                      (key, value))
+            _set_meta(c, key, value)
+
+    def set_checkpoint_every(self, n: int) -> None:
+        """The coordinator's ``--checkpoint-every``, written at start-up: the status document measures the
+        keeper's lag against it."""
+        if n < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {n}")
+        with self._tx() as c:
+            _set_meta(c, "checkpoint_every", str(n))
 
     def init_run(self, *, run_id: str, spec_hash: str, shards: list[ShardInfo], seed: int, data_passes: int,
                  now: float) -> None:
@@ -389,6 +397,22 @@ class Ledger:
         with self._tx() as c:
             return _raise_global_step(c, step)
 
+    def record_keeper_download(self, *, step: int | None, error: str | None, now: float) -> None:
+        """The keeper's latest attempt to download the swarm's state: a success at swarm ``step`` when
+        ``error`` is None, else a failure and its reason, which stays in the status document until the
+        next success."""
+        with self._tx() as c:
+            if error is None:
+                if step is None:
+                    raise ValueError("a successful download needs the step it reached")
+                _set_meta(c, "keeper_last_download_at", repr(now))
+                _set_meta(c, "keeper_last_download_step", str(step))
+                c.execute("DELETE FROM meta WHERE key IN ('keeper_last_error', 'keeper_last_error_at')")
+                _raise_global_step(c, step)
+            else:
+                _set_meta(c, "keeper_last_error", error)
+                _set_meta(c, "keeper_last_error_at", repr(now))
+
     def record_evaluation(self, step: int, val_loss: float, *, now: float) -> None:
         with self._tx() as c:
             c.execute("INSERT INTO evaluations VALUES (?, ?, ?) ON CONFLICT (step) DO UPDATE SET "
@@ -439,6 +463,10 @@ class Ledger:
 
 def _meta(c: sqlite3.Connection, key: str) -> str:
     return c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+
+def _set_meta(c: sqlite3.Connection, key: str, value: str) -> None:
+    c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 def _event(c: sqlite3.Connection, now: float, kind: str, *, peer_id: str | None = None,
@@ -512,6 +540,34 @@ def _mean(values: list[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
+def _keeper_health(meta: dict[str, str], global_step: int, checkpoint_step: int | None) -> dict:
+    """The keeper's part of the status document, with a warning when checkpoints fall behind the swarm."""
+    def number(key: str, kind: type):
+        return kind(meta[key]) if key in meta else None
+
+    every = number("checkpoint_every", int)
+    error = meta.get("keeper_last_error")
+    age = None if checkpoint_step is None else global_step - checkpoint_step
+    # Two intervals of slack: the keeper checkpoints once the swarm is one interval ahead, then needs
+    # a while to download the state, evaluate and write.
+    warning = None
+    if every is not None and (age if age is not None else global_step) > 2 * every:
+        warning = (f"the latest checkpoint is {age} swarm steps behind" if age is not None
+                   else f"no checkpoint yet at swarm step {global_step}") + f" (checkpoint every {every})"
+        warning += (f": the keeper cannot download the swarm's state: {error}" if error
+                    else "; is the keeper running? See the coordinator's log")
+    return {
+        "checkpoint_every": every,
+        "last_download_at": number("keeper_last_download_at", float),
+        "last_download_step": number("keeper_last_download_step", int),
+        "last_error": error,
+        "last_error_at": number("keeper_last_error_at", float),
+        "checkpoint_step": checkpoint_step,
+        "checkpoint_age_steps": age,
+        "warning": warning,
+    }
+
+
 def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len: int) -> dict:
     meta = {r[0]: r[1] for r in c.execute("SELECT key, value FROM meta")}
     counts = {s.value: 0 for s in ShardState}
@@ -542,10 +598,11 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
     evals = c.execute("SELECT step, val_loss FROM evaluations ORDER BY step").fetchall()
     ckpt = c.execute("SELECT step, path, val_loss FROM checkpoints ORDER BY step DESC LIMIT 1").fetchone()
     rate = sum(p["samples_per_second"] for p in peers if p["online"])
+    global_step = int(meta.get("global_step", 0))
     return {
         "run_id": meta.get("run_id", ""),
         "spec_hash": meta.get("spec_hash", ""),
-        "global_step": int(meta.get("global_step", 0)),
+        "global_step": global_step,
         "data_pass": int(meta.get("data_pass", 0)),
         "shards": {"total": sum(counts.values()), **counts},
         "peers": peers,
@@ -559,6 +616,7 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "samples_trained": int(samples),
         "tokens_trained": int(samples) * seq_len,
         "checkpoint": ({"step": ckpt["step"], "path": ckpt["path"], "val_loss": ckpt["val_loss"]} if ckpt else None),
+        "keeper": _keeper_health(meta, global_step, ckpt["step"] if ckpt else None),
         "time": now,
     }
 
