@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
 NAME_MAX = 64
+MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
 
@@ -87,7 +88,16 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
     log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
              device.memory_bytes / 2**30)
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
-                               dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval)
+                               dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval,
+                               swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
+
+
+def _online_seconds(ctx: Context) -> float:
+    return 3 * ctx.config.heartbeat_interval
+
+
+def _swarm_maddrs(ctx: Context, peer_id: str, now: float) -> list[str]:
+    return ctx.ledger.swarm_maddrs(exclude_peer=peer_id, online_seconds=_online_seconds(ctx), now=now)
 
 
 def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.LeaseShardResponse:
@@ -161,16 +171,33 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
     peer_id = _auth(request.auth, ctx)
     loss = float(request.recent_loss)
     rate = float(request.samples_per_second)
+    maddrs = list(request.dht_maddrs)
+    if len(maddrs) > MADDRS_MAX or any(not m.startswith("/") or len(m) > MADDR_CHARS for m in maddrs):
+        raise InvalidArgument(f"dht_maddrs must be at most {MADDRS_MAX} multiaddrs of at most {MADDR_CHARS} "
+                              "characters, each starting with '/'")
     ids, step = ctx.ledger.heartbeat(
         peer_id, epoch=int(request.epoch), samples=int(request.samples_trained),
         recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
-        lease_seconds=ctx.config.lease_seconds, now=now)
-    return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step)
+        lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs)
+    return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
+                                swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
+
+
+def leave(request: pb.LeaveRequest, ctx: Context, now: float) -> pb.LeaveResponse:
+    """Mark the peer offline at once; ask it to stay reachable while only it holds state newer than the checkpoint."""
+    peer_id = _auth(request.auth, ctx)
+    ctx.ledger.leave(peer_id, epoch=int(request.epoch), reason=request.reason[:200] or "left", now=now)
+    latest = ctx.ledger.latest_checkpoint()
+    hold = ctx.config.keeper and ctx.ledger.handover_needed(peer_id, online_seconds=_online_seconds(ctx), now=now)
+    if hold:
+        log.info("peer %s leaves at step %d, ahead of the latest checkpoint (%s): asking it to wait for the keeper",
+                 peer_id, request.epoch, latest[0] if latest else "none")
+    return pb.LeaveResponse(hold=hold, retry_after_s=1.0 if hold else 0.0, checkpoint_step=latest[0] if latest else 0)
 
 
 def status_document(ctx: Context, now: float) -> dict:
-    return ctx.ledger.status(now=now, online_seconds=3 * ctx.config.heartbeat_interval, seq_len=ctx.spec.seq_len)
+    return ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
 
 
 def get_status(request: pb.GetStatusRequest, ctx: Context, now: float) -> pb.GetStatusResponse:

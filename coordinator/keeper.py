@@ -4,15 +4,22 @@ It runs as its own process (``python -m coordinator.keeper``, started by the coo
 ``hivemind.Optimizer`` must be created in a process's main thread. It never trains. Every
 ``checkpoint_every`` swarm steps it downloads the swarm's state from the peers, computes the
 validation loss on the held-out shard, writes a checkpoint atomically and records both in the
-ledger. Its own state is shared with newcomers, so a run whose peers all left (or a coordinator
-reopened from a checkpoint) resumes from the keeper. On SIGTERM it takes a final checkpoint.
+ledger, with the outcome of every download attempt (``hivefold status`` shows the keeper's health).
+Its own state is shared with newcomers, so a run whose peers all left (or a coordinator reopened
+from a checkpoint) resumes from the keeper.
+
+Nothing a peer trained is lost on a clean exit: a peer that leaves while it alone holds a state
+newer than the latest checkpoint waits (``Leave`` tells it to) until the keeper has downloaded and
+checkpointed it. On SIGTERM the keeper takes a final checkpoint if the swarm is ahead of the
+latest one and a peer still serves its state, and says plainly when it could not. It exits by
+itself when the coordinator that started it is gone, so it can never be left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,23 +29,29 @@ import torch
 
 from coordinator.ledger import Ledger
 from coordinator.run import CHECKPOINT_DIR, LEDGER_FILE, SHARD_DIR, SPEC_FILE
+from hivefold import addressbook
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
-from hivefold.logs import setup_logging
+from hivefold.logs import LastError, setup_logging
 from hivefold.model import build_model
 from hivefold.shards import VAL_FILENAME, decode_shard
+from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec
 from hivefold.training import evaluate, make_optimizer, sync_scheduler
 
 log = logging.getLogger("hivefold.keeper")
 
+DOWNLOAD_TIMEOUT_S = 30.0  # one attempt to download the swarm's state; the keeper's shutdown waits for at most one
+HANDOVER_WINDOW_S = 120.0  # how long after a clean leave the keeper still tries to take the peer's state
+
 
 class Keeper:
-    def __init__(self, workdir: Path, *, initial_peers: list[str], host_maddrs: list[str], checkpoint_every: int,
-                 keep_checkpoints: int):
+    def __init__(self, workdir: Path, *, initial_peers: list[str], host_maddrs: list[str],
+                 announce_maddrs: list[str], checkpoint_every: int, keep_checkpoints: int, online_seconds: float):
         self.workdir = workdir
         self.spec = RunSpec.from_json((workdir / SPEC_FILE).read_text())
         self.ledger = Ledger(workdir / LEDGER_FILE)
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
+        self.online_seconds = online_seconds  # a peer silent for longer is offline (the coordinator's rule)
         val = self.spec.validation
         self.val = decode_shard((workdir / SHARD_DIR / VAL_FILENAME).read_bytes(), sha256=val.sha256,
                                 seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
@@ -47,13 +60,17 @@ class Keeper:
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt.model)
-        self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=host_maddrs, start=True)
+        self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
+                                announce_maddrs=announce_maddrs or None, start=True)
         self.opt = make_optimizer(self.spec, self.model, self.dht)
         if ckpt is not None and ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
             sync_scheduler(self.opt)
             log.info("resumed from checkpoint at step %d", ckpt.step)
         self.last_step = ckpt.step if ckpt else -1
+        self.download_errors = LastError("hivemind.averaging")
+        # Peers find the keeper (to load its state when no peer has one) through the coordinator's address book.
+        self.ledger.set_keeper_maddrs(addressbook.own_maddrs(self.dht))
 
     def evaluate_and_checkpoint(self, reason: str) -> None:
         step = self.opt.local_epoch
@@ -77,24 +94,62 @@ class Keeper:
             self.ledger.forget_checkpoint(step)
             old.unlink(missing_ok=True)
 
-    def catch_up(self) -> bool:
-        """Download the swarm's newest state; True if it moved our step forward."""
-        before = self.opt.local_epoch
-        self.opt.load_state_from_peers()
-        return self.opt.local_epoch > before
+    def catch_up(self, want_step: int) -> bool:
+        """Download the swarm's newest state (one bounded attempt); True if it reached ``want_step``.
 
-    def run(self, stop: threading.Event, poll: float) -> None:
+        hivemind's ``Optimizer.load_state_from_peers`` retries forever; the keeper must stay responsive
+        to a stop, so it calls the state averager once and records the outcome for ``hivefold status``.
+        """
+        online = self.ledger.swarm_maddrs(exclude_peer=None, online_seconds=self.online_seconds, now=time.time())
+        addressbook.connect(self.dht, online)
+        self.download_errors.clear()
+        try:
+            self.opt.state_averager.load_state_from_peers(timeout=DOWNLOAD_TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as e:  # the averager's future timed out or its process failed
+            self.download_errors.message = f"{type(e).__name__}: {e}"
+        step = self.opt.local_epoch
+        if step >= want_step:
+            self.opt.state_averager.state_sharing_priority = step
+            self.ledger.record_keeper_download(step=step, error=None, now=time.time())
+            return True
+        error = self.download_errors.message or f"no peer served a state at step >= {want_step} (got step {step})"
+        self.ledger.record_keeper_download(step=None, error=error, now=time.time())
+        log.warning("could not download the swarm's state at step %d: %s", want_step, error)
+        return False
+
+    def run(self, stop: threading.Event, poll: float, parent_alive) -> None:
         if self.last_step < 0:
             self.evaluate_and_checkpoint("initial state")
         while not stop.wait(poll):
+            if not parent_alive():
+                log.error("the coordinator that started this keeper is gone; taking a final checkpoint and exiting")
+                break
             global_step = self.opt.tracker.global_epoch
             self.ledger.observe_global_step(global_step)
-            if global_step >= self.last_step + self.checkpoint_every and self.catch_up():
+            now = time.time()
+            handovers = self.ledger.handovers_wanted(since=now - HANDOVER_WINDOW_S, online_seconds=self.online_seconds,
+                                                     now=now)
+            if handovers:
+                peer, epoch, maddrs = handovers[0]
+                addressbook.connect(self.dht, maddrs)
+                if self.catch_up(epoch):
+                    self.evaluate_and_checkpoint(f"handed over by leaving peer {peer}")
+            elif global_step >= self.last_step + self.checkpoint_every and self.catch_up(global_step):
                 self.evaluate_and_checkpoint("periodic")
-        if self.opt.tracker.global_epoch > self.last_step and self.catch_up():
+        self.final_checkpoint()
+
+    def final_checkpoint(self) -> None:
+        ahead = max(self.opt.tracker.global_epoch, int(self.ledger.get_meta("global_step", "0")))
+        if ahead <= self.last_step:
+            log.info("final checkpoint: the latest one (step %d) is already the swarm's newest state", self.last_step)
+        elif self.catch_up(ahead):
             self.evaluate_and_checkpoint("final")
+        else:
+            log.warning("final checkpoint NOT written: no peer served the swarm's state at step %d; the latest "
+                        "checkpoint stays at step %d", ahead, self.last_step)
 
     def shutdown(self) -> None:
+        self.download_errors.close()
         self.opt.shutdown()
         self.dht.shutdown()
         self.ledger.close()
@@ -105,24 +160,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--initial-peer", action="append", default=[], help="bootstrap multiaddr (repeatable)")
     parser.add_argument("--dht-listen", action="append", default=[], help="listen multiaddr (repeatable)")
+    parser.add_argument("--dht-announce", action="append", default=[], help="multiaddr to announce (repeatable)")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--keep-checkpoints", type=int, default=3)
     parser.add_argument("--poll", type=float, default=2.0)
+    parser.add_argument("--online-seconds", type=float, default=30.0, help="a peer silent this long is offline")
     args = parser.parse_args(argv)
     setup_logging("keeper")
     torch.set_num_threads(1)  # the keeper must not steal the peers' cores
+    parent = os.getppid()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    install_stop_handlers(stop, what="taking a final checkpoint, then exiting")
     keeper = Keeper(args.workdir, initial_peers=args.initial_peer,
-                    host_maddrs=args.dht_listen or ["/ip4/0.0.0.0/tcp/0"], checkpoint_every=args.checkpoint_every,
-                    keep_checkpoints=args.keep_checkpoints)
+                    host_maddrs=args.dht_listen or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=args.dht_announce,
+                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                    online_seconds=args.online_seconds)
+    install_stop_handlers(stop, what="taking a final checkpoint, then exiting")  # hivemind took SIGINT
     try:
-        keeper.run(stop, args.poll)
+        keeper.run(stop, args.poll, parent_alive=lambda: os.getppid() == parent)
     finally:
         keeper.shutdown()
 
 
 if __name__ == "__main__":
     main()
-

@@ -11,6 +11,7 @@ the writers.
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 import sqlite3
 import threading
@@ -132,7 +133,17 @@ MIGRATIONS: list[str] = [
         detail TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 2: the swarm's address book (dht_maddrs: JSON list of the peer's hivemind multiaddrs) and clean leaves
+    # (left_at: set by Leave, cleared when the peer is heard from again; leaving_epoch: its epoch then).
+    # No comments inside the statements: SQLite appends an added column's text to the table's schema.
+    """
+    ALTER TABLE peers ADD COLUMN dht_maddrs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE peers ADD COLUMN left_at REAL;
+    ALTER TABLE peers ADD COLUMN leaving_epoch INTEGER
+    """,
 ]
+
+SWARM_MADDRS_LIMIT = 32  # peers handed out per answer: enough to join the swarm, small at any swarm size
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,7 @@ class Ledger:
                           (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now))
             else:
                 c.execute("UPDATE peers SET name = ?, token = ?, device_kind = ?, device_name = ?, memory_bytes = ?,"
-                          " last_seen = ? WHERE peer_id = ?",
+                          " last_seen = ?, left_at = NULL WHERE peer_id = ?",
                           (name, token, device_kind, device_name, memory_bytes, now, peer_id))
             _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
         return token
@@ -283,19 +294,67 @@ class Ledger:
         return bool(rows) and secrets.compare_digest(rows[0]["token"], token) and not rows[0]["banned"]
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
-                  samples_per_second: float, lease_seconds: float, now: float) -> tuple[list[str], int]:
+                  samples_per_second: float, lease_seconds: float, now: float,
+                  dht_maddrs: list[str] | None = None) -> tuple[list[str], int]:
         """Mark the peer alive, extend its active leases; returns (extended lease ids, global step)."""
         with self._tx() as c:
             _expire(c, now)
             c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
-                      "samples_per_second = ? WHERE peer_id = ?",
+                      "samples_per_second = ?, left_at = NULL WHERE peer_id = ?",
                       (now, epoch, samples, recent_loss, samples_per_second, peer_id))
+            if dht_maddrs is not None:
+                c.execute("UPDATE peers SET dht_maddrs = ? WHERE peer_id = ?", (json.dumps(dht_maddrs), peer_id))
             ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
                                            (peer_id, LeaseState.ACTIVE.value))]
             c.execute("UPDATE leases SET deadline = ? WHERE peer_id = ? AND state = ?",
                       (now + lease_seconds, peer_id, LeaseState.ACTIVE.value))
             step = _raise_global_step(c, epoch)
         return ids, step
+
+    def leave(self, peer_id: str, *, epoch: int, reason: str, now: float) -> None:
+        """A clean leave: the peer goes offline at once and its active leases go back to the pool."""
+        with self._tx() as c:
+            for row in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
+                                 (peer_id, LeaseState.ACTIVE.value)).fetchall():
+                _close_lease(c, _get_lease(c, row[0]), LeaseState.RELEASED, "peer left", now)
+            c.execute("UPDATE peers SET left_at = COALESCE(left_at, ?), leaving_epoch = ?, epoch = MAX(epoch, ?) "
+                      "WHERE peer_id = ?", (now, epoch, epoch, peer_id))
+            _raise_global_step(c, epoch)
+            _event(c, now, "peer_left", peer_id=peer_id, detail=reason)
+
+    def handover_needed(self, peer_id: str, *, online_seconds: float, now: float) -> bool:
+        """True while ``peer_id`` (leaving) holds a state newer than the latest checkpoint that no online peer has."""
+        with self._lock:
+            c = self._conn
+            row = c.execute("SELECT leaving_epoch FROM peers WHERE peer_id = ? AND left_at IS NOT NULL",
+                            (peer_id,)).fetchone()
+            if row is None or row[0] is None:
+                return False
+            ckpt = c.execute("SELECT COALESCE(MAX(step), -1) FROM checkpoints").fetchone()[0]
+            if row[0] <= ckpt:
+                return False
+            others = c.execute("SELECT COUNT(*) FROM peers WHERE peer_id != ? AND left_at IS NULL AND last_seen >= ? "
+                               "AND epoch >= ?", (peer_id, now - online_seconds, row[0])).fetchone()[0]
+            return others == 0
+
+    def handovers_wanted(self, *, since: float, online_seconds: float, now: float) -> list[tuple[str, int, list[str]]]:
+        """Peers that left since ``since`` and alone hold a state newer than the latest checkpoint, newest first:
+        ``(peer id, epoch, maddrs)`` for the keeper to download from."""
+        rows = self._read("SELECT peer_id, leaving_epoch, dht_maddrs FROM peers WHERE left_at >= ? "
+                          "ORDER BY leaving_epoch DESC", (since,))
+        return [(r[0], r[1], json.loads(r[2])) for r in rows
+                if self.handover_needed(r[0], online_seconds=online_seconds, now=now)]
+
+    def swarm_maddrs(self, *, exclude_peer: str | None, online_seconds: float, now: float) -> list[str]:
+        """hivemind maddrs of the keeper and of the most recently seen online peers (see SWARM_MADDRS_LIMIT)."""
+        rows = self._read("SELECT dht_maddrs FROM peers WHERE peer_id IS NOT ? AND left_at IS NULL AND last_seen >= ? "
+                          "AND dht_maddrs != '[]' ORDER BY last_seen DESC LIMIT ?",
+                          (exclude_peer, now - online_seconds, SWARM_MADDRS_LIMIT))
+        keeper = json.loads(self.get_meta("keeper_maddrs", "[]"))
+        return keeper + [m for r in rows for m in json.loads(r[0])]
+
+    def set_keeper_maddrs(self, maddrs: list[str]) -> None:
+        self.set_meta("keeper_maddrs", json.dumps(maddrs))
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -583,7 +642,8 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "FROM peers p ORDER BY p.registered_at"
     ):
         peers.append({
-            "peer_id": p["peer_id"], "name": p["name"], "online": now - p["last_seen"] <= online_seconds,
+            "peer_id": p["peer_id"], "name": p["name"],
+            "online": p["left_at"] is None and now - p["last_seen"] <= online_seconds,
             "shards_done": p["shards_done"], "samples": p["samples"], "credit": round(p["credit"], 3),
             "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,14 +19,17 @@ import hivemind
 from coordinator.config import CoordinatorConfig, RunOptions
 from coordinator.handlers import Context
 from coordinator.http_status import start_http
+from coordinator.lock import WorkdirLock
 from coordinator.run import open_run
 from coordinator.server import start_server
+from hivefold.signals import install_stop_handlers
 
 log = logging.getLogger("hivefold.coordinator")
 
 ENDPOINTS_FILE = "coordinator.json"  # written once serving: {"grpc": "host:port", "http": ..., "pid": ...}
-KEEPER_STOP_TIMEOUT_S = 120.0
-KEEPER_RESTART_S = 30.0  # the keeper's final checkpoint downloads the swarm's state first
+KEEPER_STOP_TIMEOUT_S = 60.0  # the keeper's final checkpoint: one bounded state download, evaluation, save
+KEEPER_RESTART_S = 30.0  # a crashed keeper is restarted at most this often, so a broken one cannot spin
+DHT_KILL_AFTER_S = 5.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
 def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "coordinator.keeper", "--workdir", str(config.workdir),
            "--checkpoint-every", str(config.checkpoint_every), "--keep-checkpoints", str(config.keep_checkpoints),
-           "--poll", str(config.keeper_poll)]
+           "--poll", str(config.keeper_poll), "--online-seconds", str(3 * config.heartbeat_interval)]
     for m in maddrs:
         cmd += ["--initial-peer", m]
     for m in config.dht_listen:  # same interfaces as the bootstrap node, any free port
@@ -74,53 +78,99 @@ def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:
     return cmd
 
 
-def run(config: CoordinatorConfig, stop: threading.Event) -> None:
-    """Serve until ``stop`` is set; always releases everything it started."""
-    spec, ledger = open_run(config.workdir, config.run)
-    dht = server = http = keeper = None
-    endpoints = config.workdir / ENDPOINTS_FILE
+class KeeperProcess:
+    """The keeper child: restarted when it crashes (at most once per KEEPER_RESTART_S), always reaped on exit.
+
+    It runs in its own process group, so a Ctrl-C meant for the coordinator's terminal reaches it only
+    through the coordinator, which asks it for a final checkpoint and waits; it holds a copy of the
+    workdir lock's descriptor, so a second coordinator is refused while it lives.
+    """
+
+    def __init__(self, cmd: list[str], lock_fd: int):
+        self.cmd, self.lock_fd = cmd, lock_fd
+        self.proc: subprocess.Popen | None = None
+        self.started = -float("inf")
+
+    def supervise(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if time.monotonic() - self.started < KEEPER_RESTART_S:
+            return
+        if self.proc is not None:
+            log.error("keeper exited with code %s; restarting it", self.proc.returncode)
+        self.proc = subprocess.Popen(self.cmd, pass_fds=(self.lock_fd,), start_new_session=True)
+        self.started = time.monotonic()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        log.info("stopping the keeper (it checkpoints the swarm's newest state if it is ahead of the latest one)")
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(KEEPER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("keeper did not stop in %.0fs; killing it", KEEPER_STOP_TIMEOUT_S)
+        finally:  # also on a second Ctrl-C while waiting: never leave the keeper behind
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            else:
+                _kill_group(self.proc.pid)  # its hivemind helpers and p2pd
+
+
+def _kill_group(pgid: int) -> None:
     try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _shutdown_dht(dht: hivemind.DHT) -> None:
+    """hivemind's shutdown waits for a graceful stop, then sends SIGTERM; make sure the process is gone."""
+    dht.shutdown()
+    dht.join(DHT_KILL_AFTER_S)
+    if dht.is_alive():
+        log.warning("the DHT process did not exit; killing it")
+        dht.kill()
+        dht.join(DHT_KILL_AFTER_S)
+
+
+def run(config: CoordinatorConfig, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set; always releases everything it started, in reverse order."""
+    with contextlib.ExitStack() as stack:
+        lock = WorkdirLock(config.workdir).acquire(listen=config.listen)
+        stack.callback(lock.release)
+        spec, ledger = open_run(config.workdir, config.run)
+        stack.callback(ledger.close)
+        ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
+        ledger.set_checkpoint_every(config.checkpoint_every)
         dht = hivemind.DHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
                            start=True)
+        stack.callback(_shutdown_dht, dht)
+        install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")
         maddrs = list(config.dht_announce) or [str(m) for m in dht.get_visible_maddrs()]
         log.info("DHT bootstrap node at %s", " ".join(maddrs))
         ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=maddrs)
         server, port = start_server(ctx, config.listen)
+        stack.callback(lambda: server.stop(grace=2.0).wait())
         host = config.listen.rpartition(":")[0]
         info = {"grpc": f"{host}:{port}", "pid": os.getpid(), "run_id": spec.run_id, "dht": maddrs}
         if config.http:
             http, http_port = start_http(ctx, config.http)
+            stack.callback(http.shutdown)
             info["http"] = f"{config.http.rpartition(':')[0]}:{http_port}"
+        endpoints = config.workdir / ENDPOINTS_FILE
         tmp = endpoints.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, endpoints)
+        stack.callback(endpoints.unlink, missing_ok=True)
+        lock.describe(grpc=info["grpc"], http=info.get("http"))
+        keeper = KeeperProcess(_keeper_cmd(config, maddrs), lock.fd) if config.keeper else None
+        if keeper is not None:
+            stack.callback(keeper.stop)  # first thing on the way out: the final checkpoint needs the DHT
         log.info("run %s serving %d shards on %s", spec.run_id, len(spec.shards), info["grpc"])
-        last_keeper_start = -float("inf")
-        while True:
-            # A crashed keeper is restarted, at most once per KEEPER_RESTART_S so a broken one cannot spin.
-            due = time.monotonic() - last_keeper_start >= KEEPER_RESTART_S
-            if config.keeper and (keeper is None or keeper.poll() is not None) and due:
-                if keeper is not None:
-                    log.error("keeper exited with code %s; restarting it", keeper.returncode)
-                keeper = subprocess.Popen(_keeper_cmd(config, maddrs))
-                last_keeper_start = time.monotonic()
-            if stop.wait(1.0):
-                break
-    finally:
-        if keeper is not None and keeper.poll() is None:
-            log.info("stopping the keeper (final checkpoint)")
-            keeper.send_signal(signal.SIGTERM)
-            try:
-                keeper.wait(KEEPER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.error("keeper did not stop in %.0fs; killing it", KEEPER_STOP_TIMEOUT_S)
-                keeper.kill()
-        endpoints.unlink(missing_ok=True)
-        if server is not None:
-            server.stop(grace=2.0).wait()
-        if http is not None:
-            http.shutdown()
-        if dht is not None:
-            dht.shutdown()
-        ledger.close()
-        log.info("coordinator stopped")
+        while not stop.is_set():
+            if keeper is not None:
+                keeper.supervise()
+            stop.wait(1.0)
+    log.info("coordinator stopped")

@@ -64,6 +64,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request, context):
         return self._call(handlers.heartbeat, request, context)
 
+    def Leave(self, request, context):
+        return self._call(handlers.leave, request, context)
+
     def GetStatus(self, request, context):
         return self._call(handlers.get_status, request, context)
 

@@ -48,28 +48,27 @@ def _generate_cmd(args: argparse.Namespace) -> int:
 
 
 def _coordinator_cmd(args: argparse.Namespace) -> int:
-    import signal
-
     from coordinator.main import config_from_args, run
     from hivefold.logs import setup_logging
+    from hivefold.signals import install_stop_handlers
 
     config = config_from_args(args)
     setup_logging("coordinator")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")
     run(config, stop)
     return 0
 
 
 def _peer_cmd(args: argparse.Namespace) -> int:
     from hivefold.logs import setup_logging
-    from peer.daemon import config_from_args, install_stop_handlers, run
+    from hivefold.signals import install_stop_handlers
+    from peer.daemon import STOP_MESSAGE, config_from_args, run
 
     config = config_from_args(args)
     setup_logging("peer")
     stop = threading.Event()
-    install_stop_handlers(stop)
+    install_stop_handlers(stop, what=STOP_MESSAGE)
     run(config, stop)
     return 0
 

@@ -74,6 +74,10 @@ class CoordinatorClient:
         request.auth.CopyFrom(self.auth)
         return self.stub.Heartbeat(request, timeout=timeout)
 
+    def leave(self, epoch: int, reason: str, *, timeout: float = 5.0) -> pb.LeaveResponse:
+        """One attempt, no retry: used on the way out."""
+        return self.stub.Leave(pb.LeaveRequest(auth=self.auth, epoch=epoch, reason=reason), timeout=timeout)
+
     def status(self) -> dict:
         resp = self._retry(lambda: self.stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S), "GetStatus")
         return json.loads(resp.status_json)

@@ -13,9 +13,8 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,12 +25,14 @@ from google.protobuf.message import DecodeError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
 from hivefold.logs import log_to_console
 from hivefold.retry import Stopped
 from hivefold.shards import decode_shard
+from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
 from peer.device import describe_device, resolve_device
@@ -44,6 +45,8 @@ STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 CACHE_SHARDS = 64  # shard files kept in workdir/shards
 FETCH_ATTEMPTS = 3  # sha256 mismatches tolerated per lease before handing it back
 SHUTDOWN_TIMEOUT_S = 60.0
+STOP_MESSAGE = "finishing the micro-batch, then leaving"
+HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator
 
 
@@ -154,6 +157,8 @@ class Peer:
                                 client_mode=self.config.client_mode, start=True)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval)
+        # Direct links to the swarm's members first: the state download below needs one (see hivefold.addressbook).
+        addressbook.connect(self.dht, resp.swarm_maddrs)
         source = self.trainer.load_swarm_state(
             lambda: self.client.fetch_checkpoint(self.workdir / "checkpoint.pt", min_step=1))
         log.info("peer %s starts at step %d from %s", self.identity.peer_id, self.trainer.epoch, source)
@@ -170,13 +175,18 @@ class Peer:
     def heartbeat_loop(self) -> None:
         # Runs until the peer has left, not merely until it was asked to stop: the last micro-batch's
         # all-reduce can take a while, and the lease must stay alive until it is handed back.
-        while not self.left.wait(self.heartbeat_interval):
+        own = [] if self.config.client_mode else addressbook.own_maddrs(self.dht)
+        while True:
             m = self.trainer.meter
             try:
-                self.client.heartbeat(pb.HeartbeatRequest(epoch=self.trainer.epoch, samples_trained=m.samples_total,
-                                                          recent_loss=m.loss, samples_per_second=m.samples_per_second))
+                resp = self.client.heartbeat(pb.HeartbeatRequest(
+                    epoch=self.trainer.epoch, samples_trained=m.samples_total, recent_loss=m.loss,
+                    samples_per_second=m.samples_per_second, dht_maddrs=own))
+                addressbook.connect(self.dht, resp.swarm_maddrs)
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", describe_rpc_error(e))
+            if self.left.wait(self.heartbeat_interval):
+                return
 
     # --- the work loop ------------------------------------------------------------------------
 
@@ -317,6 +327,28 @@ class Peer:
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
 
+    def leave(self, reason: str) -> None:
+        """Tell the coordinator we are gone; stay in the swarm while the keeper still needs our state."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        try:
+            with self._quick_client() as client:
+                while True:
+                    resp = client.leave(self.trainer.epoch, reason)
+                    if not resp.hold:
+                        break
+                    if time.monotonic() > deadline:
+                        log.warning("peer %s: the keeper did not take this peer's state (step %d) within %.0fs; "
+                                    "leaving anyway", self.identity.peer_id, self.trainer.epoch, HANDOVER_WAIT_S)
+                        return
+                    log.info("peer %s: waiting for the keeper to checkpoint step %d, which only this peer holds "
+                             "(second Ctrl-C leaves now)", self.identity.peer_id, self.trainer.epoch)
+                    time.sleep(resp.retry_after_s or 1.0)
+        except (grpc.RpcError, HivefoldError) as e:
+            log.warning("could not tell the coordinator this peer leaves (%s)", e)
+            return
+        log.info("peer %s leaves at step %d; the latest checkpoint is at step %d", self.identity.peer_id,
+                 self.trainer.epoch, resp.checkpoint_step)
+
     def _release(self, work: pb.WorkUnit, reason: str) -> None:
         try:
             with self._quick_client() as client:
@@ -356,7 +388,7 @@ def run(config: PeerConfig, stop: threading.Event) -> None:
     try:
         peer.join()
         # hivemind's averagers set SIGINT to SIG_IGN in this process when they start: take Ctrl-C back.
-        install_stop_handlers(stop)
+        install_stop_handlers(stop, what=STOP_MESSAGE)
         threading.Thread(target=peer.heartbeat_loop, name="heartbeat", daemon=True).start()
         progress = make_progress(config.progress)
         if progress is not None:
@@ -364,6 +396,8 @@ def run(config: PeerConfig, stop: threading.Event) -> None:
                 peer.work_loop(progress)
         else:
             peer.work_loop(None)
+        peer.left.set()
+        peer.leave("stopped" if stop.is_set() else "finished")
     except Stopped:
         log.info("stopped while waiting for the coordinator")
     finally:
@@ -382,21 +416,3 @@ def _force_exit() -> None:
     log.error("shutdown did not finish in %.0fs; exiting anyway", SHUTDOWN_TIMEOUT_S)
     logging.shutdown()
     os._exit(3)
-
-
-def install_stop_handlers(stop: threading.Event) -> None:
-    main_pid = os.getpid()
-
-    def handler(signum, _frame):
-        if os.getpid() != main_pid:  # a hivemind helper forked from us: die as it would by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if stop.is_set():  # a second Ctrl-C: leave now
-            sys.exit(130)
-        log.info("received %s: finishing the micro-batch, then leaving", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-

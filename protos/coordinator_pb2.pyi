@@ -53,20 +53,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., device: _Optional[_Union[DeviceReport, _Mapping]] = ..., expected_spec_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s")
+    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     token: str
     spec_json: str
     spec_hash: str
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
     heartbeat_interval_s: float
-    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
     __slots__ = ("auth",)
@@ -169,26 +171,50 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second")
+    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
     RECENT_LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     epoch: int
     samples_trained: int
     recent_loss: float
     samples_per_second: float
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+    dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("extended_lease_ids", "global_step")
+    __slots__ = ("extended_lease_ids", "global_step", "swarm_maddrs")
     EXTENDED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
     extended_lease_ids: _containers.RepeatedScalarFieldContainer[str]
     global_step: int
-    def __init__(self, extended_lease_ids: _Optional[_Iterable[str]] = ..., global_step: _Optional[int] = ...) -> None: ...
+    swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, extended_lease_ids: _Optional[_Iterable[str]] = ..., global_step: _Optional[int] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("auth", "epoch", "reason")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    auth: PeerAuth
+    epoch: int
+    reason: str
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("hold", "retry_after_s", "checkpoint_step")
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    hold: bool
+    retry_after_s: float
+    checkpoint_step: int
+    def __init__(self, hold: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

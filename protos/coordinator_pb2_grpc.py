@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/hivefold.v1.Coordinator/Leave',
+                request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/hivefold.v1.Coordinator/GetStatus',
                 request_serializer=protos_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
@@ -123,6 +128,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """A clean leave: the peer is marked offline at once, its leases go back to the pool, and it is told
+        whether to stay reachable until the keeper has checkpointed the state only it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """The run's progress as JSON (the same document as the HTTP /api/status endpoint).
         """
@@ -169,6 +182,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -344,6 +362,33 @@ class Coordinator:
             '/hivefold.v1.Coordinator/Heartbeat',
             protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivefold.v1.Coordinator/Leave',
+            protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            protos_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

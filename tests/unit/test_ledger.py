@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from coordinator import ledger as ledger_module
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger import LeaseState, Ledger, ShardState, Verdict
 from hivefold.spec import ShardInfo
@@ -35,8 +36,67 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == 1
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 2
     assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
+
+
+def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.sqlite"
+    with monkeypatch.context() as m:
+        m.setattr(ledger_module, "MIGRATIONS", ledger_module.MIGRATIONS[:1])
+        old = Ledger(path)
+        old.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
+        old.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="cpu", device_name="",
+                          memory_bytes=0, now=0.0)
+        assert old.schema_version() == 1
+        old.close()
+    new = Ledger(path)
+    assert new.schema_version() == 2
+    assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
+    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.0,
+                  dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"])
+    assert new.swarm_maddrs(exclude_peer=None, online_seconds=30, now=3.0) == ["/ip4/1.2.3.4/tcp/5/p2p/QmA"]
+    new.close()
+
+
+def test_address_book_lists_online_peers_and_the_keeper(ledger):
+    ledger.set_keeper_maddrs(["/ip4/9.9.9.9/tcp/1/p2p/QmK"])
+    for name, now in (("a", 10.0), ("b", 20.0)):
+        ledger.heartbeat(name, epoch=1, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+                         now=now, dht_maddrs=[f"/ip4/10.0.0.1/tcp/1/p2p/Qm{name}"])
+    assert ledger.swarm_maddrs(exclude_peer="a", online_seconds=30, now=21.0) == [
+        "/ip4/9.9.9.9/tcp/1/p2p/QmK", "/ip4/10.0.0.1/tcp/1/p2p/Qmb"]
+    # a, silent for 35 s, is offline and not handed out; a peer that left is not either
+    assert ledger.swarm_maddrs(exclude_peer=None, online_seconds=30, now=45.0) == [
+        "/ip4/9.9.9.9/tcp/1/p2p/QmK", "/ip4/10.0.0.1/tcp/1/p2p/Qmb"]
+    ledger.leave("b", epoch=1, reason="test", now=46.0)
+    assert ledger.swarm_maddrs(exclude_peer=None, online_seconds=30, now=47.0) == ["/ip4/9.9.9.9/tcp/1/p2p/QmK"]
+
+
+def test_a_clean_leave_releases_leases_goes_offline_and_asks_for_a_handover(ledger):
+    held = lease(ledger, "a")
+    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+                     now=5.0)
+    ledger.record_checkpoint(2, "/ckpt-2", 5.0, now=5.0)
+    ledger.leave("a", epoch=5, reason="stopped", now=6.0)
+    assert ledger.get_lease(held.lease_id).state is LeaseState.RELEASED
+    assert ledger.shard_counts()["leased"] == 0
+    online = {p["name"]: p["online"] for p in ledger.status(now=6.0, online_seconds=30, seq_len=8)["peers"]}
+    assert online == {"a": False, "b": True}  # at once, not after missed heartbeats
+    # b is online but behind (step 4 < 5): only a holds step 5, so the keeper must take it from a.
+    assert ledger.handover_needed("a", online_seconds=30, now=6.0)
+    assert [(p, e) for p, e, _ in ledger.handovers_wanted(since=0.0, online_seconds=30, now=6.0)] == [("a", 5)]
+    ledger.heartbeat("b", epoch=5, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+                     now=7.0)
+    assert not ledger.handover_needed("a", online_seconds=30, now=7.0)  # b holds it too
+    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+                     now=8.0)
+    ledger.record_checkpoint(5, "/ckpt-5", 4.0, now=8.0)
+    assert not ledger.handover_needed("a", online_seconds=30, now=8.0)  # checkpointed
+    assert ledger.handovers_wanted(since=0.0, online_seconds=30, now=8.0) == []
+    ledger.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="cpu", device_name="",
+                         memory_bytes=0, now=9.0)
+    assert {p["name"]: p["online"] for p in ledger.status(now=9.0, online_seconds=30, seq_len=8)["peers"]}["a"]
 
 
 def test_lease_submit_marks_done_and_credits(ledger):
