@@ -7,11 +7,13 @@ module must not import torch, hivemind or numpy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
+from hivefold.spec import model_config_from_name
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,27 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.seq_len == 1:
+            raise ConfigError("--seq-len must be >= 2: each token of a sequence learns to predict the next")
+        if self.model is not None:
+            try:  # only the dims are checked here; the vocabulary comes from the tokenizer later
+                model_config_from_name(self.model, vocab_size=1, max_seq_len=self.resolved("seq_len"))
+            except ConfigError as e:
+                raise ConfigError(f"--model {self.model}: {e}") from None
+        # Relations are checked between explicit values only: None may stand for a saved run's value.
+        # ``with_defaults`` checks them again for a new run.
+        if self.micro_batch is not None and self.target_batch_size is not None \
+                and self.micro_batch > self.target_batch_size:
+            raise ConfigError(f"--micro-batch ({self.micro_batch}) must be <= --target-batch-size "
+                              f"({self.target_batch_size}): the swarm steps once per target batch")
 
     def resolved(self, name: str):
         value = getattr(self, name)
         return self.DEFAULTS[name] if value is None else value
+
+    def with_defaults(self) -> RunOptions:
+        """Every unset option filled in with its default, as a new run uses them (validated together)."""
+        return dataclasses.replace(self, **{name: self.resolved(name) for name in self.DEFAULTS})
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,10 @@ def _check_reopen(spec: RunSpec, options: RunOptions) -> None:
 
 def open_run(workdir: Path, options: RunOptions) -> tuple[RunSpec, Ledger]:
     """Reopen the run in ``workdir`` or create one; returns its spec and an open ledger."""
-    workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / SPEC_FILE
+    if not spec_path.exists():
+        options = options.with_defaults()  # a new run: check the options together before writing anything
+    workdir.mkdir(parents=True, exist_ok=True)
     if spec_path.exists():
         spec = RunSpec.from_json(spec_path.read_text())
         _check_reopen(spec, options)

@@ -40,11 +40,23 @@ def test_coordinator_refuses_a_bad_corpus(tmp_path, corpus, message):
     (["--lease-seconds", "5", "--heartbeat-interval", "10"], "must exceed --heartbeat-interval"),
     (["--seq-len", "0"], "--seq-len must be >= 1"),
     (["--model", "gigantic"], "unknown model 'gigantic'"),
+    (["--micro-batch", "64", "--target-batch-size", "32"], "--micro-batch (64) must be <= --target-batch-size (32)"),
 ])
 def test_coordinator_flag_errors(tmp_path, flags, message):
     r = hivefold("coordinator", "--workdir", str(tmp_path / "w"), "--corpus", "stdlib", "--max-corpus-mb", "0.1",
                  *flags)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "L2-H3-D64"], "--model L2-H3-D64: model d_model (64) must be divisible by n_head (3)"),
+    (["--micro-batch", "512"], "--micro-batch (512) must be <= --target-batch-size (256)"),  # against the default
+])
+def test_a_bad_run_definition_fails_before_the_corpus_is_read(tmp_path, flags, message):
+    workdir = tmp_path / "w"
+    r = hivefold("coordinator", "--workdir", str(workdir), "--corpus", "stdlib", *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not workdir.exists()  # no stray shards/ (nor an empty workdir) left behind
 
 
 HEAVY = ("torch", "hivemind", "numpy")
