@@ -1,12 +1,19 @@
-"""``CoordinatorConfig``: every setting of a coordinator process, one CLI flag per field."""
+"""``CoordinatorConfig``: every setting of a coordinator process, one CLI flag per field, and the flags.
+
+Light on purpose: ``hivefold --help`` and ``hivefold status`` build the parser from here, so this
+module must not import torch, hivemind or numpy.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
+from hivefold.spec import model_config_from_name
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class RunOptions:
                     average_state_every=5)
 
     HELP = dict(
+        corpus="'stdlib', a text file, a directory of text files, or a .jsonl file with a \"text\" field",
+        model="tiny | small | base | L<layers>-H<heads>-D<width>",
         seq_len="tokens per training sequence", micro_batch="sequences per forward/backward pass on a peer",
         target_batch_size="sequences the swarm accumulates per optimizer step", lr="peak learning rate (AdamW)",
         warmup_steps="swarm steps of linear warmup", decay_steps="swarm steps of cosine decay after warmup",
@@ -61,10 +70,27 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.seq_len == 1:
+            raise ConfigError("--seq-len must be >= 2: each token of a sequence learns to predict the next")
+        if self.model is not None:
+            try:  # only the dims are checked here; the vocabulary comes from the tokenizer later
+                model_config_from_name(self.model, vocab_size=1, max_seq_len=self.resolved("seq_len"))
+            except ConfigError as e:
+                raise ConfigError(f"--model {self.model}: {e}") from None
+        # Relations are checked between explicit values only: None may stand for a saved run's value.
+        # ``with_defaults`` checks them again for a new run.
+        if self.micro_batch is not None and self.target_batch_size is not None \
+                and self.micro_batch > self.target_batch_size:
+            raise ConfigError(f"--micro-batch ({self.micro_batch}) must be <= --target-batch-size "
+                              f"({self.target_batch_size}): the swarm steps once per target batch")
 
     def resolved(self, name: str):
         value = getattr(self, name)
         return self.DEFAULTS[name] if value is None else value
+
+    def with_defaults(self) -> RunOptions:
+        """Every unset option filled in with its default, as a new run uses them (validated together)."""
+        return dataclasses.replace(self, **{name: self.resolved(name) for name in self.DEFAULTS})
 
 
 @dataclass(frozen=True)
@@ -98,3 +124,45 @@ class CoordinatorConfig:
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7601)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``hivefold coordinator`` flags: one per field of ``CoordinatorConfig`` and ``RunOptions``."""
+    d = CoordinatorConfig(workdir=Path("."))
+    p.add_argument("--workdir", type=Path, required=True, help="directory holding the run (created if missing)")
+    p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
+    p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
+    p.add_argument("--dht-listen", action="append",
+                   help=f"DHT listen multiaddr, repeatable (default {' '.join(d.dht_listen)})")
+    p.add_argument("--dht-announce", action="append",
+                   help="multiaddr given to peers instead of the visible ones, repeatable (default: the visible ones)")
+    p.add_argument("--lease-seconds", type=float, default=d.lease_seconds,
+                   help="a lease expires this many seconds after the last heartbeat (default %(default)s)")
+    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
+                   help="seconds between a peer's heartbeats (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="swarm steps between the keeper's checkpoints (default %(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="checkpoints kept on disk (default %(default)s)")
+    p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
+    p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
+                   help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
+    g = p.add_argument_group("run definition (for a new run; must match when reopening a workdir)")
+    for name, typ in (("corpus", str), ("model", str), ("seq_len", int), ("micro_batch", int),
+                      ("target_batch_size", int), ("lr", float), ("warmup_steps", int), ("decay_steps", int),
+                      ("shard_sequences", int), ("seed", int), ("data_passes", int), ("max_corpus_mb", float),
+                      ("matchmaking_time", float), ("averaging_timeout", float), ("average_state_every", int)):
+        # default None: a reopened run keeps its saved value; the help shows what a new run gets.
+        g.add_argument("--" + name.replace("_", "-"), type=typ,
+                       help=f"{RunOptions.HELP[name]} (default {RunOptions.DEFAULTS[name]})")
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    """Validate the parsed flags; raises ConfigError (exit 2) before anything touches the disk."""
+    run = RunOptions(**{k: getattr(args, k) for k in RunOptions.DEFAULTS})
+    return CoordinatorConfig(
+        workdir=args.workdir, listen=args.listen, http=args.http,
+        dht_listen=tuple(args.dht_listen or CoordinatorConfig.dht_listen),
+        dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
+        heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll, run=run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -12,11 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import hivemind
 
-from coordinator.config import CoordinatorConfig, RunOptions
+from coordinator.config import CoordinatorConfig
 from coordinator.handlers import Context
 from coordinator.http_status import start_http
 from coordinator.lock import WorkdirLock
@@ -30,41 +28,6 @@ ENDPOINTS_FILE = "coordinator.json"  # written once serving: {"grpc": "host:port
 KEEPER_STOP_TIMEOUT_S = 60.0  # the keeper's final checkpoint: one bounded state download, evaluation, save
 KEEPER_RESTART_S = 30.0  # a crashed keeper is restarted at most this often, so a broken one cannot spin
 DHT_KILL_AFTER_S = 5.0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = CoordinatorConfig(workdir=Path("."))
-    p.add_argument("--workdir", type=Path, required=True, help="directory holding the run (created if missing)")
-    p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
-    p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
-    p.add_argument("--dht-listen", action="append",
-                   help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
-    p.add_argument("--dht-announce", action="append", help="multiaddr given to peers instead of the visible ones")
-    p.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="lease timeout without heartbeats")
-    p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval, help="seconds between heartbeats")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="swarm steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept on disk")
-    p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
-    p.add_argument("--keeper-poll", type=float, default=d.keeper_poll, help="seconds between the keeper's checks")
-    g = p.add_argument_group("run definition (for a new run; must match when reopening a workdir)")
-    g.add_argument("--corpus", help="'stdlib' (default), a text file, a directory of text files, or a .jsonl file")
-    g.add_argument("--model", help="tiny (default) | small | base | L<layers>-H<heads>-D<width>")
-    for name, typ in (("seq_len", int), ("micro_batch", int), ("target_batch_size", int), ("lr", float),
-                      ("warmup_steps", int), ("decay_steps", int), ("shard_sequences", int), ("seed", int),
-                      ("data_passes", int), ("max_corpus_mb", float), ("matchmaking_time", float),
-                      ("averaging_timeout", float), ("average_state_every", int)):
-        g.add_argument("--" + name.replace("_", "-"), type=typ,
-                       help=f"{RunOptions.HELP[name]} (default {RunOptions.DEFAULTS[name]})")
-
-
-def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
-    run = RunOptions(**{k: getattr(args, k) for k in RunOptions.DEFAULTS})
-    return CoordinatorConfig(
-        workdir=args.workdir, listen=args.listen, http=args.http,
-        dht_listen=tuple(args.dht_listen or CoordinatorConfig.dht_listen),
-        dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
-        heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll, run=run)
 
 
 def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:

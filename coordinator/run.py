@@ -17,7 +17,7 @@ from pathlib import Path
 
 from coordinator.config import RunOptions
 from coordinator.ledger import Ledger
-from hivefold.corpus import read_documents
+from hivefold.corpus import STDLIB, read_documents
 from hivefold.errors import ConfigError
 from hivefold.shards import VAL_FILENAME, build_shards, shard_filename
 from hivefold.spec import AveragingConfig, OptimizerConfig, RunSpec, model_config_from_name
@@ -81,15 +81,55 @@ def _check_reopen(spec: RunSpec, options: RunOptions) -> None:
         if value is not None and given is not None and given != value:
             raise ConfigError(f"the workdir holds a run with {name}={value}, but --{name.replace('_', '-')}={given} "
                               "was given; drop the flag to resume the run, or use a fresh --workdir")
-    for name in ("corpus", "shard_sequences", "max_corpus_mb"):
-        if getattr(options, name) is not None:
-            log.warning("--%s is ignored: the workdir already holds run %s", name.replace("_", "-"), spec.run_id)
+    # The corpus flags only shape a new run's shards: reopening keeps the saved shards, so a different
+    # value is ignored with a warning, the same value silently, and one the spec cannot tell at debug level.
+    for name, same in (("corpus", _same_corpus(options.corpus, spec.corpus_name)),
+                       ("shard_sequences", _same_shard_sequences(options.shard_sequences, spec)),
+                       ("max_corpus_mb", None)):  # the spec does not record it
+        given = getattr(options, name)
+        if given is None or same is True:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if same is False:
+            log.warning("%s=%s is ignored: it differs from run %s in the workdir, whose shards are kept; drop the "
+                        "flag to resume that run, or use a fresh --workdir for a new one", flag, given, spec.run_id)
+        else:
+            log.debug("%s=%s: the saved run %s does not record it; reopening with the saved shards", flag, given,
+                      spec.run_id)
+
+
+def _same_corpus(given: str | None, corpus_name: str) -> bool | None:
+    """Whether ``--corpus given`` names the saved run's corpus; None if the spec's ``corpus_name`` cannot tell.
+
+    ``corpus_name`` is ``"<--corpus> (<description>)"``, where the description of a path is the path
+    resolved when the run was created: compare resolved paths, since the coordinator's cwd may differ now.
+    """
+    if given is None:
+        return None
+    saved, sep, description = corpus_name.partition(" (")
+    if not sep or not description.endswith(")"):
+        return None
+    if given == STDLIB or saved == STDLIB:
+        return given == saved
+    return corpus_name.endswith(f" ({Path(given).expanduser().resolve()})")
+
+
+def _same_shard_sequences(given: int | None, spec: RunSpec) -> bool | None:
+    """Whether ``--shard-sequences given`` matches the saved shards; None if they cannot tell."""
+    if given is None:
+        return None
+    first = spec.shards[0].num_sequences
+    if len(spec.shards) > 1 or given <= first:
+        return given == first  # only the last shard may be short; a lone shard holds <= shard_sequences
+    return None  # a lone, short shard: the corpus may simply have been smaller than --shard-sequences
 
 
 def open_run(workdir: Path, options: RunOptions) -> tuple[RunSpec, Ledger]:
     """Reopen the run in ``workdir`` or create one; returns its spec and an open ledger."""
-    workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / SPEC_FILE
+    if not spec_path.exists():
+        options = options.with_defaults()  # a new run: check the options together before writing anything
+    workdir.mkdir(parents=True, exist_ok=True)
     if spec_path.exists():
         spec = RunSpec.from_json(spec_path.read_text())
         _check_reopen(spec, options)

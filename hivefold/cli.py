@@ -1,4 +1,9 @@
-"""The ``hivefold`` command: ``coordinator``, ``peer``, ``status``, ``demo``, ``generate``."""
+"""The ``hivefold`` command: ``coordinator``, ``peer``, ``status``, ``demo``, ``generate``.
+
+The one module that wires the roles together. Building the parser imports only the light config
+modules; torch and hivemind are imported inside the commands that need them, so ``--help``, flag
+errors and ``status`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,9 @@ from hivefold.errors import HivefoldError
 
 def _status_cmd(args: argparse.Namespace) -> int:
     import grpc
-    from rich.console import Console
 
     from hivefold.client import CoordinatorClient, describe_rpc_error
-    from hivefold.demo import render
+    from hivefold.status_view import make_console, print_status
 
     client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
     try:
@@ -32,10 +36,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        console = Console()
-        console.print(render(status))
-        ckpt = status["checkpoint"]
-        console.print(f"checkpoint: {ckpt['path']} (step {ckpt['step']})" if ckpt else "checkpoint: none yet")
+        print_status(status, make_console())
     return 0
 
 
@@ -48,11 +49,13 @@ def _generate_cmd(args: argparse.Namespace) -> int:
 
 
 def _coordinator_cmd(args: argparse.Namespace) -> int:
-    from coordinator.main import config_from_args, run
+    from coordinator.config import config_from_args
+
+    config = config_from_args(args)  # bad flags fail here, before hivemind loads or the workdir is touched
+    from coordinator.main import run
     from hivefold.logs import setup_logging
     from hivefold.signals import install_stop_handlers
 
-    config = config_from_args(args)
     setup_logging("coordinator")
     stop = threading.Event()
     install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")
@@ -61,11 +64,13 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
 
 
 def _peer_cmd(args: argparse.Namespace) -> int:
-    from hivefold.logs import setup_logging
-    from hivefold.signals import install_stop_handlers
-    from peer.daemon import STOP_MESSAGE, config_from_args, run
+    from peer.config import config_from_args
 
     config = config_from_args(args)
+    from hivefold.logs import setup_logging
+    from hivefold.signals import install_stop_handlers
+    from peer.daemon import STOP_MESSAGE, run
+
     setup_logging("peer")
     stop = threading.Event()
     install_stop_handlers(stop, what=STOP_MESSAGE)
@@ -85,8 +90,8 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.main import add_arguments as coordinator_arguments
-    from peer.daemon import add_arguments as peer_arguments
+    from coordinator.config import add_arguments as coordinator_arguments
+    from peer.config import add_arguments as peer_arguments
 
     parser = argparse.ArgumentParser(prog="hivefold", description="Volunteer-computing training of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,22 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show a run's progress")
     p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to keep trying to reach the coordinator")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to keep trying to reach the coordinator (default %(default)s)")
     p.set_defaults(func=_status_cmd)
     p = sub.add_parser("demo", help="a local swarm: coordinator + peers on this machine")
-    p.add_argument("--peers", type=int, default=2, help="number of peer processes (default 2)")
-    p.add_argument("--minutes", type=float, default=3.0, help="how long to train (default 3)")
-    p.add_argument("--corpus", default="stdlib", help="'stdlib' (default), a text file, directory or .jsonl file")
+    p.add_argument("--peers", type=int, default=2, help="number of peer processes (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=3.0, help="how long to train (default %(default)s)")
+    p.add_argument("--corpus", default="stdlib",
+                   help="'stdlib', a text file, directory or .jsonl file (default %(default)s)")
     p.add_argument("--workdir", type=Path, help="where the run and logs go (default ./hivefold-demo/run-<time>)")
-    p.add_argument("--model", default="tiny", help="model size (default tiny)")
+    p.add_argument("--model", default="tiny", help="model size (default %(default)s)")
     p.set_defaults(func=_demo_cmd)
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by the keeper")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prompt", default="", help="text to continue (default: none)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=40,
+                   help="sample among the k likeliest tokens; 0 = all (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.set_defaults(func=_generate_cmd)
     return parser
 

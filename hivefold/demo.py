@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
@@ -23,6 +23,7 @@ from hivefold.client import CoordinatorClient
 from hivefold.errors import ConfigError, HivefoldError
 from hivefold.generate import generate_text
 from hivefold.retry import Unreachable
+from hivefold.status_view import fmt, render
 
 # Settings tuned so a 2-core CPU machine shows a clearly falling validation loss in ~3 minutes.
 DEMO_RUN_FLAGS = ["--seq-len", "128", "--micro-batch", "16", "--target-batch-size", "128",
@@ -33,26 +34,6 @@ DEMO_SERVICE_FLAGS = ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--dht
                       "--keeper-poll", "2"]
 STARTUP_TIMEOUT_S = 300.0  # building shards from the stdlib takes a few seconds; hivemind's start a few more
 STOP_TIMEOUT_S = 180.0
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def render(status: dict, *, clock: str = "") -> Group:
-    """The swarm at a glance: a one-line summary and a row per peer (used by ``demo`` and ``status``)."""
-    head = Table.grid(padding=(0, 2))
-    head.add_row(
-        f"[bold]{status['run_id']}[/]", clock, f"step [bold]{status['global_step']}[/]",
-        f"shards {status['shards']['done']}/{status['shards']['total']} (pass {status['data_pass']})",
-        f"{status['samples_per_second']:.0f} samples/s",
-        f"train loss {_fmt(status['train_loss'])}", f"val loss {_fmt(status['val_loss'])}",
-    )
-    peers = Table("peer", "name", "online", "shards", "samples", "samples/s", "loss", "step", box=None)
-    for p in status["peers"]:
-        peers.add_row(p["peer_id"][:8], p["name"], "yes" if p["online"] else "no", str(p["shards_done"]),
-                      str(p["samples"]), f"{p['samples_per_second']:.1f}", _fmt(p["recent_loss"]), str(p["epoch"]))
-    return Group(head, peers)
 
 
 def _wait_for_endpoints(path: Path, proc: subprocess.Popen, log: Path) -> dict:
@@ -155,8 +136,8 @@ def summarize(workdir: Path, console: Console) -> dict:
     table.add_row("swarm steps", str(status["global_step"]))
     table.add_row("tokens trained", f"{status['tokens_trained']:,}")
     table.add_row("shards done", f"{status['shards']['done']} of {status['shards']['total']}")
-    table.add_row("train loss", f"{_fmt(status['train_loss_first'])} → {_fmt(status['train_loss'])}")
-    table.add_row("validation loss", f"{_fmt(status['val_loss_first'])} → {_fmt(status['val_loss'])}")
+    table.add_row("train loss", f"{fmt(status['train_loss_first'])} → {fmt(status['train_loss'])}")
+    table.add_row("validation loss", f"{fmt(status['val_loss_first'])} → {fmt(status['val_loss'])}")
     table.add_row("checkpoint", f"{ckpt['path']} (step {ckpt['step']})" if ckpt else "none")
     console.print(table)
     status["sample"] = None

@@ -1,7 +1,12 @@
-"""``PeerConfig``: every setting of a peer process, one CLI flag per field."""
+"""``PeerConfig``: every setting of a peer process, one CLI flag per field, and the flags.
+
+Light on purpose: ``hivefold --help`` and ``hivefold status`` build the parser from here, so this
+module must not import torch, hivemind or numpy.
+"""
 
 from __future__ import annotations
 
+import argparse
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,3 +49,39 @@ class PeerConfig:
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/0)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``hivefold peer`` flags: one per ``PeerConfig`` field."""
+    d = PeerConfig(coordinator="localhost:7600")
+    p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
+    p.add_argument("--workdir", type=Path, default=d.workdir,
+                   help="identity, shard cache, unsent results (default %(default)s)")
+    p.add_argument("--name", default=d.name, help="display name shown to watchers (default: this host's name, "
+                   "%(default)s)")
+    p.add_argument("--device", default=d.device,
+                   help="auto | cpu | cuda | mps; auto picks cuda, then mps, then cpu (default %(default)s)")
+    p.add_argument("--dht-listen", action="append",
+                   help=f"DHT listen multiaddr, repeatable (default {' '.join(d.dht_listen)})")
+    p.add_argument("--dht-announce", action="append",
+                   help="public multiaddr to announce, repeatable (default: the visible ones)")
+    p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads; 0 = torch's default (default %(default)s)")
+    p.add_argument("--max-shards", type=int, default=d.max_shards,
+                   help="leave after N shards; 0 = no limit (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--retry-cap", type=float, default=d.retry_cap,
+                   help="longest wait between retries while the coordinator is unreachable, seconds "
+                        "(default %(default)s)")
+    p.add_argument("--step-interval", type=float, default=d.step_interval,
+                   help="seconds of local gradient accumulation between hivemind steps (default %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    """Validate the parsed flags; raises ConfigError (exit 2)."""
+    return PeerConfig(coordinator=args.coordinator, workdir=args.workdir.expanduser(), name=args.name,
+                      device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
+                      dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
+                      threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
+                      retry_cap=args.retry_cap, step_interval=args.step_interval)

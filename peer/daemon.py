@@ -8,7 +8,6 @@ finished results wait in ``workdir/outbox`` and are submitted when it is back.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -48,33 +47,6 @@ SHUTDOWN_TIMEOUT_S = 60.0
 STOP_MESSAGE = "finishing the micro-batch, then leaving"
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = PeerConfig(coordinator="localhost:7600")
-    p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
-    p.add_argument("--workdir", type=Path, default=d.workdir, help="identity, shard cache, unsent results "
-                   "(default %(default)s)")
-    p.add_argument("--name", default=d.name, help="display name (default: this host's name)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps (default auto)")
-    p.add_argument("--dht-listen", action="append",
-                   help=f"DHT listen multiaddr, repeatable (default {d.dht_listen[0]})")
-    p.add_argument("--dht-announce", action="append", help="public multiaddr to announce, repeatable")
-    p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--max-shards", type=int, default=d.max_shards, help="leave after N shards (0 = no limit)")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--retry-cap", type=float, default=d.retry_cap, help="longest wait between retries, seconds")
-    p.add_argument("--step-interval", type=float, default=d.step_interval,
-                   help="seconds of local gradient accumulation between hivemind steps (default %(default)s)")
-
-
-def config_from_args(args: argparse.Namespace) -> PeerConfig:
-    return PeerConfig(coordinator=args.coordinator, workdir=args.workdir.expanduser(), name=args.name,
-                      device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
-                      dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
-                      threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
-                      retry_cap=args.retry_cap, step_interval=args.step_interval)
 
 
 class Outbox:

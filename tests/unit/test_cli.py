@@ -1,5 +1,7 @@
-"""The ``hivefold`` command's answers to bad input: a clear message, exit code 2, nothing left behind."""
+"""The ``hivefold`` command: answers to bad input (a clear message, exit code 2, nothing left behind),
+a ``--help`` that shows every default, and a ``status`` that loads no machine-learning library."""
 
+import argparse
 import signal
 import socket
 import subprocess
@@ -8,6 +10,7 @@ import time
 
 import pytest
 
+from hivefold.cli import build_parser
 from tests.conftest import REPO, wait_for
 
 
@@ -37,11 +40,56 @@ def test_coordinator_refuses_a_bad_corpus(tmp_path, corpus, message):
     (["--lease-seconds", "5", "--heartbeat-interval", "10"], "must exceed --heartbeat-interval"),
     (["--seq-len", "0"], "--seq-len must be >= 1"),
     (["--model", "gigantic"], "unknown model 'gigantic'"),
+    (["--micro-batch", "64", "--target-batch-size", "32"], "--micro-batch (64) must be <= --target-batch-size (32)"),
 ])
 def test_coordinator_flag_errors(tmp_path, flags, message):
     r = hivefold("coordinator", "--workdir", str(tmp_path / "w"), "--corpus", "stdlib", "--max-corpus-mb", "0.1",
                  *flags)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "L2-H3-D64"], "--model L2-H3-D64: model d_model (64) must be divisible by n_head (3)"),
+    (["--micro-batch", "512"], "--micro-batch (512) must be <= --target-batch-size (256)"),  # against the default
+])
+def test_a_bad_run_definition_fails_before_the_corpus_is_read(tmp_path, flags, message):
+    workdir = tmp_path / "w"
+    r = hivefold("coordinator", "--workdir", str(workdir), "--corpus", "stdlib", *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not workdir.exists()  # no stray shards/ (nor an empty workdir) left behind
+
+
+HEAVY = ("torch", "hivemind", "numpy")
+
+
+def test_status_imports_no_machine_learning_library():
+    """``hivefold status`` must answer at once: the parser and the status path stay light."""
+    probe = ("import sys\n"
+             "from hivefold.cli import main\n"
+             f"rc = main(['status', '--coordinator', '127.0.0.1:{free_port()}', '--timeout', '0.1'])\n"
+             f"print(rc, [m for m in {HEAVY!r} if m in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "cannot reach the coordinator" in r.stderr
+    assert r.stdout.split(None, 1) == ["2", "[]\n"], r.stdout
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", ["coordinator", "peer", "status", "demo", "generate"])
+def test_help_shows_every_default(command):
+    sub = _subcommands(build_parser())[command]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if action.required or action.nargs == 0:  # --help, required flags and on/off switches have no default
+            continue
+        text = formatter._expand_help(action)
+        assert "default" in text, f"hivefold {command} {action.option_strings[0]}: {text!r} shows no default"
+        if action.default is not None:
+            assert str(action.default) in text, f"{action.option_strings[0]}: {text!r}"
 
 
 def test_status_of_an_unreachable_coordinator():

@@ -1,0 +1,90 @@
+"""The status document as a table, for ``hivefold status`` and ``hivefold demo`` (rich only).
+
+Light on purpose: ``hivefold status`` must answer in a fraction of a second, so nothing here may
+import torch, hivemind or numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import IO
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+# Width when stdout is not a terminal and $COLUMNS is unset: rich would assume 80 columns and wrap
+# rows mid-line, which breaks ``| grep`` and ``| cut``. Tables only take the width their cells need.
+PIPE_WIDTH = 1000
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def ago(seconds: float) -> str:
+    """``42s ago``, ``5m ago``, ``3h ago``, ``2d ago``."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def make_console(file: IO[str] | None = None) -> Console:
+    """A console on ``file`` (stdout) that never wraps the table when the output is piped or redirected."""
+    console = Console(file=file)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console  # rich uses the terminal's width, or $COLUMNS
+    return Console(file=file, width=PIPE_WIDTH)
+
+
+def keeper_lines(status: dict) -> list[Text]:
+    """The keeper's health: last state download, checkpoint age, and its warning (empty for old coordinators)."""
+    k = status.get("keeper")
+    if not k:
+        return []
+    now = status.get("time") or time.time()  # the coordinator's clock: no skew with the timestamps
+    line = Text("keeper: ", style="bold")
+    if k["last_download_at"] is not None:
+        line.append(f"state downloaded {ago(now - k['last_download_at'])} (step {k['last_download_step']})")
+    else:
+        line.append("no state download yet")
+    if k["checkpoint_step"] is not None:
+        line.append(f" · checkpoint at step {k['checkpoint_step']}, {k['checkpoint_age_steps']} swarm steps behind")
+    else:
+        line.append(" · no checkpoint yet")
+    if k["checkpoint_every"] is not None:
+        line.append(f" (checkpoint every {k['checkpoint_every']})")
+    lines = [line]
+    if k["warning"]:
+        lines.append(Text.assemble(("warning: ", "bold red"), (k["warning"], "bold yellow")))
+    elif k["last_error"]:
+        at = f" {ago(now - k['last_error_at'])}" if k["last_error_at"] is not None else ""
+        lines.append(Text(f"keeper: the last state download failed{at}: {k['last_error']}", style="yellow"))
+    return lines
+
+
+def render(status: dict, *, clock: str = "") -> Group:
+    """The swarm at a glance: a one-line summary, the keeper's health and a row per peer."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row(
+        Text(status["run_id"], style="bold"), clock, Text.assemble("step ", (str(status["global_step"]), "bold")),
+        f"shards {status['shards']['done']}/{status['shards']['total']} (pass {status['data_pass']})",
+        f"{status['samples_per_second']:.0f} samples/s",
+        f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
+    )
+    peers = Table("peer", "name", "online", "shards", "samples", "samples/s", "loss", "step", box=None)
+    for p in status["peers"]:
+        # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
+        peers.add_row(p["peer_id"][:8], Text(p["name"]), "yes" if p["online"] else "no", str(p["shards_done"]),
+                      str(p["samples"]), f"{p['samples_per_second']:.1f}", fmt(p["recent_loss"]), str(p["epoch"]))
+    return Group(head, *keeper_lines(status), peers)
+
+
+def print_status(status: dict, console: Console) -> None:
+    """What ``hivefold status`` prints: the table, then where the latest checkpoint is."""
+    console.print(render(status))
+    ckpt = status["checkpoint"]
+    console.print(Text(f"checkpoint: {ckpt['path']} (step {ckpt['step']})" if ckpt else "checkpoint: none yet"))
