@@ -18,7 +18,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.handlers import Context
 from coordinator.http_status import start_http
 from coordinator.lock import WorkdirLock
-from coordinator.run import open_run
+from coordinator.run import SPEC_FILE, open_run
 from coordinator.server import start_server
 from hivefold.signals import install_stop_handlers
 
@@ -100,6 +100,8 @@ def _shutdown_dht(dht: hivemind.DHT) -> None:
 
 def run(config: CoordinatorConfig, stop: threading.Event) -> None:
     """Serve until ``stop`` is set; always releases everything it started, in reverse order."""
+    if not (config.workdir / SPEC_FILE).exists():
+        config.run.with_defaults()  # a new run's options are checked before its workdir is even created
     with contextlib.ExitStack() as stack:
         lock = WorkdirLock(config.workdir).acquire(listen=config.listen)
         stack.callback(lock.release)
