@@ -24,13 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-import hivemind
 import torch
 
 from coordinator.ledger import Ledger
 from coordinator.run import CHECKPOINT_DIR, LEDGER_FILE, SHARD_DIR, SPEC_FILE
 from hivefold import addressbook
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
+from hivefold.dht import SwarmDHT
 from hivefold.logs import LastError, setup_logging
 from hivefold.model import build_model
 from hivefold.shards import VAL_FILENAME, decode_shard
@@ -60,7 +60,7 @@ class Keeper:
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt.model)
-        self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
+        self.dht = SwarmDHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
                                 announce_maddrs=announce_maddrs or None, start=True)
         self.opt = make_optimizer(self.spec, self.model, self.dht)
         if ckpt is not None and ckpt.optimizer is not None:

@@ -20,6 +20,7 @@ from coordinator.http_status import start_http
 from coordinator.lock import WorkdirLock
 from coordinator.run import SPEC_FILE, open_run
 from coordinator.server import start_server
+from hivefold.dht import SwarmDHT
 from hivefold.signals import install_stop_handlers
 
 log = logging.getLogger("hivefold.coordinator")
@@ -109,7 +110,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         stack.callback(ledger.close)
         ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
         ledger.set_checkpoint_every(config.checkpoint_every)
-        dht = hivemind.DHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
+        dht = SwarmDHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
                            start=True)
         stack.callback(_shutdown_dht, dht)
         install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")

@@ -1,8 +1,9 @@
 """Logging setup: stdlib logging, one line per event, the role in every line.
 
 hivemind logs expected, recoverable events (a departed peer's state cannot be downloaded, a swarm
-member is unreachable for a moment) with full tracebacks; :class:`ExpectedNoise` turns those into
-one warning line, since a user can do nothing about them.
+member is unreachable for a moment) as errors with full tracebacks; :class:`ExpectedNoise` turns
+those into one info line, since a user can do nothing about them. (The keeper still records why a
+download failed: :class:`LastError` sees the original record.)
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ EXPECTED_PREFIXES = ("Failed to download state from", "Failed to load state from
 
 
 class ExpectedNoise(logging.Filter):
-    """Demote hivemind's expected failures to a warning line without traceback."""
+    """Demote hivemind's expected failures to one info line without traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("hivemind") and record.exc_info:
+        if record.name.startswith("hivemind") and record.levelno >= logging.WARNING:
             message = record.getMessage()
             if message.startswith(EXPECTED_PREFIXES):
+                record.msg, record.args = message.splitlines()[0], None
                 record.exc_info, record.exc_text = None, None
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
 

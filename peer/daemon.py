@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
+from hivefold.dht import SwarmDHT
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
 from hivefold.logs import log_to_console
@@ -124,7 +125,7 @@ class Peer:
         self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
-        self.dht = hivemind.DHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
+        self.dht = SwarmDHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
                                 announce_maddrs=list(self.config.dht_announce) or None,
                                 client_mode=self.config.client_mode, start=True)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,

@@ -34,6 +34,12 @@ class Processes:
 
     @staticmethod
     def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's group and every descendant (hivemind's DHT runs in a group of its own)."""
+        for pid in descendants(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -71,6 +77,23 @@ class Processes:
             lines = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
             out.append(f"==== {log.name} (exit {proc.poll()})\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every living descendant of ``root`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float = 0.5, what: str = "condition",

@@ -82,7 +82,7 @@ def test_keeper_checkpoints_a_peer_on_all_interfaces(run):
 def test_last_peer_leaving_cleanly_is_checkpointed(run):
     wait_for(lambda: run.status()["global_step"] >= CHECKPOINT_EVERY + 1, timeout=240, what="training to go on",
              procs=run.procs)
-    run.alice.send_signal(signal.SIGINT)
+    os.killpg(run.alice.pid, signal.SIGINT)  # Ctrl-C in alice's terminal: her whole process group
     assert run.alice.wait(150) == 0, run.procs.tail()
     log = run.alice.log.read_text()
     final, reported = map(int, re.search(r"leaves at step (\d+); the latest checkpoint is at step (\d+)", log).groups())
