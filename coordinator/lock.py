@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,9 @@ from pathlib import Path
 from hivefold.errors import ConfigError
 
 LOCK_FILE = "coordinator.lock"
+KEEPER_EXIT_WAIT_S = 90.0  # a dead coordinator's keeper finishes its final checkpoint (bounded), then exits
+
+log = logging.getLogger(__name__)
 
 
 class WorkdirLock:
@@ -27,16 +31,28 @@ class WorkdirLock:
         self.path = workdir / LOCK_FILE
         self.fd: int | None = None
 
-    def acquire(self, **info) -> "WorkdirLock":
+    def acquire(self, *, wait_for_keeper: float = KEEPER_EXIT_WAIT_S, **info) -> "WorkdirLock":
+        """Take the lock or raise ConfigError naming the holder.
+
+        When the recorded holder is dead, the lock is still held by its keeper, which is taking a
+        final checkpoint and exits by itself: wait up to ``wait_for_keeper`` seconds for it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise ConfigError(f"workdir {self.path.parent} is in use by another coordinator ({holder}); stop that "
-                              "one first, or use another --workdir") from None
+        deadline = time.monotonic() + wait_for_keeper
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                if _alive(holder.get("pid")) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(f"workdir {self.path.parent} is in use by another coordinator "
+                                      f"({_describe(holder)}); stop that one first, or use another --workdir") from None
+                log.info("waiting for the keeper of a stopped coordinator (pid %s) to release %s", holder.get("pid"),
+                         self.path.parent)
+                time.sleep(1.0)
         self.fd = fd
         self.describe(**info)
         return self
@@ -59,10 +75,28 @@ class WorkdirLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(fd: int) -> dict:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return True  # unknown holder: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(info: dict) -> str:
+    if not info:
         return "holder unknown"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
     where = f", serving {info['grpc']}" if info.get("grpc") else ""

@@ -14,7 +14,8 @@ import sys
 import warnings
 
 # Messages of hivemind's that describe a recoverable event: logged as one line, without a traceback.
-EXPECTED_PREFIXES = ("Failed to download state from", "Failed to load state from peers",
+EXPECTED_PREFIXES = ("Task was destroyed but it is pending",  # hivemind's event loops, stopped mid-wait on exit
+                     "Failed to download state from", "Failed to load state from peers",
                      "Averager could not load state from peers", "Averaging step failed: could not find a group",
                      "Attempted to load state from peers, but no peers responded")
 
@@ -23,7 +24,7 @@ class ExpectedNoise(logging.Filter):
     """Demote hivemind's expected failures to one info line without traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("hivemind") and record.levelno >= logging.WARNING:
+        if record.name.startswith(("hivemind", "asyncio")) and record.levelno >= logging.WARNING:
             message = record.getMessage()
             if message.startswith(EXPECTED_PREFIXES):
                 record.msg, record.args = message.splitlines()[0], None

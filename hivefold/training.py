@@ -14,6 +14,7 @@ from functools import partial
 import hivemind
 import numpy as np
 import torch
+from hivemind.optim.grad_averager import GradientAverager
 
 from hivefold.model import GPT
 from hivefold.spec import OptimizerConfig, RunSpec
@@ -40,6 +41,9 @@ def make_optimizer(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
     Must be called from a process's main thread (hivemind installs a signal handler).
     """
     cfg = spec.optimizer
+    # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise);
+    # hivemind 1.1.12 forwards averager_opts to the state averager only, so the gradient averager gets it here.
+    request_timeout = min(3.0, spec.averaging.matchmaking_time / 2)
     return hivemind.Optimizer(
         dht=dht,
         run_id=spec.run_id,
@@ -52,8 +56,8 @@ def make_optimizer(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
         averaging_timeout=spec.averaging.averaging_timeout,
         average_state_every=spec.averaging.average_state_every,
         client_mode=client_mode,
-        # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise).
-        averager_opts=dict(request_timeout=min(3.0, spec.averaging.matchmaking_time / 2)),
+        averager_opts=dict(request_timeout=request_timeout),
+        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
         verbose=verbose,
     )
 
