@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
-from hivefold.spec import model_config_from_name
+from hivefold.spec import AVERAGING_MODES, COMPRESSIONS, model_config_from_name
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,17 @@ class RunOptions:
     matchmaking_time: float | None = None  # hivemind all-reduce group gathering time, seconds (default 3)
     averaging_timeout: float | None = None  # hivemind all-reduce timeout, seconds (default 30)
     average_state_every: int | None = None  # swarm steps between parameter averaging rounds (default 5)
+    averaging: str | None = None  # sync | diloco (default diloco)
+    inner_steps: int | None = None  # diloco: micro-batches the swarm trains per outer round (default 100)
+    outer_lr: float | None = None  # diloco: outer Nesterov learning rate (default 0.7)
+    outer_momentum: float | None = None  # diloco: outer Nesterov momentum (default 0.9)
+    compression: str | None = None  # fp32 | fp16 | int8 values in the all-reduce (default fp32)
 
     DEFAULTS = dict(corpus="stdlib", model="tiny", seq_len=128, micro_batch=16, target_batch_size=256, lr=3e-3,
                     warmup_steps=10, decay_steps=2000, shard_sequences=256, seed=0, data_passes=0,
                     max_corpus_mb=0.0, matchmaking_time=3.0, averaging_timeout=30.0,
-                    average_state_every=5)
+                    average_state_every=5, averaging="diloco", inner_steps=100, outer_lr=0.7, outer_momentum=0.9,
+                    compression="fp32")
 
     HELP = dict(
         corpus="'stdlib', a text file, a directory of text files, or a .jsonl file with a \"text\" field",
@@ -54,11 +60,16 @@ class RunOptions:
         matchmaking_time="seconds peers spend forming an all-reduce group (shorter: less overhead; longer: "
                          "sturdier on slow links)",
         averaging_timeout="seconds before an all-reduce round is abandoned",
-        average_state_every="swarm steps between parameter averaging rounds")
+        average_state_every="sync: swarm steps between parameter averaging rounds",
+        averaging="sync: all-reduce gradients every swarm step (target batch); diloco: each peer trains locally "
+                  "with AdamW, the swarm all-reduces the change every --inner-steps and takes an outer Nesterov step",
+        inner_steps="diloco: micro-batches (of --micro-batch) the whole swarm trains per outer round",
+        outer_lr="diloco: outer Nesterov SGD learning rate", outer_momentum="diloco: outer Nesterov momentum",
+        compression="fp32 | fp16 | int8: values on the wire in each all-reduce")
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch", "target_batch_size", "shard_sequences", "decay_steps",
-                     "average_state_every"):
+                     "average_state_every", "inner_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -66,10 +77,16 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        for name in ("lr", "matchmaking_time", "averaging_timeout"):
+        for name in ("lr", "matchmaking_time", "averaging_timeout", "outer_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name, allowed in (("averaging", AVERAGING_MODES), ("compression", COMPRESSIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.outer_momentum is not None and not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
         if self.seq_len == 1:
             raise ConfigError("--seq-len must be >= 2: each token of a sequence learns to predict the next")
         if self.model is not None:
@@ -151,7 +168,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, typ in (("corpus", str), ("model", str), ("seq_len", int), ("micro_batch", int),
                       ("target_batch_size", int), ("lr", float), ("warmup_steps", int), ("decay_steps", int),
                       ("shard_sequences", int), ("seed", int), ("data_passes", int), ("max_corpus_mb", float),
-                      ("matchmaking_time", float), ("averaging_timeout", float), ("average_state_every", int)):
+                      ("matchmaking_time", float), ("averaging_timeout", float), ("average_state_every", int),
+                      ("averaging", str), ("inner_steps", int), ("outer_lr", float), ("outer_momentum", float),
+                      ("compression", str)):
         # default None: a reopened run keeps its saved value; the help shows what a new run gets.
         g.add_argument("--" + name.replace("_", "-"), type=typ,
                        help=f"{RunOptions.HELP[name]} (default {RunOptions.DEFAULTS[name]})")

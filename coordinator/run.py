@@ -52,6 +52,8 @@ def build_spec(options: RunOptions, workdir: Path) -> RunSpec:
         target_batch_size=o("target_batch_size"), model=model,
         optimizer=OptimizerConfig(lr=o("lr"), warmup_steps=o("warmup_steps"), decay_steps=o("decay_steps")),
         averaging=AveragingConfig(matchmaking_time=o("matchmaking_time"), averaging_timeout=o("averaging_timeout"),
+                                  mode=o("averaging"), inner_steps=o("inner_steps"), outer_lr=o("outer_lr"),
+                                  outer_momentum=o("outer_momentum"), compression=o("compression"),
                                   average_state_every=o("average_state_every")),
         shards=tuple(shards), validation=val, corpus_name=f"{o('corpus')} ({description})",
         data_passes=o("data_passes"),
@@ -68,7 +70,9 @@ def _check_reopen(spec: RunSpec, options: RunOptions) -> None:
         "warmup_steps": spec.optimizer.warmup_steps, "decay_steps": spec.optimizer.decay_steps,
         "seed": spec.seed, "data_passes": spec.data_passes, "matchmaking_time": spec.averaging.matchmaking_time,
         "averaging_timeout": spec.averaging.averaging_timeout,
-        "average_state_every": spec.averaging.average_state_every,
+        "average_state_every": spec.averaging.average_state_every, "averaging": spec.averaging.mode,
+        "inner_steps": spec.averaging.inner_steps, "outer_lr": spec.averaging.outer_lr,
+        "outer_momentum": spec.averaging.outer_momentum, "compression": spec.averaging.compression,
     }
     if options.model is not None:
         wanted = model_config_from_name(options.model, vocab_size=spec.model.vocab_size,

@@ -44,12 +44,23 @@ def group_by_peer(maddrs: Iterable[str]) -> dict[str, list[str]]:
 
 
 def connect(dht: hivemind.DHT, maddrs: Iterable[str], *, timeout: float = CONNECT_TIMEOUT_S) -> int:
-    """Open connections to the members in ``maddrs`` not yet connected; returns how many are connected now."""
+    """Open connections to the members in ``maddrs`` not yet connected; returns how many are connected now.
+
+    Never raises and never blocks much longer than ``timeout``: it runs on the heartbeat thread, which
+    must keep the peer's leases alive whatever the DHT process does (hivemind can lose a coroutine's
+    task, which then never answers, or answers with GeneratorExit).
+    """
     book = group_by_peer(maddrs)
     book.pop(str(dht.peer_id), None)
     if not book:
         return 0
-    return dht.run_coroutine(partial(_connect_all, book, timeout))
+    future = dht.run_coroutine(partial(_connect_all, book, timeout), return_future=True)
+    try:
+        return future.result(timeout=timeout + 5.0)
+    except (Exception, GeneratorExit) as e:  # noqa: BLE001 - see the docstring
+        future.cancel()
+        log.debug("connecting to the swarm's members failed: %r", e)
+        return 0
 
 
 async def _connect_all(book: dict[str, list[str]], timeout: float, _dht, node) -> int:

@@ -83,13 +83,39 @@ class OptimizerConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
+AVERAGING_MODES = ("sync", "diloco")
+COMPRESSIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass(frozen=True)
 class AveragingConfig:
-    """hivemind averaging settings every peer must share."""
+    """How peers combine their work; every peer must share these settings (see ``hivefold.averaging``)."""
 
     matchmaking_time: float = 3.0  # seconds peers wait to gather an all-reduce group
     averaging_timeout: float = 30.0  # give up an all-reduce round after this many seconds
-    average_state_every: int = 5  # swarm steps between parameter averaging (drift correction)
+    average_state_every: int = 5  # sync: swarm steps between parameter averaging (drift correction)
+    # Fields below were added after the first release; at these values they are left out of the canonical
+    # JSON, so the spec (and hash) of a run created before them is unchanged.
+    mode: str = "sync"  # sync: all-reduce gradients every swarm step; diloco: local AdamW, then an outer step
+    inner_steps: int = 100  # diloco: micro-batches (at the spec's micro_batch) the swarm trains per outer round
+    outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate
+    outer_momentum: float = 0.9  # diloco: outer Nesterov momentum
+    compression: str = "fp32"  # values on the wire in the all-reduce: fp32 | fp16 | int8
+
+    def __post_init__(self) -> None:
+        if self.mode not in AVERAGING_MODES:
+            raise ConfigError(f"averaging mode must be one of {', '.join(AVERAGING_MODES)}, got {self.mode!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if self.inner_steps < 1:
+            raise ConfigError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if not self.outer_lr > 0 or not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"outer_lr must be > 0 and outer_momentum in [0, 1), got {self.outer_lr}, "
+                              f"{self.outer_momentum}")
+
+
+_ADDED_LATER = {"averaging": {"mode": "sync", "inner_steps": 100, "outer_lr": 0.7, "outer_momentum": 0.9,
+                              "compression": "fp32"}}
 
 
 @dataclass(frozen=True)
@@ -136,7 +162,17 @@ class RunSpec:
 
     def to_json(self) -> str:
         """Canonical JSON: the bytes that :func:`spec_hash` hashes."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        raw = dataclasses.asdict(self)
+        for section, defaults in _ADDED_LATER.items():
+            for key, value in defaults.items():
+                if raw[section].get(key) == value:
+                    del raw[section][key]
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def round_samples(self) -> int:
+        """diloco: sequences the whole swarm trains per outer round."""
+        return self.averaging.inner_steps * self.micro_batch
 
     @classmethod
     def from_json(cls, text: str) -> "RunSpec":

@@ -29,3 +29,20 @@ def test_expected_hivemind_failures_become_one_info_line_and_last_error_keeps_th
     assert first.getMessage() == "Failed to download state from 12D3Koo - ConnectionError('routing: not found')"
     assert second.levelno == logging.ERROR  # anything unexpected stays as loud as hivemind made it
     assert last.message == "Something else broke"
+
+
+def test_asyncio_leftovers_of_hivemind_loops_are_demoted():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    handler.addFilter(ExpectedNoise())
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        logger.error("Task exception was never retrieved\nfuture: <Task coro=<DecentralizedAverager._step() "
+                     "done, defined at /x/hivemind/averaging/averager.py:421>>")
+        logger.error("Task exception was never retrieved\nfuture: <Task coro=<mine()>>")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.levelno for r in records] == [logging.INFO, logging.ERROR]
+    assert records[0].getMessage() == "Task exception was never retrieved"
