@@ -28,7 +28,8 @@ from hivefold.client import CoordinatorClient  # noqa: E402
 
 CHECKPOINT_EVERY = 3
 RUN_FLAGS = ["--corpus", "stdlib", "--max-corpus-mb", "1", "--model", "tiny", "--seq-len", "64", "--micro-batch", "8",
-             "--target-batch-size", "64", "--shard-sequences", "48", "--checkpoint-every", str(CHECKPOINT_EVERY),
+             "--target-batch-size", "64", "--shard-sequences", "48", "--inner-steps", "20",
+             "--checkpoint-every", str(CHECKPOINT_EVERY),
              "--keeper-poll", "1", "--heartbeat-interval", "2"]
 
 

@@ -28,6 +28,7 @@ CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
 NAME_MAX = 64
 MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
+HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
 
@@ -102,7 +103,10 @@ def _swarm_maddrs(ctx: Context, peer_id: str, now: float) -> list[str]:
 
 def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.LeaseShardResponse:
     peer_id = _auth(request.auth, ctx)
-    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=ctx.config.lease_seconds, now=now)
+    held = list(request.held_lease_ids)
+    if len(held) > HELD_MAX or any(len(h) > 64 for h in held):
+        raise InvalidArgument(f"held_lease_ids: at most {HELD_MAX} lease ids")
+    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=ctx.config.lease_seconds, now=now, held=held)
     if outcome.run_complete:
         return pb.LeaseShardResponse(run_complete=True)
     if outcome.lease is None:
@@ -179,7 +183,8 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         peer_id, epoch=int(request.epoch), samples=int(request.samples_trained),
         recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
-        lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs)
+        lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs,
+        utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0)
     return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
 

@@ -1,8 +1,9 @@
 """The keeper: an auxiliary hivemind peer that follows the swarm, checkpoints it and measures it.
 
 It runs as its own process (``python -m coordinator.keeper``, started by the coordinator) because
-``hivemind.Optimizer`` must be created in a process's main thread. It never trains. Every
-``checkpoint_every`` swarm steps it downloads the swarm's state from the peers, computes the
+hivemind's optimizer must be created in a process's main thread; it follows either averaging mode
+through ``hivefold.averaging``. It never trains. Every
+``checkpoint_every`` swarm steps (outer steps in ``diloco``) it downloads the swarm's state from the peers, computes the
 validation loss on the held-out shard, writes a checkpoint atomically and records both in the
 ledger, with the outcome of every download attempt (``hivefold status`` shows the keeper's health).
 Its own state is shared with newcomers, so a run whose peers all left (or a coordinator reopened
@@ -29,6 +30,7 @@ import torch
 from coordinator.ledger import Ledger
 from coordinator.run import CHECKPOINT_DIR, LEDGER_FILE, SHARD_DIR, SPEC_FILE
 from hivefold import addressbook
+from hivefold.averaging import make_averaging
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
 from hivefold.dht import SwarmDHT
 from hivefold.logs import LastError, setup_logging
@@ -36,7 +38,7 @@ from hivefold.model import build_model
 from hivefold.shards import VAL_FILENAME, decode_shard
 from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec
-from hivefold.training import evaluate, make_optimizer, sync_scheduler
+from hivefold.training import evaluate
 
 log = logging.getLogger("hivefold.keeper")
 
@@ -62,10 +64,9 @@ class Keeper:
             self.model.load_state_dict(ckpt.model)
         self.dht = SwarmDHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
                                 announce_maddrs=announce_maddrs or None, start=True)
-        self.opt = make_optimizer(self.spec, self.model, self.dht)
+        self.averaging = make_averaging(self.spec, self.model, self.dht, trains=False)
         if ckpt is not None and ckpt.optimizer is not None:
-            self.opt.load_state_dict(ckpt.optimizer)
-            sync_scheduler(self.opt)
+            self.averaging.load_state_dict(ckpt.optimizer)
             log.info("resumed from checkpoint at step %d", ckpt.step)
         self.last_step = ckpt.step if ckpt else -1
         self.download_errors = LastError("hivemind.averaging")
@@ -73,7 +74,7 @@ class Keeper:
         self.ledger.set_keeper_maddrs(addressbook.own_maddrs(self.dht))
 
     def evaluate_and_checkpoint(self, reason: str) -> None:
-        step = self.opt.local_epoch
+        step = self.averaging.epoch
         val_loss = evaluate(self.model, self.val)
         now = time.time()
         self.ledger.record_evaluation(step, val_loss, now=now)
@@ -81,7 +82,7 @@ class Keeper:
             return
         path = self.workdir / CHECKPOINT_DIR / checkpoint_filename(step)
         save_checkpoint(path, spec=self.spec, step=step, model=self.model.state_dict(),
-                        optimizer=self.opt.state_dict(), val_loss=val_loss)
+                        optimizer=self.averaging.state_dict(), val_loss=val_loss)
         self.ledger.record_checkpoint(step, str(path.resolve()), val_loss, now=now)
         self.last_step = step
         log.info("checkpoint at step %d (%s): val_loss %.4f -> %s", step, reason, val_loss, path)
@@ -97,19 +98,18 @@ class Keeper:
     def catch_up(self, want_step: int) -> bool:
         """Download the swarm's newest state (one bounded attempt); True if it reached ``want_step``.
 
-        hivemind's ``Optimizer.load_state_from_peers`` retries forever; the keeper must stay responsive
-        to a stop, so it calls the state averager once and records the outcome for ``hivefold status``.
+        The keeper must stay responsive to a stop, so it makes one attempt and records the outcome for
+        ``hivefold status``.
         """
         online = self.ledger.swarm_maddrs(exclude_peer=None, online_seconds=self.online_seconds, now=time.time())
         addressbook.connect(self.dht, online)
         self.download_errors.clear()
         try:
-            self.opt.state_averager.load_state_from_peers(timeout=DOWNLOAD_TIMEOUT_S)
+            self.averaging.load_state_from_peers(timeout=DOWNLOAD_TIMEOUT_S)
         except (TimeoutError, RuntimeError) as e:  # the averager's future timed out or its process failed
             self.download_errors.message = f"{type(e).__name__}: {e}"
-        step = self.opt.local_epoch
+        step = self.averaging.epoch
         if step >= want_step:
-            self.opt.state_averager.state_sharing_priority = step
             self.ledger.record_keeper_download(step=step, error=None, now=time.time())
             return True
         error = self.download_errors.message or f"no peer served a state at step >= {want_step} (got step {step})"
@@ -124,8 +124,8 @@ class Keeper:
             if not parent_alive():
                 log.error("the coordinator that started this keeper is gone; taking a final checkpoint and exiting")
                 break
-            global_step = self.opt.tracker.global_epoch
-            self.ledger.observe_global_step(global_step)
+            # The swarm's step: from hivemind's tracker (sync), and from what peers report to the coordinator.
+            global_step = self.ledger.observe_global_step(self.averaging.global_epoch)
             now = time.time()
             handovers = self.ledger.handovers_wanted(since=now - HANDOVER_WINDOW_S, online_seconds=self.online_seconds,
                                                      now=now)
@@ -139,7 +139,7 @@ class Keeper:
         self.final_checkpoint()
 
     def final_checkpoint(self) -> None:
-        ahead = max(self.opt.tracker.global_epoch, int(self.ledger.get_meta("global_step", "0")))
+        ahead = max(self.averaging.global_epoch, int(self.ledger.get_meta("global_step", "0")))
         if ahead <= self.last_step:
             log.info("final checkpoint: the latest one (step %d) is already the swarm's newest state", self.last_step)
         elif self.catch_up(ahead):
@@ -150,7 +150,7 @@ class Keeper:
 
     def shutdown(self) -> None:
         self.download_errors.close()
-        self.opt.shutdown()
+        self.averaging.shutdown()
         self.dht.shutdown()
         self.ledger.close()
 

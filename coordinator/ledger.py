@@ -134,15 +134,18 @@ MIGRATIONS: list[str] = [
     );
     """,
     # 2: the swarm's address book (dht_maddrs: JSON list of the peer's hivemind multiaddrs) and clean leaves
-    # (left_at: set by Leave, cleared when the peer is heard from again; leaving_epoch: its epoch then).
+    # (left_at: set by Leave, cleared when the peer is heard from again; leaving_epoch: its epoch then);
+    # utilization: the share of its wall time the peer spends computing, from heartbeats.
     # No comments inside the statements: SQLite appends an added column's text to the table's schema.
     """
     ALTER TABLE peers ADD COLUMN dht_maddrs TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE peers ADD COLUMN left_at REAL;
-    ALTER TABLE peers ADD COLUMN leaving_epoch INTEGER
+    ALTER TABLE peers ADD COLUMN leaving_epoch INTEGER;
+    ALTER TABLE peers ADD COLUMN utilization REAL NOT NULL DEFAULT 0
     """,
 ]
 
+MAX_ACTIVE_LEASES = 3  # per peer: the work unit training, one fetched ahead, one whose result awaits its ack
 SWARM_MADDRS_LIMIT = 32  # peers handed out per answer: enough to join the swarm, small at any swarm size
 
 
@@ -295,13 +298,13 @@ class Ledger:
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
                   samples_per_second: float, lease_seconds: float, now: float,
-                  dht_maddrs: list[str] | None = None) -> tuple[list[str], int]:
+                  dht_maddrs: list[str] | None = None, utilization: float = 0.0) -> tuple[list[str], int]:
         """Mark the peer alive, extend its active leases; returns (extended lease ids, global step)."""
         with self._tx() as c:
             _expire(c, now)
             c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
-                      "samples_per_second = ?, left_at = NULL WHERE peer_id = ?",
-                      (now, epoch, samples, recent_loss, samples_per_second, peer_id))
+                      "samples_per_second = ?, utilization = ?, left_at = NULL WHERE peer_id = ?",
+                      (now, epoch, samples, recent_loss, samples_per_second, utilization, peer_id))
             if dht_maddrs is not None:
                 c.execute("UPDATE peers SET dht_maddrs = ? WHERE peer_id = ?", (json.dumps(dht_maddrs), peer_id))
             ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
@@ -358,15 +361,23 @@ class Ledger:
 
     # --- leases -------------------------------------------------------------------------------
 
-    def lease_shard(self, peer_id: str, *, lease_seconds: float, now: float) -> LeaseOutcome:
-        """Lease the next pending shard to ``peer_id`` (or return the lease it already holds)."""
+    def lease_shard(self, peer_id: str, *, lease_seconds: float, now: float, held: list[str] = ()) -> LeaseOutcome:
+        """Lease the next pending shard to ``peer_id``.
+
+        ``held``: the leases the peer knows it holds. An active lease of the peer not among them is from an
+        earlier run of the peer and is handed back to it instead of being stranded; otherwise a peer may hold
+        up to ``MAX_ACTIVE_LEASES`` at once (one training, one fetched ahead, one awaiting its ack).
+        """
         with self._tx() as c:
             _expire(c, now)
-            held = c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
-                             (peer_id, LeaseState.ACTIVE.value)).fetchone()
-            if held is not None:  # a restarted peer gets its lease back instead of stranding it
-                c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + lease_seconds, held[0]))
-                return LeaseOutcome(_get_lease(c, held[0]))
+            active = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ? "
+                                              "ORDER BY issued_at", (peer_id, LeaseState.ACTIVE.value))]
+            orphans = [lease_id for lease_id in active if lease_id not in set(held)]
+            if orphans:
+                c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + lease_seconds, orphans[0]))
+                return LeaseOutcome(_get_lease(c, orphans[0]))
+            if len(active) >= MAX_ACTIVE_LEASES:
+                return LeaseOutcome(None)
             data_pass = int(_meta(c, "data_pass"))
             row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
                             (ShardState.PENDING.value,)).fetchone()
@@ -647,6 +658,7 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
             "shards_done": p["shards_done"], "samples": p["samples"], "credit": round(p["credit"], 3),
             "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],
+            "utilization": p["utilization"],
         })
     samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
     # Training loss: mean over the micro-batches of the latest swarm steps that have any.
@@ -668,6 +680,10 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "peers": peers,
         "peers_online": sum(p["online"] for p in peers),
         "samples_per_second": round(rate, 2),
+        # the swarm's compute utilization: online peers' shares weighted by their throughput
+        "utilization": (round(sum(p["utilization"] * p["samples_per_second"] for p in peers if p["online"]) / rate, 3)
+                        if rate > 0 else None),
+        "averaging": meta.get("averaging"),
         "train_loss": train_loss,
         "train_loss_first": float(first[1]) if first else None,
         "val_loss": evals[-1]["val_loss"] if evals else None,

@@ -110,6 +110,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         stack.callback(ledger.close)
         ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
         ledger.set_checkpoint_every(config.checkpoint_every)
+        ledger.set_meta("averaging", spec.averaging.mode)
         dht = SwarmDHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
                            start=True)
         stack.callback(_shutdown_dht, dht)

@@ -56,9 +56,9 @@ class CoordinatorClient:
         self.auth = pb.PeerAuth(peer_id=resp.peer_id, token=resp.token, spec_hash=resp.spec_hash)
         return resp
 
-    def lease(self) -> pb.LeaseShardResponse:
-        return self._retry(lambda: self.stub.LeaseShard(pb.LeaseShardRequest(auth=self.auth), timeout=RPC_TIMEOUT_S),
-                           "LeaseShard")
+    def lease(self, held: list[str] = ()) -> pb.LeaseShardResponse:
+        request = pb.LeaseShardRequest(auth=self.auth, held_lease_ids=list(held))
+        return self._retry(lambda: self.stub.LeaseShard(request, timeout=RPC_TIMEOUT_S), "LeaseShard")
 
     def submit(self, request: pb.SubmitResultRequest) -> pb.SubmitResultResponse:
         request.auth.CopyFrom(self.auth)

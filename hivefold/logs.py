@@ -28,7 +28,8 @@ class ExpectedNoise(logging.Filter):
             message = record.getMessage()
             # asyncio reports leftovers of hivemind's own event loops: a task pending at exit, a cancelled
             # averaging round that hivemind still tried to complete.
-            hivemind_leftover = record.name == "asyncio" and "hivemind" in message
+            hivemind_leftover = record.name == "asyncio" and ("hivemind" in message or message.startswith(
+                "Task was destroyed but it is pending"))
             if message.startswith(EXPECTED_PREFIXES) or hivemind_leftover:
                 record.msg, record.args = message.splitlines()[0], None
                 record.exc_info, record.exc_text = None, None
@@ -57,6 +58,8 @@ def quiet_expected_warnings() -> None:
     """Warnings that describe what hivefold does on purpose."""
     # hivemind moves the LR schedule to the swarm's epoch when a peer joins or loads state, without an optimizer step.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    # hivemind's 8-bit codec quantizes with a torch function that torch plans to remove; it works today.
+    warnings.filterwarnings("ignore", message=r"torch.quantize_per_tensor", category=UserWarning)
 
 
 def log_to_console(console) -> None:

@@ -66,20 +66,27 @@ def keeper_lines(status: dict) -> list[Text]:
     return lines
 
 
+def percent(x: float | None) -> str:
+    """A share (0 to 1) as a whole percentage; a dash when unknown."""
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
 def render(status: dict, *, clock: str = "") -> Group:
     """The swarm at a glance: a one-line summary, the keeper's health and a row per peer."""
     head = Table.grid(padding=(0, 2))
     head.add_row(
         Text(status["run_id"], style="bold"), clock, Text.assemble("step ", (str(status["global_step"]), "bold")),
         f"shards {status['shards']['done']}/{status['shards']['total']} (pass {status['data_pass']})",
-        f"{status['samples_per_second']:.0f} samples/s",
+        f"{status['samples_per_second']:.0f} samples/s", f"compute {percent(status.get('utilization'))}",
         f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
+        status.get("averaging") or "",
     )
-    peers = Table("peer", "name", "online", "shards", "samples", "samples/s", "loss", "step", box=None)
+    peers = Table("peer", "name", "online", "shards", "samples", "samples/s", "compute", "loss", "step", box=None)
     for p in status["peers"]:
         # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
         peers.add_row(p["peer_id"][:8], Text(p["name"]), "yes" if p["online"] else "no", str(p["shards_done"]),
-                      str(p["samples"]), f"{p['samples_per_second']:.1f}", fmt(p["recent_loss"]), str(p["epoch"]))
+                      str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
+                      fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, *keeper_lines(status), peers)
 
 

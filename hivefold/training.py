@@ -1,20 +1,15 @@
-"""Training pieces shared by peers and the keeper: the hivemind optimizer, LR schedule, evaluation.
-
-Both roles build the optimizer here so that every hivemind setting that must match across the
-swarm (run id, target batch size, averaging timings, the optimizer and schedule) comes from the
-run spec and nowhere else.
+"""Training pieces shared by peers, the keeper and the benchmarks: the inner optimizer and its LR
+schedule, micro-batches, evaluation. Everything that must match across the swarm comes from the run
+spec and nowhere else.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from functools import partial
 
-import hivemind
 import numpy as np
 import torch
-from hivemind.optim.grad_averager import GradientAverager
 
 from hivefold.model import GPT
 from hivefold.spec import OptimizerConfig, RunSpec
@@ -28,47 +23,17 @@ def lr_lambda(step: int, *, cfg: OptimizerConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: GPT, weight_decay: float) -> list[dict]:
+def param_groups(model: GPT, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
-                   verbose: bool = False) -> hivemind.Optimizer:
-    """The swarm's optimizer: accumulates ``target_batch_size`` samples across peers, then steps.
-
-    Must be called from a process's main thread (hivemind installs a signal handler).
-    """
+def inner_optimizer(spec: RunSpec, model: GPT) -> torch.optim.AdamW:
+    """AdamW over the model's parameters (no decay on biases and gains); fused kernels where the device has them."""
     cfg = spec.optimizer
-    # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise);
-    # hivemind 1.1.12 forwards averager_opts to the state averager only, so the gradient averager gets it here.
-    request_timeout = min(3.0, spec.averaging.matchmaking_time / 2)
-    return hivemind.Optimizer(
-        dht=dht,
-        run_id=spec.run_id,
-        params=_param_groups(model, cfg.weight_decay),
-        optimizer=partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas),
-        scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(lr_lambda, cfg=cfg)),
-        batch_size_per_step=spec.micro_batch,
-        target_batch_size=spec.target_batch_size,
-        matchmaking_time=spec.averaging.matchmaking_time,
-        averaging_timeout=spec.averaging.averaging_timeout,
-        average_state_every=spec.averaging.average_state_every,
-        client_mode=client_mode,
-        averager_opts=dict(request_timeout=request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
-        verbose=verbose,
-    )
-
-
-def sync_scheduler(opt: hivemind.Optimizer) -> None:
-    """After ``load_state_dict`` restored ``local_epoch``, move the LR schedule to match it.
-
-    hivemind keeps the schedule in step with the epoch only when it advances or loads from peers.
-    """
-    opt.state_averager._update_scheduler()  # noqa: SLF001 - no public API for this in hivemind 1.1.12
-    opt.state_averager.state_sharing_priority = opt.local_epoch
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def micro_batches(sequences: np.ndarray, micro_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,26 +8,23 @@ finished results wait in ``workdir/outbox`` and are submitted when it is back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import hivemind
 import torch
-from google.protobuf.message import DecodeError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.dht import SwarmDHT
-from hivefold.errors import HivefoldError, IntegrityError
+from hivefold.errors import HivefoldError
 from hivefold.identity import Identity
 from hivefold.logs import log_to_console
 from hivefold.retry import Stopped
@@ -36,56 +33,17 @@ from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
 from peer.device import describe_device, resolve_device
+from peer.outbox import Outbox
+from peer.pipeline import Prefetcher, ShardCache, Submitter
 from peer.trainer import ShardResult, Trainer
 from protos import coordinator_pb2 as pb
 
 log = logging.getLogger("hivefold.peer")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
-CACHE_SHARDS = 64  # shard files kept in workdir/shards
-FETCH_ATTEMPTS = 3  # sha256 mismatches tolerated per lease before handing it back
 SHUTDOWN_TIMEOUT_S = 60.0
 STOP_MESSAGE = "finishing the micro-batch, then leaving"
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
-ERROR_PAUSE_S = 10.0  # after an unexpected answer from the coordinator
-
-
-class Outbox:
-    """Finished results not yet acknowledged by the coordinator, one file per lease."""
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def put(self, request: pb.SubmitResultRequest) -> None:
-        path = self.dir / f"{request.lease_id}.pb"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(request.SerializeToString())
-        os.replace(tmp, path)
-
-    def pending(self) -> list[pb.SubmitResultRequest]:
-        out = []
-        for path in sorted(self.dir.glob("*.pb")):
-            try:
-                out.append(pb.SubmitResultRequest.FromString(path.read_bytes()))
-            except DecodeError:  # a torn or damaged file must not stop the peer
-                log.warning("dropping unreadable outbox entry %s", path.name)
-                path.unlink(missing_ok=True)
-        return out
-
-    def done(self, lease_id: str) -> None:
-        (self.dir / f"{lease_id}.pb").unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        for path in self.dir.glob("*.pb"):
-            path.unlink()
-
-
-def _prune_cache(directory: Path) -> None:
-    """Keep the ``CACHE_SHARDS`` most recently fetched shards: a long run must not fill the volunteer's disk."""
-    files = sorted(directory.glob("*.npy"), key=lambda p: p.stat().st_mtime)
-    for old in files[:-CACHE_SHARDS]:
-        old.unlink(missing_ok=True)
 
 
 class Peer:
@@ -101,6 +59,8 @@ class Peer:
         self.dht: hivemind.DHT | None = None
         self.spec: RunSpec | None = None
         self.shards_done = 0
+        self.current: str | None = None  # the lease being trained
+        self.waited_for_work = 0.0  # seconds the trainer waited for the next work unit
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
 
@@ -154,7 +114,7 @@ class Peer:
             try:
                 resp = self.client.heartbeat(pb.HeartbeatRequest(
                     epoch=self.trainer.epoch, samples_trained=m.samples_total, recent_loss=m.loss,
-                    samples_per_second=m.samples_per_second, dht_maddrs=own))
+                    samples_per_second=m.samples_per_second, dht_maddrs=own, compute_utilization=m.utilization))
                 addressbook.connect(self.dht, resp.swarm_maddrs)
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", describe_rpc_error(e))
@@ -189,29 +149,9 @@ class Peer:
                      resp.detail, resp.credit)
             self.outbox.done(request.lease_id)
 
-    def load_shard(self, work: pb.WorkUnit):
-        cache = self.workdir / "shards" / f"{work.sha256}.npy"
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            if cache.exists():
-                data = cache.read_bytes()
-                if hashlib.sha256(data).hexdigest() == work.sha256:
-                    break
-                cache.unlink()
-            try:
-                data = self.client.fetch_shard(work.lease_id, work.sha256)
-            except IntegrityError as e:
-                log.warning("peer %s shard %d attempt %d/%d: %s; fetching again", self.identity.peer_id,
-                            work.shard_id, attempt, FETCH_ATTEMPTS, e)
-                continue
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, cache)
-            _prune_cache(cache.parent)
-            break
-        else:
-            raise IntegrityError(f"shard {work.shard_id} failed its sha256 check {FETCH_ATTEMPTS} times")
-        return decode_shard(data, sha256=work.sha256, seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
+    def _load(self, cache: ShardCache, work: pb.WorkUnit):
+        return cache.load(work, lambda data: decode_shard(data, sha256=work.sha256, seq_len=self.spec.seq_len,
+                                                          vocab_size=self.spec.model.vocab_size))
 
     def _train(self, work: pb.WorkUnit, sequences, progress: Progress | None) -> ShardResult:
         task = None
@@ -219,7 +159,7 @@ class Peer:
             task = progress.add_task(f"shard {work.shard_id}", total=len(sequences), loss=float("nan"),
                                      step=self.trainer.global_step, rate=0.0)
 
-        def on_batch(n: int, loss: float) -> None:
+        def on_batch(n: int) -> None:
             if progress is not None:
                 progress.update(task, advance=n, loss=self.trainer.meter.loss, step=self.trainer.global_step,
                                 rate=self.trainer.meter.samples_per_second)
@@ -231,39 +171,41 @@ class Peer:
                 progress.remove_task(task)
 
     def work_loop(self, progress: Progress | None) -> None:
-        while not self.stop.is_set():
-            try:
-                if not self.work_once(progress):
+        """Train shard after shard; the next one is leased and fetched meanwhile, results are sent behind."""
+        cache = ShardCache(self.workdir / "shards", lambda work: self.client.fetch_shard(work.lease_id, work.sha256))
+        prefetch = Prefetcher(lease=lambda held: self._authed(lambda: self.client.lease(held)),
+                              load=lambda work: self._load(cache, work), release=self._release,
+                              held=self._held_ids, stop=self.stop)
+        submitter = Submitter(self.flush_outbox, self.stop)
+        try:
+            while not self.stop.is_set():
+                if self.config.max_shards and self.shards_done >= self.config.max_shards:
+                    log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
                     break
-            except grpc.RpcError as e:
-                # Transient codes were already retried; anything else is logged and tried again later,
-                # so one bad answer does not end a volunteer's daemon.
-                log.error("peer %s: coordinator answered %s; trying again in %.0fs", self.identity.peer_id,
-                          describe_rpc_error(e), ERROR_PAUSE_S)
-                self.stop.wait(ERROR_PAUSE_S)
+                t0 = time.monotonic()
+                item = prefetch.next()
+                self.waited_for_work += time.monotonic() - t0
+                if item is None:
+                    if not self.stop.is_set():
+                        log.info("the run is complete; peer %s leaves", self.identity.peer_id)
+                    break
+                work, sequences = item
+                self.current = work.lease_id
+                if not self.train_one(work, sequences, progress):
+                    break
+                self.current = None
+                submitter.kick()
+        finally:
+            submitter.close()
+            prefetch.close()
         self.flush_outbox_once()
 
-    def work_once(self, progress: Progress | None) -> bool:
-        """One lease → fetch → train → submit cycle; False when the peer should leave."""
-        self.flush_outbox()
-        if self.config.max_shards and self.shards_done >= self.config.max_shards:
-            log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
-            return False
-        resp = self._authed(self.client.lease)
-        if resp.run_complete:
-            log.info("the run is complete; peer %s leaves", self.identity.peer_id)
-            return False
-        if not resp.HasField("work"):
-            self.stop.wait(resp.retry_after_s or 5.0)
-            return True
-        work = resp.work
-        try:
-            sequences = self.load_shard(work)
-        except IntegrityError as e:
-            log.error("peer %s shard %d: %s; handing the lease back", self.identity.peer_id, work.shard_id, e)
-            self._release(work, f"integrity: {e}")
-            self.stop.wait(5.0)
-            return True
+    def _held_ids(self) -> list[str]:
+        """Leases this peer still holds: the one training and those whose results wait in the outbox."""
+        return ([self.current] if self.current else []) + [r.lease_id for r in self.outbox.pending()]
+
+    def train_one(self, work: pb.WorkUnit, sequences, progress: Progress | None) -> bool:
+        """Train one work unit and put its result in the outbox; False when the peer stopped meanwhile."""
         log.info("peer %s training shard %d (lease %s, %d sequences) at step %d", self.identity.peer_id,
                  work.shard_id, work.lease_id, len(sequences), self.trainer.global_step)
         result = self._train(work, sequences, progress)
@@ -302,6 +244,7 @@ class Peer:
 
     def leave(self, reason: str) -> None:
         """Tell the coordinator we are gone; stay in the swarm while the keeper still needs our state."""
+        self.trainer.averaging.settle()
         deadline = time.monotonic() + HANDOVER_WAIT_S
         try:
             with self._quick_client() as client:

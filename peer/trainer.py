@@ -1,8 +1,10 @@
-"""The peer's trainer: the model, the swarm's hivemind optimizer, and training one shard.
+"""The peer's trainer: the model, the run's averaging mode, and training one shard fast.
 
-Every micro-batch runs forward and backward and calls ``hivemind.Optimizer.step()``, which adds
-the gradients to the swarm's running count; when the swarm reaches the run's target batch size,
-peers all-reduce their gradients and take one optimizer step together (the swarm's global step).
+Per micro-batch: forward and backward (bf16 autocast on CUDA), then the averaging mode's step
+(``sync``: gradients are summed locally for ``step_interval`` seconds per hivemind step call;
+``diloco``: one inner AdamW step). The device path never waits on the host: inputs go through
+pinned memory with non-blocking copies on CUDA, and losses stay on the device until the shard is
+done, when they are read back once.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import hivemind
 import numpy as np
 import torch
 
+from hivefold.averaging import make_averaging
 from hivefold.checkpoint import load_checkpoint
 from hivefold.model import build_model
 from hivefold.spec import RunSpec
-from hivefold.training import autocast, make_optimizer, micro_batches, sync_scheduler
+from hivefold.training import autocast
 
 log = logging.getLogger("hivefold.peer")
 
@@ -30,7 +33,7 @@ EMA = 0.1  # smoothing of the reported loss and throughput
 @dataclass
 class ShardResult:
     samples: int = 0
-    losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, hivemind epoch) per micro-batch
+    losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, swarm step) per micro-batch
     compute_seconds: float = 0.0
     interrupted: bool = False
 
@@ -42,6 +45,8 @@ class Meter:
     samples_total: int = 0
     loss: float = 0.0
     samples_per_second: float = 0.0
+    busy_seconds: float = 0.0  # in forward, backward and the optimizer; not waiting for the network or coordinator
+    started: float = field(default_factory=time.monotonic)
 
     def update(self, samples: int, seconds: float) -> None:
         self.samples_total += samples
@@ -49,6 +54,11 @@ class Meter:
 
     def update_loss(self, loss: float) -> None:
         self.loss = _ema(self.loss, loss)
+
+    @property
+    def utilization(self) -> float:
+        """Share of wall time since the peer started training spent computing."""
+        return min(1.0, self.busy_seconds / max(time.monotonic() - self.started, 1e-9))
 
 
 def _ema(old: float, new: float) -> float:
@@ -61,23 +71,24 @@ class Trainer:
                  step_interval: float = 1.0):
         self.spec, self.device, self.step_interval = spec, device, step_interval
         self.model = build_model(spec.model, spec.seed).to(device)
-        self.opt = make_optimizer(spec, self.model, dht, client_mode=client_mode)
+        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode)
         self.meter = Meter()
-        log.info("model: %.2fM parameters on %s", self.model.num_parameters() / 1e6, device)
+        self.diloco = spec.averaging.mode == "diloco"
+        log.info("model: %.2fM parameters on %s, %s averaging", self.model.num_parameters() / 1e6, device,
+                 spec.averaging.mode)
 
     @property
     def epoch(self) -> int:
-        return self.opt.local_epoch
+        return self.averaging.epoch
 
     @property
     def global_step(self) -> int:
-        return max(self.opt.tracker.global_epoch, self.opt.local_epoch)
+        return self.averaging.global_epoch
 
-    def load_swarm_state(self, fetch_checkpoint) -> str:
+    def load_swarm_state(self, fetch_checkpoint, timeout: float = 60.0) -> str:
         """Join at the swarm's current state: from peers, else the coordinator's checkpoint, else the init."""
-        self.opt.load_state_from_peers()
-        if self.opt.local_epoch > 0:
-            return f"peers (step {self.opt.local_epoch})"
+        if self.averaging.load_state_from_peers(timeout=timeout):
+            return f"peers (step {self.epoch})"
         path: Path | None = fetch_checkpoint()
         if path is None:
             return "the run's initial weights"
@@ -87,55 +98,56 @@ class Trainer:
             return "the run's initial weights"
         self.model.load_state_dict(ckpt.model)
         if ckpt.optimizer is not None:
-            self.opt.load_state_dict(ckpt.optimizer)
-            sync_scheduler(self.opt)
+            self.averaging.load_state_dict(ckpt.optimizer)
         return f"the coordinator's checkpoint (step {ckpt.step})"
 
     def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None) -> ShardResult:
-        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set.
-
-        Gradients of consecutive micro-batches are summed locally for ``step_interval`` seconds before
-        one ``hivemind.Optimizer.step()``: each step call publishes progress to the DHT, and doing that
-        for every micro-batch costs a small CPU a noticeable share of its time.
-        """
+        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set."""
         result = ShardResult()
         self.model.train()
+        mb = self.spec.micro_batch
+        data = torch.from_numpy(sequences.astype(np.int64))
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            data = data.pin_memory()
+        losses: list[torch.Tensor] = []
+        epochs: list[int] = []
         pending, window_start = 0, time.perf_counter()
-        batches = list(micro_batches(sequences, self.spec.micro_batch))
-        for i, (inputs, targets) in enumerate(batches):
+        starts = range(0, len(data), mb)
+        for i, start in enumerate(starts):
             if stop.is_set():
                 result.interrupted = True
                 break
             t0 = time.perf_counter()
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            block = data[start:start + mb].to(self.device, non_blocking=cuda)
             with autocast(self.device):
-                _, loss = self.model(inputs, targets)
-            (loss * len(inputs)).backward()  # summed here, divided by the sample count at the step
-            value = float(loss.detach())
-            result.compute_seconds += time.perf_counter() - t0
-            result.samples += len(inputs)
-            result.losses.append((value, self.opt.local_epoch))
-            pending += len(inputs)
-            last = i == len(batches) - 1
-            if last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
-                self._step(pending)
-                elapsed = time.perf_counter() - window_start
-                self.meter.update(pending, elapsed)
+                _, loss = self.model(block[:, :-1], block[:, 1:])
+            (loss * len(block)).backward()  # summed here, divided by the sample count at the step
+            losses.append(loss.detach())
+            epochs.append(self.averaging.epoch)
+            result.samples += len(block)
+            pending += len(block)
+            busy = time.perf_counter() - t0
+            last = i == len(starts) - 1
+            if self.diloco or last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
+                t1 = time.perf_counter()
+                waited = self.averaging.stats().get("wait_seconds", 0.0)
+                self.averaging.step(pending)
+                if self.diloco:  # the inner step is compute; a wait for a slow all-reduce is not
+                    busy += time.perf_counter() - t1 - (self.averaging.stats()["wait_seconds"] - waited)
+                self.meter.update(pending, time.perf_counter() - window_start)
                 pending, window_start = 0, time.perf_counter()
-            self.meter.update_loss(value)
+            result.compute_seconds += busy
+            self.meter.busy_seconds += busy
             if on_batch is not None:
-                on_batch(len(inputs), value)
+                on_batch(len(block))
+        t0 = time.perf_counter()
+        values = torch.stack(losses).float().tolist() if losses else []  # one device-to-host sync per shard
+        self.meter.busy_seconds += time.perf_counter() - t0  # queued device work finishing
+        result.losses = list(zip(values, epochs, strict=True))
+        for value in values[-8:]:
+            self.meter.update_loss(value)
         return result
 
-    def _step(self, samples: int) -> None:
-        """Turn the summed gradients into a mean over ``samples``, clip, and hand them to the swarm."""
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.div_(samples)
-        if self.spec.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
-        self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
-        self.opt.zero_grad()
-
     def shutdown(self) -> None:
-        self.opt.shutdown()
+        self.averaging.shutdown()

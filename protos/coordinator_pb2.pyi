@@ -71,10 +71,12 @@ class RegisterResponse(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
-    __slots__ = ("auth",)
+    __slots__ = ("auth", "held_lease_ids")
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    HELD_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ...) -> None: ...
+    held_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., held_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkUnit(_message.Message):
     __slots__ = ("shard_id", "lease_id", "deadline", "byte_size", "sha256", "num_sequences", "data_pass")
@@ -171,20 +173,22 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs")
+    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
     RECENT_LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     epoch: int
     samples_trained: int
     recent_loss: float
     samples_per_second: float
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    compute_utilization: float
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("extended_lease_ids", "global_step", "swarm_maddrs")

@@ -1,4 +1,4 @@
-"""A real swarm on loopback: a coordinator (with its keeper) and two peer processes training together.
+"""A real sync-mode swarm on loopback: a coordinator (with its keeper) and two peer processes training together.
 
 The tests in this module share one swarm and run in order: first it trains to global step 3 and the
 run's bookkeeping is checked, then one peer is killed with SIGKILL mid-shard and the other must pick
@@ -23,9 +23,11 @@ from tests.conftest import REPO, Processes, wait_for
 pytestmark = pytest.mark.integration
 
 LEASE_SECONDS = 8
+# The default averaging mode (diloco), rounds of 20 micro-batches; this module's swarm runs sync instead.
 RUN_FLAGS = ["--corpus", "stdlib", "--max-corpus-mb", "1", "--model", "tiny", "--seq-len", "64", "--micro-batch", "8",
              "--target-batch-size", "64", "--shard-sequences", "48", "--matchmaking-time", "1",
-             "--averaging-timeout", "15", "--warmup-steps", "2", "--lr", "3e-3"]
+             "--averaging-timeout", "15", "--warmup-steps", "2", "--lr", "3e-3", "--inner-steps", "20"]
+SYNC_FLAGS = [*RUN_FLAGS, "--averaging", "sync"]
 
 
 class Swarm:
@@ -35,7 +37,7 @@ class Swarm:
         self.coordinator = procs.start(
             "coordinator", "coordinator", "--workdir", str(self.workdir), "--listen", "127.0.0.1:0", "--http",
             "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--lease-seconds", str(LEASE_SECONDS),
-            "--heartbeat-interval", "2", "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
+            "--heartbeat-interval", "2", "--checkpoint-every", "2", "--keeper-poll", "1", *SYNC_FLAGS)
         endpoints = wait_for(lambda: self._endpoints(), timeout=180, what="the coordinator to serve", procs=procs)
         self.address = endpoints["grpc"]
         self.http = endpoints["http"]
@@ -156,26 +158,30 @@ def test_killed_peer_loses_its_lease_and_the_other_trains_the_shard(swarm):
     assert {p["name"]: p["online"] for p in status["peers"]} == {"alice": False, "bob": True}
 
 
-def test_ctrl_c_hands_the_lease_back_and_leaves(swarm):
+def test_ctrl_c_hands_the_lease_and_the_prefetched_one_back_and_leaves(swarm):
     """SIGINT (Ctrl-C) after the peer joined: hivemind sets SIGINT to SIG_IGN when its averagers start, and the
-    peer must take it back, finish the micro-batch, release its lease and exit cleanly."""
+    peer must take it back, finish the micro-batch, release its lease and the one it fetched ahead, and exit."""
     bob = swarm.peers["bob"]
     bob_id = peer_ids(swarm.status())["bob"]
 
-    def active_lease():
+    def active_leases():
         with swarm.db() as db:
-            row = db.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = 'active'",
-                             (bob_id,)).fetchone()
-        return row[0] if row else None
+            rows = db.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = 'active'",
+                              (bob_id,)).fetchall()
+        return [r[0] for r in rows] if len(rows) >= 2 else None  # one training, one fetched ahead
 
-    lease_id = wait_for(active_lease, timeout=60, interval=0.2, what="bob to hold a lease", procs=swarm.procs)
+    held = wait_for(active_leases, timeout=60, interval=0.1, what="bob to train and hold a prefetched lease",
+                    procs=swarm.procs)
     bob.send_signal(signal.SIGINT)
     assert bob.wait(90) == 0, swarm.procs.tail()
     log = bob.log.read_text()
     assert "received SIGINT" in log and "left the swarm" in log
     with swarm.db() as db:
         # Handed back, or (if the signal came after the shard's last micro-batch) submitted: never left to expire.
-        state = db.execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()[0]
+        states = dict(db.execute(f"SELECT lease_id, state FROM leases WHERE lease_id IN ({','.join('?' * len(held))})",
+                                 held).fetchall())
+        reasons = [r[0] for r in db.execute("SELECT close_reason FROM leases WHERE peer_id = ?", (bob_id,))]
         active = db.execute("SELECT COUNT(*) FROM leases WHERE peer_id = ? AND state = 'active'",
                             (bob_id,)).fetchone()[0]
-    assert state in ("released", "completed") and active == 0, state
+    assert set(states.values()) <= {"released", "completed"} and active == 0, states
+    assert "peer stopping (prefetched)" in reasons, reasons

@@ -336,3 +336,16 @@ def test_keeper_recording_refuses_nonsense(ledger):
     ledger.set_checkpoint_every(3)
     ledger.set_checkpoint_every(4)  # a restart with another --checkpoint-every replaces it
     assert keeper(ledger)["checkpoint_every"] == 4
+
+
+def test_a_peer_may_lease_ahead_and_a_restarted_peer_gets_its_orphans_back(ledger):
+    a = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0).lease
+    b = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id]).lease
+    c = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id, b.lease_id]).lease
+    assert len({a.shard_id, b.shard_id, c.shard_id}) == 3
+    full = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id, b.lease_id, c.lease_id])
+    assert full.lease is None and not full.run_complete  # at most MAX_ACTIVE_LEASES at once
+    # a restarted peer knows none of them: it gets the oldest back, not a fourth shard
+    again = ledger.lease_shard("a", lease_seconds=LEASE_S, now=2.0, held=[])
+    assert again.lease.lease_id == a.lease_id
+    assert ledger.lease_shard("a", lease_seconds=LEASE_S, now=2.0, held=[a.lease_id]).lease.lease_id == b.lease_id

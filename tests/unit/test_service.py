@@ -24,6 +24,7 @@ from hivefold.shards import shard_filename
 from hivefold.spec import verify_spec
 from peer.config import PeerConfig
 from peer.daemon import Peer
+from peer.pipeline import ShardCache
 from protos import coordinator_pb2 as pb
 
 FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -130,21 +131,22 @@ def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_pat
     peer = Peer(PeerConfig(coordinator=address, workdir=tmp_path, device="cpu"), stop)
     peer.client.register(peer.identity, name="fetcher", device=pb.DeviceReport(kind="cpu"))
     peer.spec = ctx.spec
+    cache = ShardCache(tmp_path / "shards", lambda w: peer.client.fetch_shard(w.lease_id, w.sha256))
     work = peer.client.lease().work
     path = ctx.workdir / SHARD_DIR / shard_filename(work.shard_id)
     good = path.read_bytes()
     try:
         path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
         with pytest.raises(IntegrityError, match="failed its sha256 check 3 times"):
-            peer.load_shard(work)
+            peer._load(cache, work)
     finally:
         path.write_bytes(good)
-    sequences = peer.load_shard(work)
+    sequences = peer._load(cache, work)
     assert sequences.shape == (work.num_sequences, ctx.spec.seq_len + 1)
-    cache = tmp_path / "shards" / f"{work.sha256}.npy"
-    assert cache.read_bytes() == good
-    cache.write_bytes(b"damaged cache")  # a damaged cache is detected and fetched again
-    assert (peer.load_shard(work) == sequences).all() and cache.read_bytes() == good
+    cached = tmp_path / "shards" / f"{work.sha256}.npy"
+    assert cached.read_bytes() == good
+    cached.write_bytes(b"damaged cache")  # a damaged cache is detected and fetched again
+    assert (peer._load(cache, work) == sequences).all() and cached.read_bytes() == good
     assert peer.client.release(work.lease_id, "test done")
     peer.client.close()
 

@@ -1,0 +1,32 @@
+"""How peers combine their work, one module per mode behind one small interface.
+
+``make_averaging(spec, model, dht, trains=...)`` returns the run's mode; peers (``trains=True``)
+and the keeper (``trains=False``: follows the swarm and serves its state, never trains) both use:
+
+- ``step(samples)``: after ``backward()`` on gradients summed over ``samples`` sequences;
+- ``epoch`` (this member's swarm step) and ``global_epoch`` (the swarm's, as far as it knows);
+- ``load_state_from_peers(timeout) -> bool``: one bounded attempt to take the newest state;
+- ``state_dict()`` / ``load_state_dict()``: what a checkpoint holds besides the model;
+- ``settle()`` (land work in flight before leaving), ``stats()`` and ``shutdown()``.
+
+``sync`` (``sync.py``): hivemind's Optimizer, gradients all-reduced every swarm step.
+``diloco`` (``diloco.py``): local AdamW, an overlapped outer Nesterov step every round.
+"""
+
+from __future__ import annotations
+
+import hivemind
+
+from hivefold.model import GPT
+from hivefold.spec import RunSpec
+
+
+def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True):
+    """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that)."""
+    if spec.averaging.mode == "diloco":
+        from hivefold.averaging.diloco import DiLoCo
+
+        return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains)
+    from hivefold.averaging.sync import SyncAveraging
+
+    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains)

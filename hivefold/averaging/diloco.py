@@ -1,0 +1,282 @@
+"""DiLoCo: each peer trains alone with AdamW; every round the swarm averages how far it moved.
+
+A round ends when the swarm has trained ``spec.round_samples`` sequences (hivemind's
+``ProgressTracker`` counts them across peers, so a fast peer simply takes more inner steps). Each
+peer then puts its pseudo-gradient ``global - local`` into a ``DecentralizedAverager``, which
+all-reduces it (weighted by the peer's samples, compressed as the spec says), and every peer applies
+the same outer Nesterov step to the same global parameters (see ``outer.py``).
+
+The all-reduce never stalls the device: it runs in the background while the next round's inner
+steps go on, and its outer update lands one round late (the eager / streaming variants of DiLoCo):
+``local = new_global + (local - local_when_sent)`` keeps the steps taken meanwhile. A peer waits
+only when the network is slower than a whole round.
+
+The outer state (global parameters, momentum, outer step) is what newcomers and the keeper
+download; it is served by the same averager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
+from hivemind.compression import NoCompression
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from hivefold.averaging.outer import compression, nesterov_outer_step
+from hivefold.model import GPT
+from hivefold.spec import RunSpec
+from hivefold.training import inner_optimizer, lr_lambda
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
+
+
+class _OuterStateAverager(DecentralizedAverager):
+    """A ``DecentralizedAverager`` that shares the DiLoCo outer state instead of its averaged tensors."""
+
+    def __init__(self, *args, state_fn, **kwargs):
+        self._state_fn = state_fn
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._state_fn()
+        return metadata, tensors, None
+
+
+@dataclass
+class _Round:
+    """An outer round whose all-reduce is still in flight."""
+
+    epoch: int  # the outer step this round produces, minus one
+    control: StepControl | None  # None: nobody to average with, the peer's own update applies at once
+    sent_local: list[torch.Tensor]  # the local parameters when the pseudo-gradient was taken (on the device)
+    own: list[torch.Tensor]  # this peer's pseudo-gradient: applied alone if no group forms
+    started: float
+
+
+class DiLoCo:
+    """The ``diloco`` averaging mode (see ``hivefold.averaging``).
+
+    ``epoch`` counts outer steps applied to the global parameters; ``trains=False`` (the keeper)
+    follows and serves the outer state without taking part in rounds.
+    """
+
+    def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
+                 trains: bool = True):
+        self.spec, self.model, self.trains, self.client_mode = spec, model, trains, client_mode
+        a = spec.averaging
+        self.params = list(model.parameters())
+        self.global_params = [p.detach().float().cpu().clone() for p in self.params]
+        self.momentum = [torch.zeros_like(g) for g in self.global_params]
+        self.epoch = 0  # outer steps applied to global_params
+        self.samples_in_round = 0
+        self.inner_steps_in_round = 0
+        self.rounds_ok = self.rounds_alone = 0
+        self.last_round_seconds = 0.0  # how long the latest all-reduce took, matchmaking included
+        self.wait_seconds = 0.0  # time the device waited for an all-reduce (the network was slower than a round)
+        self._lock = threading.Lock()  # the outer state is read by the averager's state-sharing thread
+        self._pending: _Round | None = None
+        self.inner = inner_optimizer(spec, model) if trains else None
+        self._set_lr()
+        self.averager = _OuterStateAverager(
+            averaged_tensors=[torch.zeros_like(g) for g in self.global_params], dht=dht, start=True,
+            prefix=f"{spec.run_id}_diloco", state_fn=self._shared_state, min_matchmaking_time=a.matchmaking_time,
+            request_timeout=min(3.0, a.matchmaking_time / 2), allreduce_timeout=a.averaging_timeout,
+            compression=compression(a.compression), state_compression=NoCompression(), client_mode=client_mode,
+            declare_state_period=10.0)
+        # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
+        # never counts as a peer that might average.
+        self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
+                                       start=True, min_refresh_period=0.2, max_refresh_period=2.0) if trains else None
+
+    # --- the interface shared with sync ----------------------------------------------------------
+
+    @property
+    def global_epoch(self) -> int:
+        """The swarm's outer step as far as this member knows (a round in flight counts as not yet applied)."""
+        return max(self.epoch, self.tracker.global_epoch - 1) if self.tracker else self.epoch
+
+    def step(self, samples: int) -> None:
+        """One inner step on gradients summed over ``samples`` sequences; starts or lands outer rounds."""
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.div_(samples)
+        if self.spec.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.optimizer.grad_clip)
+        self.inner.step()
+        self.inner.zero_grad(set_to_none=True)
+        self.samples_in_round += samples
+        self.inner_steps_in_round += 1
+        self._set_lr()
+        self.tracker.report_local_progress(self._round_index, self.samples_in_round)
+        if self._pending is not None and self._pending.control.done():
+            self._land_round()
+        if self.tracker.ready_to_update_epoch:
+            self._start_round()
+
+    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+        """Download the outer state from the member with the newest one; True if it moved this one forward.
+
+        While a round is in flight elsewhere the newest state is about to change: a state taken then
+        would miss that round's update forever, so it retries until the state matches the swarm's step.
+        """
+        if self._pending is not None:
+            self._land_round(block=True)
+        for attempt in range(CATCH_UP_TRIES):
+            loaded = self.averager.load_state_from_peers(timeout=timeout)
+            if loaded is None:
+                return False
+            metadata, tensors = loaded
+            epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+            n = len(self.global_params)
+            if not isinstance(epoch, int) or len(tensors) != 2 * n or any(
+                    t.shape != g.shape for t, g in zip(tensors, self.global_params + self.momentum, strict=True)):
+                log.warning("ignoring a malformed outer state from a peer")
+                return False
+            if self.tracker and epoch + 1 < self.tracker.global_epoch and attempt + 1 < CATCH_UP_TRIES:
+                time.sleep(1.0)  # a round is in flight: take the state once it has landed
+                continue
+            if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0):
+                return False
+            self._install(epoch, tensors[:n], tensors[n:])
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        """The outer state for a checkpoint (the model's own parameters are the global ones there)."""
+        with self._lock:
+            return {"mode": "diloco", "epoch": self.epoch, "momentum": [m.clone() for m in self.momentum]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a checkpoint: ``model`` already holds the checkpoint's (global) parameters."""
+        if state.get("mode") != "diloco":
+            raise ValueError("the checkpoint was written by another averaging mode")
+        self._install(int(state["epoch"]), [p.detach().float().cpu() for p in self.params], state["momentum"])
+
+    def settle(self) -> None:
+        """Land the round in flight, so the state this peer shares (say, to the keeper as it leaves) includes it."""
+        if self._pending is not None:
+            self._land_round(block=True)
+
+    def shutdown(self) -> None:
+        if self._pending is not None and self._pending.control is not None:
+            self._pending.control.cancel()
+        if self.tracker:
+            self.tracker.shutdown()
+        self.averager.shutdown()
+
+    def stats(self) -> dict:
+        return {"rounds_ok": self.rounds_ok, "rounds_alone": self.rounds_alone, "wait_seconds": self.wait_seconds,
+                "last_round_seconds": self.last_round_seconds}
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    @property
+    def _round_index(self) -> int:
+        """The tracker's epoch: rounds started (one more than applied while a round is in flight)."""
+        return self.epoch + (self._pending is not None)
+
+    def _start_round(self) -> None:
+        if self._pending is not None:  # the previous all-reduce is slower than a whole round: wait for it
+            t0 = time.perf_counter()
+            self._land_round(block=True)
+            self.wait_seconds += time.perf_counter() - t0
+        if self.tracker.global_epoch > self.epoch + 1:
+            log.info("this peer is behind the swarm (outer step %d < %d); loading its state", self.epoch,
+                     self.tracker.global_epoch)
+            self.load_state_from_peers(timeout=self.spec.averaging.averaging_timeout)
+        samples = self.samples_in_round
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.epoch + 1)
+        self.samples_in_round = self.inner_steps_in_round = 0
+        if samples == 0:  # nothing to contribute (joined at the end of a round): take the others' update later
+            return
+        with torch.no_grad():
+            sent_local = [p.detach().clone() for p in self.params]
+            with self.averager.get_tensors() as buffers:
+                for buf, g, p in zip(buffers, self.global_params, sent_local, strict=True):
+                    torch.sub(g, p.float().cpu(), out=buf)
+                own = [buf.clone() for buf in buffers]
+        a = self.spec.averaging
+        if self.tracker.global_progress.num_peers <= 1:  # nobody to average with: no matchmaking to wait for
+            control = None
+        else:
+            # A group forms within the matchmaking window or not at all; the all-reduce has its own timeout.
+            control = self.averager.step(gather=self.epoch, weight=float(samples), wait=False,
+                                         timeout=2 * a.matchmaking_time + 2 * a.averaging_timeout)
+        self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter())
+        if control is None:
+            self._land_round()
+
+    def _land_round(self, block: bool = False) -> None:
+        r = self._pending
+        try:
+            gathered = r.control.result(timeout=None if block else 0) if r.control else None
+        except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
+            log.debug("outer round %d failed: %r", r.epoch, e)
+            gathered = None
+        if gathered:
+            with self.averager.get_tensors() as buffers:
+                update = [b.clone() for b in buffers]
+            self.rounds_ok += 1
+        else:
+            if r.control is not None:
+                log.warning("outer round %d: no group formed; this peer applies its own update", r.epoch)
+            update = r.own
+            self.rounds_alone += 1
+        self.last_round_seconds = time.perf_counter() - r.started
+        a = self.spec.averaging
+        with self._lock, torch.no_grad():
+            nesterov_outer_step(self.global_params, self.momentum, update, lr=a.outer_lr, mu=a.outer_momentum)
+            self.epoch = r.epoch + 1
+            # Keep the inner steps taken since the pseudo-gradient was sent, on top of the new global parameters.
+            for p, g, sent in zip(self.params, self.global_params, r.sent_local, strict=True):
+                p.sub_(sent).add_(g.to(device=p.device, dtype=p.dtype))
+        self._pending = None
+        self._share_priority()
+        if r.control is not None:
+            log.info("outer step %d: %d peers, %.1fs for the all-reduce", self.epoch, len(gathered or {}) or 1,
+                     self.last_round_seconds)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _install(self, epoch: int, global_params, momentum) -> None:
+        with self._lock, torch.no_grad():
+            for dst, src in zip(self.global_params, global_params, strict=True):
+                dst.copy_(src)
+            for dst, src in zip(self.momentum, momentum, strict=True):
+                dst.copy_(src)
+            for p, g in zip(self.params, self.global_params, strict=True):
+                p.copy_(g.to(device=p.device, dtype=p.dtype))
+            self.epoch = epoch
+        self.samples_in_round = self.inner_steps_in_round = 0
+        if self.tracker:
+            with self.tracker.pause_updates():
+                self.tracker.update_epoch(epoch)
+        self._set_lr()
+        self._share_priority()
+
+    def _shared_state(self):
+        with self._lock:
+            return {"epoch": self.epoch}, [g.clone() for g in self.global_params] + [m.clone() for m in self.momentum]
+
+    def _share_priority(self) -> None:
+        if not self.client_mode:
+            self.averager.state_sharing_priority = self.epoch
+
+    def _set_lr(self) -> None:
+        """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's."""
+        if self.inner is None:
+            return
+        step = self.epoch * self.spec.averaging.inner_steps + self.inner_steps_in_round
+        lr = self.spec.optimizer.lr * lr_lambda(step, cfg=self.spec.optimizer)
+        for group in self.inner.param_groups:
+            group["lr"] = lr

@@ -1,0 +1,86 @@
+"""The ``sync`` averaging mode: hivemind's Optimizer, gradients all-reduced every swarm step.
+
+Peers accumulate gradients until the swarm has ``target_batch_size`` samples, all-reduce them and
+take one AdamW step together. Every step is a matchmaking and all-reduce round, so the device idles
+between rounds unless the target batch is large; prefer ``diloco`` unless the model is tiny and the
+links are fast.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import hivemind
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+
+from hivefold.model import GPT
+from hivefold.spec import RunSpec
+from hivefold.training import lr_lambda, param_groups
+
+
+class SyncAveraging:
+    """See ``hivefold.averaging`` for the interface. Must be built in a process's main thread."""
+
+    def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
+                 trains: bool = True):
+        self.spec, self.model = spec, model
+        cfg = spec.optimizer
+        # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise);
+        # hivemind 1.1.12 forwards averager_opts to the state averager only, so the gradient averager gets it here.
+        request_timeout = min(3.0, spec.averaging.matchmaking_time / 2)
+        self.opt = hivemind.Optimizer(
+            dht=dht, run_id=spec.run_id, params=param_groups(model, cfg.weight_decay),
+            optimizer=partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas),
+            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(lr_lambda, cfg=cfg)),
+            batch_size_per_step=spec.micro_batch, target_batch_size=spec.target_batch_size,
+            matchmaking_time=spec.averaging.matchmaking_time, averaging_timeout=spec.averaging.averaging_timeout,
+            average_state_every=spec.averaging.average_state_every, client_mode=client_mode,
+            averager_opts=dict(request_timeout=request_timeout),
+            grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout))
+
+    @property
+    def epoch(self) -> int:
+        return self.opt.local_epoch
+
+    @property
+    def global_epoch(self) -> int:
+        return max(self.opt.tracker.global_epoch, self.opt.local_epoch)
+
+    def step(self, samples: int) -> None:
+        """Turn gradients summed over ``samples`` sequences into a mean, clip, and hand them to the swarm."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(samples)
+        if self.spec.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
+        self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
+        self.opt.zero_grad()
+
+    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+        """One bounded attempt (hivemind's own ``Optimizer.load_state_from_peers`` retries forever)."""
+        before = self.opt.local_epoch
+        self.opt.state_averager.load_state_from_peers(timeout=timeout)
+        if self.opt.local_epoch <= before:
+            return False
+        self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
+        self.opt.state_averager.state_sharing_priority = self.opt.local_epoch
+        return True
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a checkpoint, the LR schedule and state-sharing priority moved to its epoch."""
+        self.opt.load_state_dict(state)
+        self.opt.state_averager._update_scheduler()  # noqa: SLF001 - no public API for this in hivemind 1.1.12
+        self.opt.state_averager.state_sharing_priority = self.opt.local_epoch
+
+    def stats(self) -> dict:
+        return {}
+
+    def settle(self) -> None:
+        """Nothing runs in the background between steps in this mode."""
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()

@@ -1,0 +1,79 @@
+"""A DiLoCo member in its own process, for tests/integration/test_diloco.py (no coordinator needed).
+
+    python -m tests.integration.diloco_worker --index I --dir DIR [--rounds K] [--compression int8]
+
+Worker 0 starts the DHT and writes its multiaddrs to DIR/maddrs; the others bootstrap from them.
+Every worker trains a tiny model on a learnable synthetic stream of its own (token i+1 follows
+token i, from per-worker random starts), and after each outer step saves the global parameters,
+the outer step's time and the latest training loss to DIR/w<I>-<step>.pt. It exits after K outer
+steps, or runs until killed with --rounds 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from hivefold.averaging.diloco import DiLoCo
+from hivefold.dht import SwarmDHT
+from hivefold.model import build_model
+from hivefold.spec import AveragingConfig, ModelConfig, OptimizerConfig, RunSpec, ShardInfo
+
+MICRO_BATCH, SEQ = 8, 32
+
+
+def make_spec(compression: str) -> RunSpec:
+    return RunSpec(run_id="diloco-test", seed=3, tokenizer="bytes", seq_len=SEQ, micro_batch=MICRO_BATCH,
+                   target_batch_size=MICRO_BATCH, model=ModelConfig(n_layer=1, n_head=2, d_model=32, vocab_size=64,
+                                                                    max_seq_len=SEQ),
+                   optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2, decay_steps=1000),
+                   averaging=AveragingConfig(mode="diloco", inner_steps=10, matchmaking_time=1.0,
+                                             averaging_timeout=8.0, compression=compression),
+                   shards=(ShardInfo(0, "0" * 64, 1, 1),), validation=ShardInfo(-1, "0" * 64, 1, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--compression", default="fp32")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    maddrs_file = args.dir / "maddrs"
+    if args.index == 0:
+        dht = SwarmDHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        maddrs_file.write_text("\n".join(str(m) for m in dht.get_visible_maddrs()))
+    else:
+        while not maddrs_file.exists():
+            time.sleep(0.2)
+        dht = SwarmDHT(initial_peers=maddrs_file.read_text().split(), host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                       start=True)
+    spec = make_spec(args.compression)
+    model = build_model(spec.model, spec.seed)
+    diloco = DiLoCo(spec, model, dht)
+    gen = torch.Generator().manual_seed(100 + args.index)
+    saved = 0
+    while args.rounds == 0 or diloco.epoch < args.rounds:
+        starts = torch.randint(0, 64, (MICRO_BATCH, 1), generator=gen)
+        block = (starts + torch.arange(SEQ + 1)) % 64
+        _, loss = model(block[:, :-1], block[:, 1:])
+        (loss * MICRO_BATCH).backward()
+        diloco.step(MICRO_BATCH)
+        if diloco.epoch > saved:
+            saved = diloco.epoch
+            torch.save({"params": [g.clone() for g in diloco.global_params], "time": time.time(),
+                        "loss": float(loss), "stats": diloco.stats()}, args.dir / f"w{args.index}-{saved}.pt")
+        time.sleep(0.01)  # a steady pace: both workers reach each round's end at about the same time
+    diloco.settle()
+    diloco.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""DiLoCo's pieces that need no swarm: the outer Nesterov step, the wire codecs, the spec's settings."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hivefold.averaging.outer import compression, nesterov_outer_step
+from hivefold.spec import AveragingConfig, RunSpec
+from tests.unit.test_spec import make_spec
+
+INT8_RELATIVE_ERROR = 0.02  # ||x - int8(x)|| / ||x|| for a pseudo-gradient-like tensor (see the test)
+
+
+def test_outer_step_matches_a_hand_computed_nesterov_update():
+    p, m = [torch.tensor([1.0, -2.0])], [torch.zeros(2)]
+    g = [torch.tensor([0.5, 0.25])]
+    nesterov_outer_step(p, m, g, lr=0.7, mu=0.9)
+    # buf = 0.9 * 0 + g = (0.5, 0.25); p -= 0.7 * (g + 0.9 * buf) = 0.7 * 1.9 * g
+    assert torch.allclose(m[0], torch.tensor([0.5, 0.25]))
+    assert torch.allclose(p[0], torch.tensor([1.0 - 0.665, -2.0 - 0.3325]))
+    nesterov_outer_step(p, m, g, lr=0.7, mu=0.9)
+    # buf = 0.9 * (0.5, 0.25) + g = (0.95, 0.475); p -= 0.7 * (g + 0.9 * buf)
+    assert torch.allclose(m[0], torch.tensor([0.95, 0.475]))
+    assert torch.allclose(p[0], torch.tensor([0.335 - 0.7 * (0.5 + 0.855), -2.3325 - 0.7 * (0.25 + 0.4275)]))
+
+
+def test_outer_step_equals_torch_sgd_with_nesterov():
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, generator=gen)
+    ours, buf = [start.clone()], [torch.zeros(5, 3)]
+    ref = torch.nn.Parameter(start.clone())
+    opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(4):
+        g = torch.randn(5, 3, generator=gen)
+        nesterov_outer_step(ours, buf, [g], lr=0.7, mu=0.9)
+        ref.grad = g.clone()
+        opt.step()
+    assert torch.allclose(ours[0], ref.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,bound", [("fp32", 0.0), ("fp16", 1e-3), ("int8", INT8_RELATIVE_ERROR)])
+def test_codec_round_trip_error_is_bounded(name, bound):
+    from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+    gen = torch.Generator().manual_seed(1)
+    delta = torch.randn(4096, generator=gen) * 1e-3  # a round's pseudo-gradient: small, roughly normal
+    back = deserialize_torch_tensor(compression(name).compress(delta, CompressionInfo.from_tensor(delta)))
+    error = ((back - delta).norm() / delta.norm()).item()
+    assert error <= bound, error
+
+
+def test_averaging_settings_are_validated_and_an_older_specs_hash_is_unchanged():
+    spec = make_spec()
+    assert spec.averaging.mode == "sync"
+    assert '"mode"' not in spec.to_json()  # a spec written before these fields existed hashes as it did
+    diloco = dataclasses.replace(spec, averaging=AveragingConfig(mode="diloco", inner_steps=30, compression="int8"))
+    assert RunSpec.from_json(diloco.to_json()) == diloco and diloco.hash != spec.hash
+    assert diloco.round_samples == 30 * spec.micro_batch
+    for bad in (dict(mode="gossip"), dict(compression="int4"), dict(inner_steps=0), dict(outer_momentum=1.0)):
+        with pytest.raises(ValueError):
+            AveragingConfig(**bad)
