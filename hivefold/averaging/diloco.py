@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import hivemind
@@ -84,6 +85,8 @@ class DiLoCo:
         self.wait_seconds = 0.0  # time the device waited for an all-reduce (the network was slower than a round)
         self._lock = threading.Lock()  # the outer state is read by the averager's state-sharing thread
         self._pending: _Round | None = None
+        self._resync = False  # set when this member's global parameters turned out to differ from its group's
+        self._sent_fingerprint = 0.0
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = _OuterStateAverager(
@@ -122,7 +125,7 @@ class DiLoCo:
         if self.tracker.ready_to_update_epoch:
             self._start_round()
 
-    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+    def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False) -> bool:
         """Download the outer state from the member with the newest one; True if it moved this one forward.
 
         While a round is in flight elsewhere the newest state is about to change: a state taken then
@@ -141,10 +144,11 @@ class DiLoCo:
                     t.shape != g.shape for t, g in zip(tensors, self.global_params + self.momentum, strict=True)):
                 log.warning("ignoring a malformed outer state from a peer")
                 return False
-            if self.tracker and epoch + 1 < self.tracker.global_epoch and attempt + 1 < CATCH_UP_TRIES:
-                time.sleep(1.0)  # a round is in flight: take the state once it has landed
+            in_flight = metadata.get("in_flight") or (self.tracker and epoch + 1 < self.tracker.global_epoch)
+            if in_flight and attempt + 1 < CATCH_UP_TRIES:
+                time.sleep(0.5)  # a round is in flight there: take the state once it has landed
                 continue
-            if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0):
+            if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
                 return False
             self._install(epoch, tensors[:n], tensors[n:])
             return True
@@ -189,16 +193,15 @@ class DiLoCo:
             t0 = time.perf_counter()
             self._land_round(block=True)
             self.wait_seconds += time.perf_counter() - t0
-        if self.tracker.global_epoch > self.epoch + 1:
-            log.info("this peer is behind the swarm (outer step %d < %d); loading its state", self.epoch,
-                     self.tracker.global_epoch)
-            self.load_state_from_peers(timeout=self.spec.averaging.averaging_timeout)
+        if self.tracker.global_epoch > self.epoch + 1 or self._resync:
+            log.info("this peer is behind or out of sync with the swarm (outer step %d, swarm %d); loading its state",
+                     self.epoch, self.tracker.global_epoch)
+            self._resync = False
+            self.load_state_from_peers(timeout=self.spec.averaging.averaging_timeout, accept_equal=True)
         samples = self.samples_in_round
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.epoch + 1)
         self.samples_in_round = self.inner_steps_in_round = 0
-        if samples == 0:  # nothing to contribute (joined at the end of a round): take the others' update later
-            return
         with torch.no_grad():
             sent_local = [p.detach().clone() for p in self.params]
             with self.averager.get_tensors() as buffers:
@@ -206,11 +209,15 @@ class DiLoCo:
                     torch.sub(g, p.float().cpu(), out=buf)
                 own = [buf.clone() for buf in buffers]
         a = self.spec.averaging
+        self._sent_fingerprint = self._fingerprint()
         if self.tracker.global_progress.num_peers <= 1:  # nobody to average with: no matchmaking to wait for
             control = None
         else:
             # A group forms within the matchmaking window or not at all; the all-reduce has its own timeout.
-            control = self.averager.step(gather=self.epoch, weight=float(samples), wait=False,
+            # Every member takes part in every round, even with nothing to add (it just joined or reloaded):
+            # skipping one would leave its global parameters an outer update behind for good.
+            control = self.averager.step(gather=(self.epoch, self._sent_fingerprint), weight=float(samples) or 1e-6,
+                                         wait=False,
                                          timeout=2 * a.matchmaking_time + 2 * a.averaging_timeout)
         self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter())
         if control is None:
@@ -227,6 +234,7 @@ class DiLoCo:
             with self.averager.get_tensors() as buffers:
                 update = [b.clone() for b in buffers]
             self.rounds_ok += 1
+            self._check_agreement(r, list(gathered.values()))
         else:
             if r.control is not None:
                 log.warning("outer round %d: no group formed; this peer applies its own update", r.epoch)
@@ -266,11 +274,36 @@ class DiLoCo:
 
     def _shared_state(self):
         with self._lock:
-            return {"epoch": self.epoch}, [g.clone() for g in self.global_params] + [m.clone() for m in self.momentum]
+            return ({"epoch": self.epoch, "in_flight": self._pending is not None},
+                    [g.clone() for g in self.global_params] + [m.clone() for m in self.momentum])
 
     def _share_priority(self) -> None:
+        # Among members at the same outer step, the one whose global parameters fingerprint highest is the
+        # leader that members out of sync download from (see _check_agreement): priority = step + fingerprint.
         if not self.client_mode:
-            self.averager.state_sharing_priority = self.epoch
+            self.averager.state_sharing_priority = self.epoch + self._fingerprint()
+
+    def _fingerprint(self) -> float:
+        """A number in [0, 0.5) that differs, almost surely, between two different sets of global parameters."""
+        with self._lock:
+            digest = 0
+            for g in self.global_params:
+                digest = zlib.crc32(g.reshape(-1)[:4096].numpy().tobytes(), digest)
+        return digest / 2**33
+
+    def _check_agreement(self, r: _Round, gathered: list) -> None:
+        """Members of one round must have started it from the same global parameters.
+
+        They can drift apart when a round forms no group for some and a group for others; the member then
+        not at the leader's state (highest outer step, then fingerprint) downloads it before its next round.
+        """
+        mine = (r.epoch, self._sent_fingerprint)
+        states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 2]
+        leader = max(states, default=mine)
+        if leader != mine:
+            log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
+                        r.epoch)
+            self._resync = True
 
     def _set_lr(self) -> None:
         """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's."""

@@ -31,7 +31,7 @@ def make_spec(compression: str) -> RunSpec:
                    target_batch_size=MICRO_BATCH, model=ModelConfig(n_layer=1, n_head=2, d_model=32, vocab_size=64,
                                                                     max_seq_len=SEQ),
                    optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2, decay_steps=1000),
-                   averaging=AveragingConfig(mode="diloco", inner_steps=10, matchmaking_time=1.0,
+                   averaging=AveragingConfig(mode="diloco", inner_steps=30, matchmaking_time=1.0,
                                              averaging_timeout=8.0, compression=compression),
                    shards=(ShardInfo(0, "0" * 64, 1, 1),), validation=ShardInfo(-1, "0" * 64, 1, 1))
 
@@ -57,6 +57,9 @@ def main() -> None:
     spec = make_spec(args.compression)
     model = build_model(spec.model, spec.seed)
     diloco = DiLoCo(spec, model, dht)
+    (args.dir / f"w{args.index}.ready").touch()
+    while len(list(args.dir.glob("w*.ready"))) < 2:  # start together, as peers already in a swarm would
+        time.sleep(0.1)
     gen = torch.Generator().manual_seed(100 + args.index)
     saved = 0
     while args.rounds == 0 or diloco.epoch < args.rounds:
@@ -69,7 +72,7 @@ def main() -> None:
             saved = diloco.epoch
             torch.save({"params": [g.clone() for g in diloco.global_params], "time": time.time(),
                         "loss": float(loss), "stats": diloco.stats()}, args.dir / f"w{args.index}-{saved}.pt")
-        time.sleep(0.01)  # a steady pace: both workers reach each round's end at about the same time
+        time.sleep(0.05)  # a steady pace: rounds last longer than the progress trackers take to see each other
     diloco.settle()
     diloco.shutdown()
     dht.shutdown()
