@@ -7,8 +7,8 @@ In one run, on the same corpus shards, model, tokenizer and optimizer family:
      the same warmup-then-cosine schedule at its own tuned batch and learning rate (--single-batch,
      --single-lr; see the README for the sweep that picked them), validation loss measured every
      --eval-every seconds on the run's held-out shard with the clock paused;
-  2. swarm: a real coordinator (with its keeper, which measures the validation loss after every
-     outer step or swarm step) and N peer processes splitting the machine: on CPU each peer is
+  2. swarm: a real coordinator (with its keeper, which measures the validation loss every
+     --checkpoint-every outer or swarm steps) and N peer processes splitting the machine: on CPU each peer is
      pinned to its own cores with os.sched_setaffinity, so its hivemind helpers (DHT, averager,
      libp2p daemon) run in its share; on a GPU the peers share it.
 Each gets --seconds of wall time. Printed and written as JSON: tokens per second of each and their
@@ -45,7 +45,8 @@ def build_run(workdir: Path, args) -> dict:
     options = RunOptions(corpus="stdlib", model=args.model, seq_len=128, shard_sequences=128,
                          micro_batch=args.micro_batch, target_batch_size=args.target_batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, averaging=args.mode,
-                         inner_steps=args.inner_steps, compression=args.compression,
+                         inner_steps=args.inner_steps, compression=args.compression, outer_lr=args.outer_lr,
+                         outer_momentum=args.outer_momentum,
                          matchmaking_time=args.matchmaking_time)
     spec, ledger = open_run(workdir, options)
     ledger.close()
@@ -147,7 +148,7 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int) -> dict:
     try:
         start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http", "",
               "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat-interval", "2", "--lease-seconds", "60",
-              "--checkpoint-every", "1", "--keeper-poll", "1", "--keep-checkpoints", "2")
+              "--checkpoint-every", str(args.checkpoint_every), "--keeper-poll", "1", "--keep-checkpoints", "2")
         endpoints = workdir / "coordinator.json"
         deadline = time.monotonic() + 180
         while not endpoints.exists():
@@ -255,6 +256,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16, help="the run's (each peer's) micro-batch")
     parser.add_argument("--target-batch-size", type=int, default=128, help="sync: samples per swarm step")
     parser.add_argument("--inner-steps", type=int, default=50, help="diloco: micro-batches per outer round")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer Nesterov momentum")
     parser.add_argument("--compression", default="fp32")
     parser.add_argument("--matchmaking-time", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=3e-3, help="the run's (inner) peak learning rate")
@@ -262,7 +265,10 @@ def main() -> None:
     parser.add_argument("--decay-steps", type=int, default=3000)
     parser.add_argument("--single-batch", type=int, default=16)
     parser.add_argument("--single-lr", type=float, default=3e-3)
-    parser.add_argument("--eval-every", type=float, default=10.0)
+    parser.add_argument("--eval-every", type=float, default=10.0, help="single: seconds between validation losses")
+    parser.add_argument("--checkpoint-every", type=int, default=5,
+                        help="swarm: the keeper's validation loss every N swarm steps (its CPU time counts against "
+                             "the swarm, as in a real run; the single process's evaluations stop its clock)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the run's workdir and logs")

@@ -33,6 +33,11 @@ class SwarmDHT(hivemind.DHT):
         super().run()
 
 
+def die_with_parent() -> None:
+    """In a forked helper process: the kernel kills it when the process that forked it dies (Linux)."""
+    _die_with_parent()
+
+
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return

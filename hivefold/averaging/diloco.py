@@ -31,12 +31,14 @@ from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from hivefold.averaging.outer import compression, nesterov_outer_step
+from hivefold.dht import die_with_parent
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
 from hivefold.training import inner_optimizer, lr_lambda
 
 log = logging.getLogger(__name__)
 
+REPORT_EVERY_S = 0.2  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -46,6 +48,10 @@ class _OuterStateAverager(DecentralizedAverager):
     def __init__(self, *args, state_fn, **kwargs):
         self._state_fn = state_fn
         super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
+        super().run()
 
     def get_current_state(self):
         metadata, tensors = self._state_fn()
@@ -85,6 +91,7 @@ class DiLoCo:
         self.wait_seconds = 0.0  # time the device waited for an all-reduce (the network was slower than a round)
         self._lock = threading.Lock()  # the outer state is read by the averager's state-sharing thread
         self._pending: _Round | None = None
+        self._reported_at = -float("inf")
         self._resync = False  # set when this member's global parameters turned out to differ from its group's
         self._sent_fingerprint = 0.0
         self.inner = inner_optimizer(spec, model) if trains else None
@@ -119,11 +126,16 @@ class DiLoCo:
         self.samples_in_round += samples
         self.inner_steps_in_round += 1
         self._set_lr()
-        self.tracker.report_local_progress(self._round_index, self.samples_in_round)
-        if self._pending is not None and self._pending.control.done():
-            self._land_round()
-        if self.tracker.ready_to_update_epoch:
-            self._start_round()
+        now = time.monotonic()
+        # Reporting builds a record and wakes hivemind's reporter thread: a few times a second is plenty, and a
+        # tiny model's micro-batch is over in milliseconds.
+        if now - self._reported_at >= REPORT_EVERY_S:
+            self._reported_at = now
+            self.tracker.report_local_progress(self._round_index, self.samples_in_round)
+            if self._pending is not None and self._pending.control.done():
+                self._land_round()
+            if self.tracker.ready_to_update_epoch:
+                self._start_round()
 
     def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False) -> bool:
         """Download the outer state from the member with the newest one; True if it moved this one forward.

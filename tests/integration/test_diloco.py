@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, Processes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ INT8_TOLERANCE = 0.02  # max |difference| between two peers' global parameters a
 def start(tmp: Path, index: int, *args: str) -> subprocess.Popen:
     log = (tmp / f"w{index}.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "tests.integration.diloco_worker", "--index", str(index), "--dir",
-                             str(tmp), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                             str(tmp), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def logs(tmp: Path) -> str:
@@ -48,7 +48,7 @@ def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression,
             assert w.wait(180) == 0, logs(tmp_path)
     finally:
         for w in workers:
-            w.kill()
+            Processes.kill_group(w)
     steps = [sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob(f"w{i}-*.pt")) for i in range(2)]
     common = sorted(set(steps[0]) & set(steps[1]))
     assert common[-1] == rounds, steps
@@ -85,5 +85,5 @@ def test_a_peer_killed_mid_round_does_not_stop_the_other(tmp_path):
         assert survivor.poll() is None, logs(tmp_path)
     finally:
         for w in (survivor, victim):
-            w.kill()
+            Processes.kill_group(w)  # the worker and its hivemind helpers
             w.wait()
