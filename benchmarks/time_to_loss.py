@@ -77,8 +77,10 @@ def single_worker(workdir: Path, seconds: float, batch: int, lr: float, eval_eve
     cfg = OptimizerConfig(lr=lr, warmup_steps=spec.optimizer.warmup_steps, decay_steps=spec.optimizer.decay_steps)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             fused=device.startswith("cuda"))
-    # the schedule's length in this process's own steps: the run's, scaled by batch (the same tokens)
-    scale = spec.micro_batch / batch
+    # The run's schedule in this process's own steps, at the same tokens: a schedule step is a micro-batch of
+    # the spec's in diloco (inner steps), a target batch in sync (swarm steps).
+    per_step = spec.micro_batch if spec.averaging.mode == "diloco" else spec.target_batch_size
+    scale = per_step / batch
     points, tokens, train_time, step = [], 0, 0.0, 0
 
     def record():
