@@ -60,7 +60,6 @@ class Peer:
         self.spec: RunSpec | None = None
         self.shards_done = 0
         self.current: str | None = None  # the lease being trained
-        self.waited_for_work = 0.0  # seconds the trainer waited for the next work unit
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
 
@@ -182,9 +181,7 @@ class Peer:
                 if self.config.max_shards and self.shards_done >= self.config.max_shards:
                     log.info("peer %s finished its %d shards; leaving", self.identity.peer_id, self.shards_done)
                     break
-                t0 = time.monotonic()
                 item = prefetch.next()
-                self.waited_for_work += time.monotonic() - t0
                 if item is None:
                     if not self.stop.is_set():
                         log.info("the run is complete; peer %s leaves", self.identity.peer_id)
