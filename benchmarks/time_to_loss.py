@@ -149,7 +149,7 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int) -> dict:
 
     try:
         start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http", "",
-              "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat-interval", "2", "--lease-seconds", "60",
+              "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--lease-seconds", "60",
               "--checkpoint-every", str(args.checkpoint_every), "--keeper-poll", "1", "--keep-checkpoints", "2")
         endpoints = workdir / "coordinator.json"
         deadline = time.monotonic() + 180

@@ -75,8 +75,8 @@ class Keeper:
 
     def evaluate_and_checkpoint(self, reason: str) -> None:
         step = self.averaging.epoch
+        now = time.time()  # when the swarm's state was this one (the evaluation below takes a while)
         val_loss = evaluate(self.model, self.val)
-        now = time.time()
         self.ledger.record_evaluation(step, val_loss, now=now)
         if step == self.last_step:
             return

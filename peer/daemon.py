@@ -43,6 +43,7 @@ log = logging.getLogger("hivefold.peer")
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 SHUTDOWN_TIMEOUT_S = 60.0
 STOP_MESSAGE = "finishing the micro-batch, then leaving"
+RELINK_EVERY_S = 60.0  # how often a peer re-checks its direct links to the members it already reached
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 
 
@@ -108,13 +109,20 @@ class Peer:
         # Runs until the peer has left, not merely until it was asked to stop: the last micro-batch's
         # all-reduce can take a while, and the lease must stay alive until it is handed back.
         own = [] if self.config.client_mode else addressbook.own_maddrs(self.dht)
+        linked: set[str] = set()  # members connected to at the last check
+        checked_at = -float("inf")
         while True:
             m = self.trainer.meter
             try:
                 resp = self.client.heartbeat(pb.HeartbeatRequest(
                     epoch=self.trainer.epoch, samples_trained=m.samples_total, recent_loss=m.loss,
                     samples_per_second=m.samples_per_second, dht_maddrs=own, compute_utilization=m.utilization))
-                addressbook.connect(self.dht, resp.swarm_maddrs)
+                # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
+                book = set(addressbook.group_by_peer(resp.swarm_maddrs))
+                if not book <= linked or time.monotonic() - checked_at > RELINK_EVERY_S:
+                    others = book - {str(self.dht.peer_id)}
+                    if addressbook.connect(self.dht, resp.swarm_maddrs) >= len(others):
+                        linked, checked_at = book, time.monotonic()
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", describe_rpc_error(e))
             if self.left.wait(self.heartbeat_interval):

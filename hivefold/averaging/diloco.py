@@ -38,7 +38,7 @@ from hivefold.training import inner_optimizer, lr_lambda
 
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 0.2  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
+REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -105,7 +105,7 @@ class DiLoCo:
         # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
         # never counts as a peer that might average.
         self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
-                                       start=True, min_refresh_period=0.2, max_refresh_period=2.0) if trains else None
+                                       start=True, min_refresh_period=1.0, max_refresh_period=2.0) if trains else None
 
     # --- the interface shared with sync ----------------------------------------------------------
 
