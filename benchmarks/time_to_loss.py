@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ def build_run(workdir: Path, args) -> dict:
                          warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, averaging=args.mode,
                          inner_steps=args.inner_steps, compression=args.compression, outer_lr=args.outer_lr,
                          outer_momentum=args.outer_momentum,
-                         matchmaking_time=args.matchmaking_time)
+                         matchmaking_time=args.matchmaking_time,
+                         averaging_timeout=getattr(args, "averaging_timeout", None))
     spec, ledger = open_run(workdir, options)
     ledger.close()
     return json.loads(spec.to_json())
@@ -135,21 +137,33 @@ def _cores_for(i: int, peers: int) -> set[int]:
     return set(cores[i * share:(i + 1) * share]) if len(cores) >= peers else set(cores)
 
 
-def run_swarm(workdir: Path, args, root: Path, seq_len: int) -> dict:
+def run_swarm(workdir: Path, args, root: Path, seq_len: int, *, listen: str = "127.0.0.1:0",
+              dht_listen: str = "/ip4/127.0.0.1/tcp/0", peer_dht_listen: Callable[[int], str] | None = None,
+              peer_prefix: Callable[[int], list[str]] | None = None,
+              probe: Callable[[int], dict] | None = None) -> dict:
+    """The swarm for ``args.seconds``; by default every process on loopback.
+
+    For testbeds that place peers elsewhere (benchmarks/wan.py puts each in a network namespace):
+    ``listen`` and ``dht_listen`` are the coordinator's gRPC and DHT addresses (its keeper listens on the
+    DHT's interfaces too), ``peer_dht_listen(i)`` peer i's DHT multiaddr, ``peer_prefix(i)`` a command
+    that peer i's process runs under (e.g. ``["ip", "netns", "exec", NAME]``). ``probe(i)``, when given,
+    is called for every peer when the throughput window starts (the swarm's first accepted results)
+    and when it ends; its answers come back as ``probes``: ``[{"start": dict | None, "end": dict}]``.
+    """
     procs: list[subprocess.Popen] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def start(name, *cmd, cores=None):
+    def start(name, *cmd, cores=None, prefix=()):
         log = (root / f"{name}.log").open("wb")
         pre = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-        p = subprocess.Popen([sys.executable, "-m", "hivefold", *cmd], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, preexec_fn=pre, env=env)
+        p = subprocess.Popen([*prefix, sys.executable, "-m", "hivefold", *cmd], cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pre, env=env)
         procs.append(p)
         return p
 
     try:
-        start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http", "",
-              "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--lease-seconds", "60",
+        start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", listen, "--http", "",
+              "--dht-listen", dht_listen, "--lease-seconds", "60",
               "--checkpoint-every", str(args.checkpoint_every), "--keeper-poll", "1", "--keep-checkpoints", "2")
         endpoints = workdir / "coordinator.json"
         deadline = time.monotonic() + 180
@@ -164,21 +178,27 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int) -> dict:
             cores = None if cuda else _cores_for(i, args.peers)
             threads = str(len(cores)) if cores else "0"
             start(f"peer{i}", "peer", "--coordinator", address, "--workdir", str(root / f"peer{i}"), "--name",
-                  f"bench{i}", "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", threads, "--no-progress",
-                  "--device", args.device, cores=cores)
+                  f"bench{i}", "--dht-listen", peer_dht_listen(i) if peer_dht_listen else "/ip4/127.0.0.1/tcp/0",
+                  "--threads", threads, "--no-progress", "--device", args.device, cores=cores,
+                  prefix=peer_prefix(i) if peer_prefix else ())
         db = sqlite3.connect(f"file:{workdir / 'ledger.sqlite'}?mode=ro", uri=True)
 
         def accepted_samples() -> int:
             return db.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
 
         first = None  # (time, samples) when the swarm's first results arrived: start of the throughput window
+        probes = [{"start": None, "end": None} for _ in range(args.peers)]
         while time.time() - t0 < args.seconds:
             if first is None and accepted_samples() > 0:
                 first = (time.time(), accepted_samples())
+                for i in range(args.peers if probe else 0):
+                    probes[i]["start"] = probe(i)
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"a swarm process exited early; see the logs in {root}")
             time.sleep(1.0)
         end = (time.time(), accepted_samples())
+        for i in range(args.peers if probe else 0):
+            probes[i]["end"] = probe(i)
         evals = db.execute("SELECT step, val_loss, created_at FROM evaluations ORDER BY created_at").fetchall()
         # tokens at each evaluation: the results accepted by then (each shard's samples, when it was submitted)
         results = db.execute("SELECT submitted_at, samples FROM results WHERE verdict = 'accepted' "
@@ -191,8 +211,9 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int) -> dict:
             curve.append([max(0.0, at - t0), tokens, val])
         util = [r[0] for r in db.execute("SELECT utilization FROM peers")]
         window = end[0] - first[0] if first else float("nan")
-        return {"tokens_per_s": (end[1] - first[1]) * seq_len / window if first else 0.0, "curve": curve,
-                "peers": args.peers, "utilization": util, "startup_s": (first[0] - t0) if first else None}
+        out = {"tokens_per_s": (end[1] - first[1]) * seq_len / window if first else 0.0, "curve": curve,
+               "peers": args.peers, "utilization": util, "startup_s": (first[0] - t0) if first else None}
+        return out | {"probes": probes} if probe else out
     finally:
         for p in procs[1:] + procs[:1]:  # peers first, then the coordinator (its keeper checkpoints)
             if p.poll() is None:
