@@ -38,6 +38,12 @@ def checkpoint_filename(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
+def newest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint with the highest step in ``directory`` (names zero-pad the step, so they sort by it)."""
+    files = sorted(directory.glob("step-*.pt"))
+    return files[-1] if files else None
+
+
 def save_checkpoint(path: Path, *, spec: RunSpec, step: int, model: dict, optimizer: dict | None,
                     val_loss: float | None) -> None:
     """Write to a temp file then ``os.replace``: a crash never leaves a half-written checkpoint."""

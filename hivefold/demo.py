@@ -1,7 +1,9 @@
 """``hivefold demo``: a coordinator and N peers as separate processes on loopback, watched live.
 
 At the end it prints a summary (swarm steps, tokens, train and validation loss first → last), the
-final checkpoint's path, and a text sample generated from it.
+final checkpoint's path, and a text sample generated from it. The summary comes from the coordinator's
+status document, read just before the coordinator is stopped (the demo is an app on top of the roles
+and opens no role's files), plus the final checkpoint the keeper writes on the way out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from hivefold.checkpoint import load_checkpoint, newest_checkpoint
 from hivefold.client import CoordinatorClient
 from hivefold.errors import ConfigError, HivefoldError
 from hivefold.generate import generate_text
@@ -115,25 +118,45 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
                 except Unreachable:
                     continue
                 live.update(render(status, clock=f"{elapsed:.0f}/{total:.0f}s"))
+        try:  # the summary's facts: the status API is gone once the coordinator stops
+            status = client.status()
+        except Unreachable:
+            pass  # the last document the live view showed
         client.close()
         console.print("stopping: the keeper takes a final checkpoint, then the peers leave …")
         _stop([coord], STOP_TIMEOUT_S)
         _stop(peer_procs, 60.0)
     finally:
         _stop([coord, *peer_procs], 30.0)
-    return summarize(workdir, console)
+    return summarize(with_final_checkpoint(status), console)
 
 
-def summarize(workdir: Path, console: Console) -> dict:
-    from coordinator.ledger import Ledger  # the demo reads the stopped coordinator's ledger directly
-    from coordinator.run import LEDGER_FILE
+def with_final_checkpoint(status: dict) -> dict:
+    """``status`` with the checkpoint the keeper wrote after it was read (its final one, on the coordinator's stop).
 
-    spec = json.loads((workdir / "coordinator" / "spec.json").read_text())
-    ledger = Ledger(workdir / "coordinator" / LEDGER_FILE)
-    try:
-        status = ledger.status(now=time.time(), online_seconds=0, seq_len=spec["seq_len"])
-    finally:
-        ledger.close()
+    That checkpoint lies beside the latest one the document names and carries its own step and validation
+    loss; the keeper evaluates at every checkpoint, so its loss is the run's last validation loss.
+    """
+    latest = status["checkpoint"]
+    newest = newest_checkpoint(Path(latest["path"]).parent) if latest else None
+    if newest is None or newest == Path(latest["path"]):
+        return status
+    ckpt = load_checkpoint(newest)
+    if ckpt.step <= latest["step"]:
+        return status
+    status = {**status, "checkpoint": {"step": ckpt.step, "path": str(newest), "val_loss": ckpt.val_loss},
+              "global_step": max(status["global_step"], ckpt.step)}
+    if ckpt.val_loss is not None:
+        status["val_history"] = [*status["val_history"], [ckpt.step, ckpt.val_loss]]
+        status["val_loss"] = ckpt.val_loss
+        if status["val_loss_first"] is None:
+            status["val_loss_first"] = ckpt.val_loss
+    return status
+
+
+def summarize(status: dict, console: Console) -> dict:
+    """Print the run's summary from its status document, and a sample from its latest checkpoint."""
+    status = dict(status)
     ckpt = status["checkpoint"]
     table = Table(title="hivefold demo: summary", show_header=False)
     table.add_row("swarm steps", str(status["global_step"]))

@@ -8,6 +8,7 @@ import pytest
 from coordinator import ledger as ledger_module
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger import LeaseState, Ledger, ShardState, Verdict
+from coordinator.ledger import schema as ledger_schema
 from hivefold.spec import ShardInfo
 
 LEASE_S = 60.0
@@ -43,7 +44,7 @@ def test_schema_is_versioned_and_pragmas_apply(ledger):
 def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
     path = tmp_path / "ledger.sqlite"
     with monkeypatch.context() as m:
-        m.setattr(ledger_module, "MIGRATIONS", ledger_module.MIGRATIONS[:1])
+        m.setattr(ledger_schema, "MIGRATIONS", ledger_schema.MIGRATIONS[:1])  # the store reads it when it opens a file
         old = Ledger(path)
         old.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
         old.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="cpu", device_name="",

@@ -1,0 +1,41 @@
+"""The ledger: the run's durable state in one SQLite file (peers, shards, leases, results, checkpoints).
+
+Every state change of a shard or lease happens in one ``BEGIN IMMEDIATE`` transaction, so two
+peers racing for the last shard, or a submission racing its lease's expiry, can never both win.
+Time comes from an injected clock (``now`` arguments) so expiry is testable without sleeping.
+The keeper process writes to the same file (checkpoints, evaluations, the swarm's step, how its
+downloads of the swarm's state fare); WAL mode lets the dashboard and status readers run beside
+the writers.
+
+One module per concept, composed into ``Ledger`` below:
+    schema.py    pragmas, migrations, the state enums and the value types the ledger returns
+    store.py     the connection, its lock, transactions, migrating, the meta and events tables
+    peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
+    leases.py    the run's shards, leasing them, results
+    progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
+    status.py    the status document
+"""
+
+from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
+from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
+from coordinator.ledger.progress import KeeperProgress
+from coordinator.ledger.schema import (
+    MIGRATIONS,
+    PRAGMAS,
+    Lease,
+    LeaseOutcome,
+    LeaseState,
+    ShardState,
+    SubmitOutcome,
+    Verdict,
+)
+from coordinator.ledger.status import StatusReport
+
+__all__ = [
+    "MAX_ACTIVE_LEASES", "MIGRATIONS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease", "LeaseOutcome", "LeaseState", "Ledger",
+    "ShardState", "SubmitOutcome", "Verdict",
+]
+
+
+class Ledger(PeerRegistry, ShardLeases, KeeperProgress, StatusReport):
+    """Thread-safe access to the ledger file (or ``:memory:``)."""

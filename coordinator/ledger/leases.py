@@ -1,0 +1,207 @@
+"""The work pool: a run's shards, their leases to peers and the results submitted under them.
+
+A shard is leased to one peer at a time; a lease that passes its deadline (heartbeats extend it)
+goes back to the pool; a result is accepted once per shard and data pass, idempotently by lease id.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+
+import numpy as np
+
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from coordinator.ledger.progress import _raise_global_step
+from coordinator.ledger.schema import Lease, LeaseOutcome, LeaseState, ShardState, SubmitOutcome, Verdict
+from coordinator.ledger.store import LedgerStore, _event, _meta
+from hivefold.spec import ShardInfo
+
+MAX_ACTIVE_LEASES = 3  # per peer: the work unit training, one fetched ahead, one whose result awaits its ack
+
+
+class ShardLeases(LedgerStore):
+    """Setting up a run's shards, leasing them, and recording results."""
+
+    def init_run(self, *, run_id: str, spec_hash: str, shards: list[ShardInfo], seed: int, data_passes: int,
+                 now: float) -> None:
+        """Record a new run's shards (first pass in a seeded shuffled order). Refuses a second run."""
+        with self._tx() as c:
+            existing = c.execute("SELECT value FROM meta WHERE key = 'spec_hash'").fetchone()
+            if existing is not None:
+                if existing[0] != spec_hash:
+                    raise FailedPrecondition(f"ledger already holds run {existing[0][:12]}; use a fresh workdir")
+                return
+            for k, v in (("run_id", run_id), ("spec_hash", spec_hash), ("seed", str(seed)), ("data_pass", "0"),
+                         ("data_passes", str(data_passes)), ("global_step", "0"), ("created_at", repr(now))):
+                c.execute("INSERT INTO meta VALUES (?, ?)", (k, v))
+            order = _pass_order(len(shards), seed, 0)
+            c.executemany(
+                "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?)",
+                [(s.shard_id, s.sha256, s.byte_size, s.num_sequences, ShardState.PENDING.value, int(order[i]))
+                 for i, s in enumerate(shards)],
+            )
+            _event(c, now, "run_created", detail=f"{len(shards)} shards")
+
+    def lease_shard(self, peer_id: str, *, lease_seconds: float, now: float, held: list[str] = ()) -> LeaseOutcome:
+        """Lease the next pending shard to ``peer_id``.
+
+        ``held``: the leases the peer knows it holds. An active lease of the peer not among them is from an
+        earlier run of the peer and is handed back to it instead of being stranded; otherwise a peer may hold
+        up to ``MAX_ACTIVE_LEASES`` at once (one training, one fetched ahead, one awaiting its ack).
+        """
+        with self._tx() as c:
+            _expire(c, now)
+            active = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ? "
+                                              "ORDER BY issued_at", (peer_id, LeaseState.ACTIVE.value))]
+            orphans = [lease_id for lease_id in active if lease_id not in set(held)]
+            if orphans:
+                c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + lease_seconds, orphans[0]))
+                return LeaseOutcome(_get_lease(c, orphans[0]))
+            if len(active) >= MAX_ACTIVE_LEASES:
+                return LeaseOutcome(None)
+            data_pass = int(_meta(c, "data_pass"))
+            row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
+                            (ShardState.PENDING.value,)).fetchone()
+            if row is None:
+                busy = c.execute("SELECT COUNT(*) FROM shards WHERE state = ?", (ShardState.LEASED.value,)).fetchone()
+                if busy[0]:
+                    return LeaseOutcome(None)  # every shard is out: wait for one to finish or expire
+                passes = int(_meta(c, "data_passes"))
+                if passes and data_pass + 1 >= passes:
+                    return LeaseOutcome(None, run_complete=True)
+                data_pass = _start_next_pass(c, data_pass + 1, now)
+                row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
+                                (ShardState.PENDING.value,)).fetchone()
+            lease_id = secrets.token_hex(12)
+            c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.LEASED.value, row[0]))
+            c.execute("INSERT INTO leases (lease_id, shard_id, peer_id, data_pass, state, issued_at, deadline) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + lease_seconds))
+            _event(c, now, "lease_issued", peer_id=peer_id, shard_id=row[0], detail=lease_id)
+            return LeaseOutcome(_get_lease(c, lease_id))
+
+    def get_lease(self, lease_id: str) -> Lease:
+        with self._lock:
+            return _get_lease(self._conn, lease_id)
+
+    def active_lease_for(self, peer_id: str, lease_id: str, *, now: float) -> Lease:
+        """The lease, if it is active and held by ``peer_id``; raises otherwise (for FetchShard)."""
+        with self._tx() as c:
+            lease = _owned_lease(c, peer_id, lease_id, now)
+        if lease.state is not LeaseState.ACTIVE:
+            raise FailedPrecondition(f"lease {lease_id} is {lease.state.value}; lease a new shard")
+        return lease
+
+    def release(self, peer_id: str, lease_id: str, *, reason: str, now: float) -> bool:
+        with self._tx() as c:
+            lease = _owned_lease(c, peer_id, lease_id, now)
+            if lease.state is not LeaseState.ACTIVE:
+                return False
+            _close_lease(c, lease, LeaseState.RELEASED, reason, now)
+            return True
+
+    def expire_leases(self, now: float) -> int:
+        with self._tx() as c:
+            return _expire(c, now)
+
+    def submit(self, peer_id: str, lease_id: str, *, samples: int, losses: list[tuple[float, int]],
+               compute_seconds: float, credit_per_sample: float, now: float) -> SubmitOutcome:
+        """Record a result. Idempotent: a second submission of a lease returns the first outcome."""
+        with self._tx() as c:
+            lease = _owned_lease(c, peer_id, lease_id, now)
+            prior = c.execute("SELECT verdict, credit, detail FROM results WHERE lease_id = ?", (lease_id,)).fetchone()
+            if prior is not None:
+                return SubmitOutcome(Verdict(prior["verdict"]), prior["credit"], prior["detail"])
+            if samples != lease.num_sequences:
+                raise InvalidArgument(f"samples={samples} but shard {lease.shard_id} holds {lease.num_sequences} "
+                                      "sequences; submit only whole shards and release unfinished ones")
+            shard_state = c.execute("SELECT state FROM shards WHERE shard_id = ?", (lease.shard_id,)).fetchone()[0]
+            current_pass = int(_meta(c, "data_pass"))
+            late_but_free = (lease.state is not LeaseState.ACTIVE and lease.data_pass == current_pass
+                             and shard_state == ShardState.PENDING.value)
+            if lease.state is LeaseState.ACTIVE or late_but_free:
+                verdict, credit = Verdict.ACCEPTED, samples * credit_per_sample
+                detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
+                if lease.state is LeaseState.ACTIVE:
+                    c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = 'result' "
+                              "WHERE lease_id = ?", (LeaseState.COMPLETED.value, now, lease_id))
+                else:
+                    c.execute("UPDATE leases SET state = ?, close_reason = 'late result' WHERE lease_id = ?",
+                              (LeaseState.COMPLETED.value, lease_id))
+                c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.DONE.value, lease.shard_id))
+            else:
+                verdict, credit = Verdict.REJECTED_LATE, 0.0
+                detail = f"lease {lease.state.value} and shard {lease.shard_id} was reassigned"
+            c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (lease_id, lease.shard_id, peer_id, lease.data_pass, verdict.value, samples, compute_seconds,
+                       credit, now, detail))
+            c.executemany("INSERT INTO losses VALUES (?, ?, ?, ?)",
+                          [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
+            if losses:
+                _raise_global_step(c, max(epoch for _, epoch in losses))
+            _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
+            return SubmitOutcome(verdict, credit, detail)
+
+    def shard_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in ShardState}
+        for row in self._read("SELECT state, COUNT(*) FROM shards GROUP BY state"):
+            counts[row[0]] = row[1]
+        return counts
+
+    def accepted_results_per_shard(self, data_pass: int) -> dict[int, int]:
+        rows = self._read("SELECT shard_id, COUNT(*) FROM results WHERE verdict = ? AND data_pass = ? "
+                          "GROUP BY shard_id", (Verdict.ACCEPTED.value, data_pass))
+        return {r[0]: r[1] for r in rows}
+
+
+def _pass_order(n: int, seed: int, data_pass: int) -> np.ndarray:
+    """Position of each shard in a pass's lease order: a fresh seeded shuffle per pass."""
+    order = np.empty(n, dtype=np.int64)
+    order[np.random.default_rng([seed, data_pass]).permutation(n)] = np.arange(n)
+    return order
+
+
+def _start_next_pass(c: sqlite3.Connection, data_pass: int, now: float) -> int:
+    seed = int(_meta(c, "seed"))
+    ids = [r[0] for r in c.execute("SELECT shard_id FROM shards ORDER BY shard_id")]
+    order = _pass_order(len(ids), seed, data_pass)
+    c.executemany("UPDATE shards SET state = ?, position = ? WHERE shard_id = ?",
+                  [(ShardState.PENDING.value, int(order[i]), sid) for i, sid in enumerate(ids)])
+    c.execute("UPDATE meta SET value = ? WHERE key = 'data_pass'", (str(data_pass),))
+    _event(c, now, "data_pass_started", detail=str(data_pass))
+    return data_pass
+
+
+def _get_lease(c: sqlite3.Connection, lease_id: str) -> Lease:
+    row = c.execute("SELECT l.*, s.sha256, s.byte_size, s.num_sequences FROM leases l "
+                    "JOIN shards s USING (shard_id) WHERE lease_id = ?", (lease_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"unknown lease id {lease_id!r}; lease a shard first")
+    return Lease(row["lease_id"], row["shard_id"], row["peer_id"], row["data_pass"], LeaseState(row["state"]),
+                 row["deadline"], row["sha256"], row["byte_size"], row["num_sequences"])
+
+
+def _owned_lease(c: sqlite3.Connection, peer_id: str, lease_id: str, now: float) -> Lease:
+    """Expire overdue leases, then return ``lease_id`` if ``peer_id`` holds it (in any state)."""
+    _expire(c, now)
+    lease = _get_lease(c, lease_id)
+    if lease.peer_id != peer_id:
+        raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+    return lease
+
+
+def _close_lease(c: sqlite3.Connection, lease: Lease, state: LeaseState, reason: str, now: float) -> None:
+    c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = ? WHERE lease_id = ?",
+              (state.value, now, reason, lease.lease_id))
+    c.execute("UPDATE shards SET state = ? WHERE shard_id = ? AND state = ?",
+              (ShardState.PENDING.value, lease.shard_id, ShardState.LEASED.value))
+    _event(c, now, "lease_" + state.value, peer_id=lease.peer_id, shard_id=lease.shard_id, detail=reason)
+
+
+def _expire(c: sqlite3.Connection, now: float) -> int:
+    rows = c.execute("SELECT lease_id FROM leases WHERE state = ? AND deadline < ?",
+                     (LeaseState.ACTIVE.value, now)).fetchall()
+    for row in rows:
+        _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED, "deadline passed", now)
+    return len(rows)

@@ -1,0 +1,107 @@
+"""Peers: registration and session tokens, heartbeats, clean leaves and handovers, and the swarm's address book."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from coordinator.errors import PermissionDenied
+from coordinator.ledger.leases import _close_lease, _expire, _get_lease
+from coordinator.ledger.progress import _raise_global_step
+from coordinator.ledger.schema import LeaseState
+from coordinator.ledger.store import LedgerStore, _event
+
+SWARM_MADDRS_LIMIT = 32  # peers handed out per answer: enough to join the swarm, small at any swarm size
+
+
+class PeerRegistry(LedgerStore):
+    """Who takes part in the run, whether they are online, and where the swarm can reach them."""
+
+    def register_peer(self, *, peer_id: str, name: str, public_key: bytes, device_kind: str, device_name: str,
+                      memory_bytes: int, now: float) -> str:
+        """Insert or refresh a peer; returns a new session token (older tokens stop working)."""
+        token = secrets.token_hex(16)
+        with self._tx() as c:
+            row = c.execute("SELECT public_key, banned FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
+            if row is not None and bytes(row["public_key"]) != public_key:
+                raise PermissionDenied(f"peer id {peer_id} belongs to another key")
+            if row is not None and row["banned"]:
+                raise PermissionDenied(f"peer {peer_id} is banned from this run")
+            if row is None:
+                c.execute("INSERT INTO peers (peer_id, name, public_key, token, device_kind, device_name, "
+                          "memory_bytes, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now))
+            else:
+                c.execute("UPDATE peers SET name = ?, token = ?, device_kind = ?, device_name = ?, memory_bytes = ?,"
+                          " last_seen = ?, left_at = NULL WHERE peer_id = ?",
+                          (name, token, device_kind, device_name, memory_bytes, now, peer_id))
+            _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
+        return token
+
+    def check_token(self, peer_id: str, token: str) -> bool:
+        rows = self._read("SELECT token, banned FROM peers WHERE peer_id = ?", (peer_id,))
+        return bool(rows) and secrets.compare_digest(rows[0]["token"], token) and not rows[0]["banned"]
+
+    def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
+                  samples_per_second: float, lease_seconds: float, now: float,
+                  dht_maddrs: list[str] | None = None, utilization: float = 0.0) -> tuple[list[str], int]:
+        """Mark the peer alive, extend its active leases; returns (extended lease ids, global step)."""
+        with self._tx() as c:
+            _expire(c, now)
+            c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
+                      "samples_per_second = ?, utilization = ?, left_at = NULL WHERE peer_id = ?",
+                      (now, epoch, samples, recent_loss, samples_per_second, utilization, peer_id))
+            if dht_maddrs is not None:
+                c.execute("UPDATE peers SET dht_maddrs = ? WHERE peer_id = ?", (json.dumps(dht_maddrs), peer_id))
+            ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
+                                           (peer_id, LeaseState.ACTIVE.value))]
+            c.execute("UPDATE leases SET deadline = ? WHERE peer_id = ? AND state = ?",
+                      (now + lease_seconds, peer_id, LeaseState.ACTIVE.value))
+            step = _raise_global_step(c, epoch)
+        return ids, step
+
+    def leave(self, peer_id: str, *, epoch: int, reason: str, now: float) -> None:
+        """A clean leave: the peer goes offline at once and its active leases go back to the pool."""
+        with self._tx() as c:
+            for row in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
+                                 (peer_id, LeaseState.ACTIVE.value)).fetchall():
+                _close_lease(c, _get_lease(c, row[0]), LeaseState.RELEASED, "peer left", now)
+            c.execute("UPDATE peers SET left_at = COALESCE(left_at, ?), leaving_epoch = ?, epoch = MAX(epoch, ?) "
+                      "WHERE peer_id = ?", (now, epoch, epoch, peer_id))
+            _raise_global_step(c, epoch)
+            _event(c, now, "peer_left", peer_id=peer_id, detail=reason)
+
+    def handover_needed(self, peer_id: str, *, online_seconds: float, now: float) -> bool:
+        """True while ``peer_id`` (leaving) holds a state newer than the latest checkpoint that no online peer has."""
+        with self._lock:
+            c = self._conn
+            row = c.execute("SELECT leaving_epoch FROM peers WHERE peer_id = ? AND left_at IS NOT NULL",
+                            (peer_id,)).fetchone()
+            if row is None or row[0] is None:
+                return False
+            ckpt = c.execute("SELECT COALESCE(MAX(step), -1) FROM checkpoints").fetchone()[0]
+            if row[0] <= ckpt:
+                return False
+            others = c.execute("SELECT COUNT(*) FROM peers WHERE peer_id != ? AND left_at IS NULL AND last_seen >= ? "
+                               "AND epoch >= ?", (peer_id, now - online_seconds, row[0])).fetchone()[0]
+            return others == 0
+
+    def handovers_wanted(self, *, since: float, online_seconds: float, now: float) -> list[tuple[str, int, list[str]]]:
+        """Peers that left since ``since`` and alone hold a state newer than the latest checkpoint, newest first:
+        ``(peer id, epoch, maddrs)`` for the keeper to download from."""
+        rows = self._read("SELECT peer_id, leaving_epoch, dht_maddrs FROM peers WHERE left_at >= ? "
+                          "ORDER BY leaving_epoch DESC", (since,))
+        return [(r[0], r[1], json.loads(r[2])) for r in rows
+                if self.handover_needed(r[0], online_seconds=online_seconds, now=now)]
+
+    def swarm_maddrs(self, *, exclude_peer: str | None, online_seconds: float, now: float) -> list[str]:
+        """hivemind maddrs of the keeper and of the most recently seen online peers (see SWARM_MADDRS_LIMIT)."""
+        rows = self._read("SELECT dht_maddrs FROM peers WHERE peer_id IS NOT ? AND left_at IS NULL AND last_seen >= ? "
+                          "AND dht_maddrs != '[]' ORDER BY last_seen DESC LIMIT ?",
+                          (exclude_peer, now - online_seconds, SWARM_MADDRS_LIMIT))
+        keeper = json.loads(self.get_meta("keeper_maddrs", "[]"))
+        return keeper + [m for r in rows for m in json.loads(r[0])]
+
+    def set_keeper_maddrs(self, maddrs: list[str]) -> None:
+        self.set_meta("keeper_maddrs", json.dumps(maddrs))
+

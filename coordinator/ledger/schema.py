@@ -1,0 +1,154 @@
+"""The ledger's schema: connection pragmas, ordered migrations, the state enums and the value types it returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",  # readers (status, dashboard) never block the writer
+    "PRAGMA busy_timeout=10000",  # the keeper and the server share the file: wait, don't fail
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA synchronous=NORMAL",  # safe with WAL; a power cut loses at most the last transactions
+)
+
+
+class ShardState(str, enum.Enum):
+    PENDING = "pending"  # waiting in the pool for the current data pass
+    LEASED = "leased"  # held by exactly one active lease
+    DONE = "done"  # trained in the current data pass; exactly one accepted result
+
+
+class LeaseState(str, enum.Enum):
+    ACTIVE = "active"  # the peer is training; expires at its deadline unless heartbeats extend it
+    COMPLETED = "completed"  # a result was accepted under it
+    EXPIRED = "expired"  # the deadline passed; its shard went back to the pool
+    RELEASED = "released"  # the peer handed it back
+
+
+class Verdict(str, enum.Enum):
+    ACCEPTED = "accepted"  # shard done, peer credited
+    REJECTED_LATE = "rejected_late"  # lease had expired and the shard was reassigned
+
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE peers (
+        peer_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        token TEXT NOT NULL,
+        device_kind TEXT NOT NULL DEFAULT '',
+        device_name TEXT NOT NULL DEFAULT '',
+        memory_bytes INTEGER NOT NULL DEFAULT 0,
+        registered_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        samples_reported INTEGER NOT NULL DEFAULT 0,
+        recent_loss REAL,
+        samples_per_second REAL NOT NULL DEFAULT 0,
+        banned INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE shards (
+        shard_id INTEGER PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        byte_size INTEGER NOT NULL,
+        num_sequences INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        position INTEGER NOT NULL  -- lease order within the current data pass
+    );
+    CREATE INDEX shards_by_state ON shards (state, position);
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY,
+        shard_id INTEGER NOT NULL REFERENCES shards (shard_id),
+        peer_id TEXT NOT NULL REFERENCES peers (peer_id),
+        data_pass INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        issued_at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        closed_at REAL,
+        close_reason TEXT
+    );
+    CREATE INDEX leases_by_state ON leases (state, deadline);
+    CREATE INDEX leases_by_peer ON leases (peer_id, state);
+    CREATE TABLE results (
+        lease_id TEXT PRIMARY KEY REFERENCES leases (lease_id),
+        shard_id INTEGER NOT NULL,
+        peer_id TEXT NOT NULL,
+        data_pass INTEGER NOT NULL,
+        verdict TEXT NOT NULL,
+        samples INTEGER NOT NULL,
+        compute_seconds REAL NOT NULL,
+        credit REAL NOT NULL,
+        submitted_at REAL NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE TABLE losses (
+        lease_id TEXT NOT NULL REFERENCES results (lease_id),
+        idx INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        loss REAL NOT NULL,
+        PRIMARY KEY (lease_id, idx)
+    );
+    CREATE INDEX losses_by_epoch ON losses (epoch);
+    CREATE TABLE checkpoints (
+        step INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        val_loss REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE evaluations (
+        step INTEGER PRIMARY KEY,
+        val_loss REAL NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        peer_id TEXT,
+        shard_id INTEGER,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
+    # 2: the swarm's address book (dht_maddrs: JSON list of the peer's hivemind multiaddrs) and clean leaves
+    # (left_at: set by Leave, cleared when the peer is heard from again; leaving_epoch: its epoch then);
+    # utilization: the share of its wall time the peer spends computing, from heartbeats.
+    # No comments inside the statements: SQLite appends an added column's text to the table's schema.
+    """
+    ALTER TABLE peers ADD COLUMN dht_maddrs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE peers ADD COLUMN left_at REAL;
+    ALTER TABLE peers ADD COLUMN leaving_epoch INTEGER;
+    ALTER TABLE peers ADD COLUMN utilization REAL NOT NULL DEFAULT 0
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    shard_id: int
+    peer_id: str
+    data_pass: int
+    state: LeaseState
+    deadline: float
+    sha256: str
+    byte_size: int
+    num_sequences: int
+
+
+@dataclass(frozen=True)
+class LeaseOutcome:
+    """What ``lease_shard`` decided: a lease, or nothing now (retry later), or the run is complete."""
+
+    lease: Lease | None
+    run_complete: bool = False
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    verdict: Verdict
+    credit: float
+    detail: str

@@ -1,0 +1,113 @@
+"""The status document (``hivefold status``, ``GetStatus``, ``/api/status``): one consistent read of the ledger."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from coordinator.ledger.schema import ShardState
+from coordinator.ledger.store import LedgerStore
+
+
+class StatusReport(LedgerStore):
+    """Reads only."""
+
+    def status(self, *, now: float, online_seconds: float, seq_len: int) -> dict:
+        """The status document (see README); reads only."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")  # one consistent snapshot
+            try:
+                return _status(c, now=now, online_seconds=online_seconds, seq_len=seq_len)
+            finally:
+                c.execute("COMMIT")
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _keeper_health(meta: dict[str, str], global_step: int, checkpoint_step: int | None) -> dict:
+    """The keeper's part of the status document, with a warning when checkpoints fall behind the swarm."""
+    def number(key: str, kind: type):
+        return kind(meta[key]) if key in meta else None
+
+    every = number("checkpoint_every", int)
+    error = meta.get("keeper_last_error")
+    age = None if checkpoint_step is None else global_step - checkpoint_step
+    # Two intervals of slack: the keeper checkpoints once the swarm is one interval ahead, then needs
+    # a while to download the state, evaluate and write.
+    warning = None
+    if every is not None and (age if age is not None else global_step) > 2 * every:
+        warning = (f"the latest checkpoint is {age} swarm steps behind" if age is not None
+                   else f"no checkpoint yet at swarm step {global_step}") + f" (checkpoint every {every})"
+        warning += (f": the keeper cannot download the swarm's state: {error}" if error
+                    else "; is the keeper running? See the coordinator's log")
+    return {
+        "checkpoint_every": every,
+        "last_download_at": number("keeper_last_download_at", float),
+        "last_download_step": number("keeper_last_download_step", int),
+        "last_error": error,
+        "last_error_at": number("keeper_last_error_at", float),
+        "checkpoint_step": checkpoint_step,
+        "checkpoint_age_steps": age,
+        "warning": warning,
+    }
+
+
+def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len: int) -> dict:
+    meta = {r[0]: r[1] for r in c.execute("SELECT key, value FROM meta")}
+    counts = {s.value: 0 for s in ShardState}
+    for row in c.execute("SELECT state, COUNT(*) FROM shards GROUP BY state"):
+        counts[row[0]] = row[1]
+    peers = []
+    for p in c.execute(
+        "SELECT p.*, "
+        "(SELECT COUNT(*) FROM results r WHERE r.peer_id = p.peer_id AND r.verdict = 'accepted') AS shards_done, "
+        "(SELECT COALESCE(SUM(samples), 0) FROM results r WHERE r.peer_id = p.peer_id AND r.verdict = 'accepted')"
+        " AS samples, "
+        "(SELECT COALESCE(SUM(credit), 0) FROM results r WHERE r.peer_id = p.peer_id) AS credit "
+        "FROM peers p ORDER BY p.registered_at"
+    ):
+        peers.append({
+            "peer_id": p["peer_id"], "name": p["name"],
+            "online": p["left_at"] is None and now - p["last_seen"] <= online_seconds,
+            "shards_done": p["shards_done"], "samples": p["samples"], "credit": round(p["credit"], 3),
+            "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
+            "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],
+            "utilization": p["utilization"],
+        })
+    samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
+    # Training loss: mean over the micro-batches of the latest swarm steps that have any.
+    recent = c.execute("SELECT epoch, AVG(loss), COUNT(*) FROM losses GROUP BY epoch ORDER BY epoch DESC "
+                       "LIMIT 3").fetchall()
+    first = c.execute("SELECT epoch, AVG(loss) FROM losses GROUP BY epoch ORDER BY epoch LIMIT 1").fetchone()
+    live = [p["recent_loss"] for p in peers if p["online"] and p["recent_loss"] is not None]
+    train_loss = _mean([r[1] for r in recent]) if recent else _mean(live)
+    evals = c.execute("SELECT step, val_loss FROM evaluations ORDER BY step").fetchall()
+    ckpt = c.execute("SELECT step, path, val_loss FROM checkpoints ORDER BY step DESC LIMIT 1").fetchone()
+    rate = sum(p["samples_per_second"] for p in peers if p["online"])
+    global_step = int(meta.get("global_step", 0))
+    return {
+        "run_id": meta.get("run_id", ""),
+        "spec_hash": meta.get("spec_hash", ""),
+        "global_step": global_step,
+        "data_pass": int(meta.get("data_pass", 0)),
+        "shards": {"total": sum(counts.values()), **counts},
+        "peers": peers,
+        "peers_online": sum(p["online"] for p in peers),
+        "samples_per_second": round(rate, 2),
+        # the swarm's compute utilization: online peers' shares weighted by their throughput
+        "utilization": (round(sum(p["utilization"] * p["samples_per_second"] for p in peers if p["online"]) / rate, 3)
+                        if rate > 0 else None),
+        "averaging": meta.get("averaging"),
+        "train_loss": train_loss,
+        "train_loss_first": float(first[1]) if first else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_loss_first": evals[0]["val_loss"] if evals else None,
+        "val_history": [[e["step"], e["val_loss"]] for e in evals],
+        "samples_trained": int(samples),
+        "tokens_trained": int(samples) * seq_len,
+        "checkpoint": ({"step": ckpt["step"], "path": ckpt["path"], "val_loss": ckpt["val_loss"]} if ckpt else None),
+        "keeper": _keeper_health(meta, global_step, ckpt["step"] if ckpt else None),
+        "time": now,
+    }
