@@ -87,7 +87,7 @@ def plain(spec: RunSpec, device: str, seconds: float) -> dict:
 
 
 def trainer_path(spec: RunSpec, device: str, seconds: float, dht: SwarmDHT) -> dict:
-    trainer = Trainer(spec, dht, device=device, client_mode=False)
+    trainer = Trainer(spec, dht, device=device, client_mode=False, micro_batch=spec.micro_batch)
     rng = np.random.default_rng(0)
     shard = rng.integers(0, spec.model.vocab_size, (SHARD, spec.seq_len + 1)).astype(np.uint16)
     stop = threading.Event()

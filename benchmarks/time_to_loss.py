@@ -35,7 +35,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DATA_FLAGS = ["--corpus", "stdlib", "--seq-len", "128", "--shard-sequences", "128", "--model", "tiny"]
 
 
 def build_run(workdir: Path, args) -> dict:
@@ -43,7 +42,7 @@ def build_run(workdir: Path, args) -> dict:
     from coordinator.config import RunOptions
     from coordinator.run import open_run
 
-    options = RunOptions(corpus="stdlib", model=args.model, seq_len=128, shard_sequences=128,
+    options = RunOptions(corpus="stdlib", model=args.model, seq_len=128, shard_sequences=args.shard_sequences,
                          micro_batch=args.micro_batch, target_batch_size=args.target_batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, averaging=args.mode,
                          inner_steps=args.inner_steps, compression=args.compression, outer_lr=args.outer_lr,
@@ -76,6 +75,12 @@ def single_worker(workdir: Path, seconds: float, batch: int, lr: float, eval_eve
     data = np.concatenate([np.load(workdir / "shards" / shard_filename(spec.shards[i].shard_id)) for i in order])
     val = np.load(workdir / "shards" / VAL_FILENAME)
     model = build_model(spec.model, spec.seed).to(device)
+    if batch == 0:  # auto: the size a peer would pick alone on this device (see peer.device.choose_micro_batch)
+        from peer.device import choose_micro_batch
+
+        batch, why = choose_micro_batch(0, run_micro_batch=spec.micro_batch, model=model, device=device,
+                                        seq_len=spec.seq_len)
+        print(f"single process: batch {batch} ({why})", flush=True)
     cfg = OptimizerConfig(lr=lr, warmup_steps=spec.optimizer.warmup_steps, decay_steps=spec.optimizer.decay_steps)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             fused=device.startswith("cuda"))
@@ -114,7 +119,8 @@ def single_worker(workdir: Path, seconds: float, batch: int, lr: float, eval_eve
             record()
             last_eval = train_time
     record()
-    out.write_text(json.dumps({"points": points, "tokens": tokens, "seconds": train_time, "steps": step}))
+    out.write_text(json.dumps({"points": points, "tokens": tokens, "seconds": train_time, "steps": step,
+                               "batch": batch}))
 
 
 def run_single(workdir: Path, args, root: Path) -> dict:
@@ -125,7 +131,7 @@ def run_single(workdir: Path, args, root: Path) -> dict:
     subprocess.run(cmd, check=True, cwd=REPO)
     r = json.loads(out.read_text())
     return {"tokens_per_s": r["tokens"] / r["seconds"], "curve": r["points"], "steps": r["steps"],
-            "batch": args.single_batch, "lr": args.single_lr}
+            "batch": r["batch"], "lr": args.single_lr}
 
 
 # --- 2. the swarm ----------------------------------------------------------------------------------
@@ -276,17 +282,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--micro-batch", type=int, default=16, help="the run's (each peer's) micro-batch")
+    parser.add_argument("--shard-sequences", type=int, default=128,
+                        help="sequences per work unit (larger on a GPU, or peers lease many a second)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="the run's (each peer's) micro-batch")
     parser.add_argument("--target-batch-size", type=int, default=128, help="sync: samples per swarm step")
-    parser.add_argument("--inner-steps", type=int, default=50, help="diloco: micro-batches per outer round")
-    parser.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov learning rate")
-    parser.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer Nesterov momentum")
+    parser.add_argument("--inner-steps", type=int, default=64, help="diloco: micro-batches per outer round")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="diloco: outer Nesterov learning rate")
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="diloco: outer Nesterov momentum")
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--matchmaking-time", type=float, default=2.0)
+    parser.add_argument("--matchmaking-time", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=3e-3, help="the run's (inner) peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--decay-steps", type=int, default=3000)
-    parser.add_argument("--single-batch", type=int, default=16)
+    parser.add_argument("--single-batch", type=lambda s: 0 if s == "auto" else int(s), default=16,
+                        help="the single process's batch; auto: what peer.device.choose_micro_batch picks alone on "
+                             "the device (use on a GPU)")
     parser.add_argument("--single-lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=float, default=10.0, help="single: seconds between validation losses")
     parser.add_argument("--checkpoint-every", type=int, default=5,

@@ -29,6 +29,8 @@ MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refuse
 NAME_MAX = 64
 MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
+NO_WORK_RETRY_S = 1.0  # when a peer may ask again for work after none was free
+MICRO_BATCH_MAX = 65536  # sequences per forward/backward a peer may report
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
 
@@ -110,7 +112,9 @@ def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.L
     if outcome.run_complete:
         return pb.LeaseShardResponse(run_complete=True)
     if outcome.lease is None:
-        return pb.LeaseShardResponse(retry_after_s=min(ctx.config.heartbeat_interval, 5.0))
+        # Nothing to lease (a pass's last shards are still out, or the peer holds its limit): a GPU trains a
+        # shard in well under a second, so ask again soon rather than idle at every pass boundary.
+        return pb.LeaseShardResponse(retry_after_s=NO_WORK_RETRY_S)
     lease = outcome.lease
     log.info("peer %s leased shard %d (lease %s, pass %d)", peer_id, lease.shard_id, lease.lease_id,
              lease.data_pass)
@@ -146,10 +150,12 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
     peer_id = _auth(request.auth, ctx)
     if not request.lease_id:
         raise InvalidArgument("lease_id is required")
-    max_batches = math.ceil(request.samples / ctx.spec.micro_batch) if request.samples else 0
+    # Each peer trains at its own micro-batch (reported in heartbeats); one loss per micro-batch at most.
+    micro_batch = ctx.ledger.peer_micro_batch(peer_id) or ctx.spec.micro_batch
+    max_batches = math.ceil(request.samples / micro_batch) if request.samples else 0
     if len(request.losses) > max_batches:
         raise InvalidArgument(f"{len(request.losses)} losses for {request.samples} samples; at most one per "
-                              f"micro-batch of {ctx.spec.micro_batch}")
+                              f"micro-batch of {micro_batch}")
     losses = [(float(x.loss), int(x.epoch)) for x in request.losses]
     if any(not math.isfinite(loss) or loss < 0 for loss, _ in losses):
         raise InvalidArgument("losses must be finite and non-negative")
@@ -176,6 +182,8 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
     loss = float(request.recent_loss)
     rate = float(request.samples_per_second)
     maddrs = list(request.dht_maddrs)
+    if request.micro_batch > MICRO_BATCH_MAX:
+        raise InvalidArgument(f"micro_batch must be at most {MICRO_BATCH_MAX}, got {request.micro_batch}")
     if len(maddrs) > MADDRS_MAX or any(not m.startswith("/") or len(m) > MADDR_CHARS for m in maddrs):
         raise InvalidArgument(f"dht_maddrs must be at most {MADDRS_MAX} multiaddrs of at most {MADDR_CHARS} "
                               "characters, each starting with '/'")
@@ -184,7 +192,8 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
         lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs,
-        utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0)
+        utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
+        micro_batch=int(request.micro_batch))
     return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
 

@@ -19,6 +19,7 @@ itself when the coordinator that started it is gone, so it can never be left beh
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import threading
@@ -76,7 +77,10 @@ class Keeper:
     def evaluate_and_checkpoint(self, reason: str) -> None:
         step = self.averaging.epoch
         now = time.time()  # when the swarm's state was this one (the evaluation below takes a while)
-        val_loss = evaluate(self.model, self.val)
+        if torch.cuda.is_available():  # the operator's GPU, if any, measures the loss as the peers' GPUs train
+            val_loss = evaluate(copy.deepcopy(self.model).to("cuda"), self.val, device="cuda")
+        else:
+            val_loss = evaluate(self.model, self.val)
         self.ledger.record_evaluation(step, val_loss, now=now)
         if step == self.last_step:
             return

@@ -81,10 +81,12 @@ def render(status: dict, *, clock: str = "") -> Group:
         f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
         status.get("averaging") or "",
     )
-    peers = Table("peer", "name", "online", "shards", "samples", "samples/s", "compute", "loss", "step", box=None)
+    peers = Table("peer", "name", "device", "batch", "online", "shards", "samples", "samples/s", "compute", "loss",
+                  "step", box=None)
     for p in status["peers"]:
         # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
-        peers.add_row(p["peer_id"][:8], Text(p["name"]), "yes" if p["online"] else "no", str(p["shards_done"]),
+        peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
+                      "yes" if p["online"] else "no", str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, *keeper_lines(status), peers)

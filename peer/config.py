@@ -33,6 +33,7 @@ class PeerConfig:
     progress: bool = True  # show a progress bar (off: one log line per shard)
     retry_cap: float = 30.0  # longest wait between retries when the coordinator is unreachable
     step_interval: float = 1.0  # seconds of local gradient accumulation per hivemind step call (less DHT chatter)
+    micro_batch: int = 0  # sequences per forward/backward; 0 = auto (the run's on CPU, sized to the GPU on CUDA)
 
     def __post_init__(self) -> None:
         parse_host_port(self.coordinator, flag="--coordinator")
@@ -44,6 +45,8 @@ class PeerConfig:
             raise ConfigError("--threads and --max-shards must be >= 0")
         if self.retry_cap <= 0:
             raise ConfigError("--retry-cap must be > 0")
+        if self.micro_batch < 0:
+            raise ConfigError(f"--micro-batch must be 'auto' or a positive number of sequences, got {self.micro_batch}")
         if self.step_interval < 0:
             raise ConfigError("--step-interval must be >= 0")
         for maddr in (*self.dht_listen, *self.dht_announce):
@@ -74,8 +77,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-cap", type=float, default=d.retry_cap,
                    help="longest wait between retries while the coordinator is unreachable, seconds "
                         "(default %(default)s)")
+    p.add_argument("--micro-batch", type=_micro_batch, default="auto",
+                   help="sequences per forward/backward pass: auto (the run's on a CPU; on a GPU, the size that "
+                        "keeps it busy within its memory) or a number (default auto)")
     p.add_argument("--step-interval", type=float, default=d.step_interval,
                    help="seconds of local gradient accumulation between hivemind steps (default %(default)s)")
+
+
+def _micro_batch(text: str) -> int:
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of sequences, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or >= 1, got {value}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
@@ -84,4 +102,4 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
-                      retry_cap=args.retry_cap, step_interval=args.step_interval)
+                      retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch)

@@ -89,7 +89,7 @@ class Peer:
                                 announce_maddrs=list(self.config.dht_announce) or None,
                                 client_mode=self.config.client_mode, start=True)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
-                               step_interval=self.config.step_interval)
+                               step_interval=self.config.step_interval, micro_batch=self.config.micro_batch)
         # Direct links to the swarm's members first: the state download below needs one (see hivefold.addressbook).
         addressbook.connect(self.dht, resp.swarm_maddrs)
         source = self.trainer.load_swarm_state(
@@ -116,7 +116,8 @@ class Peer:
             try:
                 resp = self.client.heartbeat(pb.HeartbeatRequest(
                     epoch=self.trainer.epoch, samples_trained=m.samples_total, recent_loss=m.loss,
-                    samples_per_second=m.samples_per_second, dht_maddrs=own, compute_utilization=m.utilization))
+                    samples_per_second=m.samples_per_second, dht_maddrs=own, compute_utilization=m.utilization,
+                    micro_batch=self.trainer.micro_batch))
                 # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
                 book = set(addressbook.group_by_peer(resp.swarm_maddrs))
                 if not book <= linked or time.monotonic() - checked_at > RELINK_EVERY_S:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -44,3 +45,66 @@ def describe_device(device: str) -> pb.DeviceReport:
     except (ValueError, OSError, AttributeError):
         memory = 0
     return pb.DeviceReport(kind=device, name="Apple GPU" if device == "mps" else _cpu_name(), memory_bytes=memory)
+
+
+AUTO_MAX_FACTOR = 32  # auto tries the run's micro-batch times 1, 2, 4, ... up to this factor
+AUTO_MEMORY_SHARE = 0.5  # of the GPU's free memory the probe may fill (optimizer state, other peers need the rest)
+AUTO_GOOD_ENOUGH = 0.9  # the smallest size within this share of the best throughput wins: small batches learn more
+
+
+def choose_micro_batch(requested: int, *, run_micro_batch: int, model: torch.nn.Module, device: str,
+                       seq_len: int) -> tuple[int, str]:
+    """The micro-batch this peer trains at, and why.
+
+    ``requested`` > 0 is the volunteer's ``--micro-batch``. Auto on a CPU is the run's own: a CPU is
+    about as fast per sample at any size, and smaller batches learn more per sample. Auto on CUDA times
+    a few forward/backward passes at the run's micro-batch times 1, 2, 4, ... (stopping before memory
+    runs short) and takes the smallest that comes within ``AUTO_GOOD_ENOUGH`` of the fastest. The probe
+    leaves the model's parameters as they were.
+    """
+    if requested:
+        return requested, "--micro-batch"
+    if not device.startswith("cuda"):
+        return run_micro_batch, "the run's (auto on a CPU)"
+    from hivefold.training import autocast
+
+    free, _total = torch.cuda.mem_get_info()
+    budget = AUTO_MEMORY_SHARE * free
+    vocab = model.cfg.vocab_size
+    rates: list[tuple[int, float]] = []
+    mb = run_micro_batch
+    while mb <= run_micro_batch * AUTO_MAX_FACTOR:
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            x = torch.randint(0, vocab, (mb, seq_len + 1), device=device)
+
+            def once(x=x):
+                with autocast(device):
+                    _, loss = model(x[:, :-1], x[:, 1:])
+                loss.backward()
+
+            once()  # warm-up: kernels picked, memory allocated
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                once()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated() - base
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+        rates.append((mb, 3 * mb / seconds))
+        if 2 * peak > budget:  # the next size would not fit beside the optimizer state and other peers
+            break
+        mb *= 2
+    torch.cuda.empty_cache()
+    if not rates:
+        return run_micro_batch, "the run's (the GPU had no memory to spare for a larger one)"
+    best = max(rate for _, rate in rates)
+    chosen = min(m for m, rate in rates if rate >= AUTO_GOOD_ENOUGH * best)
+    table = ", ".join(f"{m}: {rate:.0f}/s" for m, rate in rates)
+    return chosen, f"auto on {device}: samples/s by micro-batch {table}"

@@ -24,6 +24,7 @@ from hivefold.checkpoint import load_checkpoint
 from hivefold.model import build_model
 from hivefold.spec import RunSpec
 from hivefold.training import autocast
+from peer.device import choose_micro_batch
 
 log = logging.getLogger("hivefold.peer")
 
@@ -68,10 +69,13 @@ def _ema(old: float, new: float) -> float:
 
 class Trainer:
     def __init__(self, spec: RunSpec, dht: hivemind.DHT, *, device: str, client_mode: bool,
-                 step_interval: float = 1.0):
+                 step_interval: float = 1.0, micro_batch: int = 0):
         self.spec, self.device, self.step_interval = spec, device, step_interval
         self.model = build_model(spec.model, spec.seed).to(device)
-        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode)
+        self.micro_batch, why = choose_micro_batch(micro_batch, run_micro_batch=spec.micro_batch, model=self.model,
+                                                   device=device, seq_len=spec.seq_len)
+        log.info("micro-batch %d (%s)", self.micro_batch, why)
+        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode, micro_batch=self.micro_batch)
         self.meter = Meter()
         self.diloco = spec.averaging.mode == "diloco"
         log.info("model: %.2fM parameters on %s, %s averaging", self.model.num_parameters() / 1e6, device,
@@ -105,7 +109,7 @@ class Trainer:
         """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set."""
         result = ShardResult()
         self.model.train()
-        mb = self.spec.micro_batch
+        mb = self.micro_batch
         data = torch.from_numpy(sequences.astype(np.int64))
         cuda = self.device.startswith("cuda")
         if cuda:

@@ -173,7 +173,7 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization")
+    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization", "micro_batch")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class HeartbeatRequest(_message.Message):
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     epoch: int
     samples_trained: int
@@ -188,7 +189,8 @@ class HeartbeatRequest(_message.Message):
     samples_per_second: float
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
     compute_utilization: float
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("extended_lease_ids", "global_step", "swarm_maddrs")

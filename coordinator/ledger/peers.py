@@ -38,19 +38,27 @@ class PeerRegistry(LedgerStore):
             _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
         return token
 
+    def peer_micro_batch(self, peer_id: str) -> int:
+        """The micro-batch the peer reported (0: not reported yet)."""
+        rows = self._read("SELECT micro_batch FROM peers WHERE peer_id = ?", (peer_id,))
+        return int(rows[0][0]) if rows else 0
+
     def check_token(self, peer_id: str, token: str) -> bool:
         rows = self._read("SELECT token, banned FROM peers WHERE peer_id = ?", (peer_id,))
         return bool(rows) and secrets.compare_digest(rows[0]["token"], token) and not rows[0]["banned"]
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
                   samples_per_second: float, lease_seconds: float, now: float,
-                  dht_maddrs: list[str] | None = None, utilization: float = 0.0) -> tuple[list[str], int]:
+                  dht_maddrs: list[str] | None = None, utilization: float = 0.0,
+                  micro_batch: int = 0) -> tuple[list[str], int]:
         """Mark the peer alive, extend its active leases; returns (extended lease ids, global step)."""
         with self._tx() as c:
             _expire(c, now)
             c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
                       "samples_per_second = ?, utilization = ?, left_at = NULL WHERE peer_id = ?",
                       (now, epoch, samples, recent_loss, samples_per_second, utilization, peer_id))
+            if micro_batch > 0:
+                c.execute("UPDATE peers SET micro_batch = ? WHERE peer_id = ?", (micro_batch, peer_id))
             if dht_maddrs is not None:
                 c.execute("UPDATE peers SET dht_maddrs = ? WHERE peer_id = ?", (json.dumps(dht_maddrs), peer_id))
             ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",

@@ -123,6 +123,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE peers ADD COLUMN leaving_epoch INTEGER;
     ALTER TABLE peers ADD COLUMN utilization REAL NOT NULL DEFAULT 0
     """,
+    # 3: micro_batch: the sequences per forward/backward pass the peer chose for its device (0: not yet reported).
+    """
+    ALTER TABLE peers ADD COLUMN micro_batch INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 

@@ -21,12 +21,17 @@ from hivefold.model import GPT
 from hivefold.spec import RunSpec
 
 
-def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True):
-    """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that)."""
+def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True,
+                   micro_batch: int | None = None):
+    """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that).
+
+    ``micro_batch``: the sequences per forward/backward this member trains at (default: the spec's).
+    """
     if spec.averaging.mode == "diloco":
         from hivefold.averaging.diloco import DiLoCo
 
         return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains)
     from hivefold.averaging.sync import SyncAveraging
 
-    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains)
+    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains,
+                         micro_batch=micro_batch or spec.micro_batch)

@@ -81,11 +81,12 @@ class DiLoCo:
         self.spec, self.model, self.trains, self.client_mode = spec, model, trains, client_mode
         a = spec.averaging
         self.params = list(model.parameters())
-        self.global_params = [p.detach().float().cpu().clone() for p in self.params]
+        # The outer state stays on the training device: a round then moves only the pseudo-gradient to the host
+        # (the all-reduce's buffers) and the averaged update back, and the outer step runs where the model is.
+        self.global_params = [p.detach().float().clone() for p in self.params]
         self.momentum = [torch.zeros_like(g) for g in self.global_params]
         self.epoch = 0  # outer steps applied to global_params
         self.samples_in_round = 0
-        self.inner_steps_in_round = 0
         self.rounds_ok = self.rounds_alone = 0
         self.last_round_seconds = 0.0  # how long the latest all-reduce took, matchmaking included
         self.wait_seconds = 0.0  # time the device waited for an all-reduce (the network was slower than a round)
@@ -97,7 +98,7 @@ class DiLoCo:
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = _OuterStateAverager(
-            averaged_tensors=[torch.zeros_like(g) for g in self.global_params], dht=dht, start=True,
+            averaged_tensors=[torch.zeros_like(g, device="cpu") for g in self.global_params], dht=dht, start=True,
             prefix=f"{spec.run_id}_diloco", state_fn=self._shared_state, min_matchmaking_time=a.matchmaking_time,
             request_timeout=min(3.0, a.matchmaking_time / 2), allreduce_timeout=a.averaging_timeout,
             compression=compression(a.compression), state_compression=NoCompression(), client_mode=client_mode,
@@ -116,15 +117,14 @@ class DiLoCo:
 
     def step(self, samples: int) -> None:
         """One inner step on gradients summed over ``samples`` sequences; starts or lands outer rounds."""
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.div_(samples)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, float(samples))  # one fused launch instead of one per tensor
         if self.spec.optimizer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.optimizer.grad_clip)
         self.inner.step()
         self.inner.zero_grad(set_to_none=True)
         self.samples_in_round += samples
-        self.inner_steps_in_round += 1
         self._set_lr()
         now = time.monotonic()
         # Reporting builds a record and wakes hivemind's reporter thread: a few times a second is plenty, and a
@@ -169,7 +169,8 @@ class DiLoCo:
     def state_dict(self) -> dict:
         """The outer state for a checkpoint (the model's own parameters are the global ones there)."""
         with self._lock:
-            return {"mode": "diloco", "epoch": self.epoch, "momentum": [m.clone() for m in self.momentum]}
+            return {"mode": "diloco", "epoch": self.epoch,
+                    "momentum": [m.detach().cpu().clone() for m in self.momentum]}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from a checkpoint: ``model`` already holds the checkpoint's (global) parameters."""
@@ -213,16 +214,18 @@ class DiLoCo:
         samples = self.samples_in_round
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.epoch + 1)
-        self.samples_in_round = self.inner_steps_in_round = 0
+        self.samples_in_round = 0
+        alone = self.tracker.global_progress.num_peers <= 1  # nobody to average with: no matchmaking to wait for
         with torch.no_grad():
             sent_local = [p.detach().clone() for p in self.params]
-            with self.averager.get_tensors() as buffers:
-                for buf, g, p in zip(buffers, self.global_params, sent_local, strict=True):
-                    torch.sub(g, p.float().cpu(), out=buf)
-                own = [buf.clone() for buf in buffers]
+            own = [torch.sub(g, p.float()) for g, p in zip(self.global_params, sent_local, strict=True)]
+            if not alone:
+                with self.averager.get_tensors() as buffers:
+                    for buf, d in zip(buffers, own, strict=True):
+                        buf.copy_(d)
         a = self.spec.averaging
         self._sent_fingerprint = self._fingerprint()
-        if self.tracker.global_progress.num_peers <= 1:  # nobody to average with: no matchmaking to wait for
+        if alone:
             control = None
         else:
             # A group forms within the matchmaking window or not at all; the all-reduce has its own timeout.
@@ -254,12 +257,13 @@ class DiLoCo:
             self.rounds_alone += 1
         self.last_round_seconds = time.perf_counter() - r.started
         a = self.spec.averaging
+        update = [u.to(g.device) for u, g in zip(update, self.global_params, strict=True)]
         with self._lock, torch.no_grad():
             nesterov_outer_step(self.global_params, self.momentum, update, lr=a.outer_lr, mu=a.outer_momentum)
             self.epoch = r.epoch + 1
             # Keep the inner steps taken since the pseudo-gradient was sent, on top of the new global parameters.
             for p, g, sent in zip(self.params, self.global_params, r.sent_local, strict=True):
-                p.sub_(sent).add_(g.to(device=p.device, dtype=p.dtype))
+                p.sub_(sent).add_(g.to(dtype=p.dtype))
         self._pending = None
         self._share_priority()
         if r.control is not None:
@@ -277,7 +281,7 @@ class DiLoCo:
             for p, g in zip(self.params, self.global_params, strict=True):
                 p.copy_(g.to(device=p.device, dtype=p.dtype))
             self.epoch = epoch
-        self.samples_in_round = self.inner_steps_in_round = 0
+        self.samples_in_round = 0
         if self.tracker:
             with self.tracker.pause_updates():
                 self.tracker.update_epoch(epoch)
@@ -287,7 +291,7 @@ class DiLoCo:
     def _shared_state(self):
         with self._lock:
             return ({"epoch": self.epoch, "in_flight": self._pending is not None},
-                    [g.clone() for g in self.global_params] + [m.clone() for m in self.momentum])
+                    [t.detach().cpu().clone() for t in self.global_params + self.momentum])
 
     def _share_priority(self) -> None:
         # Among members at the same outer step, the one whose global parameters fingerprint highest is the
@@ -300,7 +304,7 @@ class DiLoCo:
         with self._lock:
             digest = 0
             for g in self.global_params:
-                digest = zlib.crc32(g.reshape(-1)[:4096].numpy().tobytes(), digest)
+                digest = zlib.crc32(g.reshape(-1)[:4096].cpu().numpy().tobytes(), digest)
         return digest / 2**33
 
     def _check_agreement(self, r: _Round, gathered: list) -> None:
@@ -318,10 +322,13 @@ class DiLoCo:
             self._resync = True
 
     def _set_lr(self) -> None:
-        """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's."""
+        """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's.
+
+        Counted in the spec's micro-batches, so a peer training at a larger micro-batch follows the same schedule.
+        """
         if self.inner is None:
             return
-        step = self.epoch * self.spec.averaging.inner_steps + self.inner_steps_in_round
+        step = self.epoch * self.spec.averaging.inner_steps + self.samples_in_round // self.spec.micro_batch
         lr = self.spec.optimizer.lr * lr_lambda(step, cfg=self.spec.optimizer)
         for group in self.inner.param_groups:
             group["lr"] = lr

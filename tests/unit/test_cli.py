@@ -103,6 +103,8 @@ def test_peer_flag_errors(tmp_path):
     assert r.returncode == 2 and "--coordinator must be HOST:PORT" in r.stderr
     r = hivefold("peer", "--coordinator", "127.0.0.1:1", "--device", "tpu", "--workdir", str(tmp_path))
     assert r.returncode == 2 and "--device must be one of" in r.stderr
+    r = hivefold("peer", "--coordinator", "127.0.0.1:1", "--micro-batch", "0", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "--micro-batch: must be 'auto' or >= 1" in r.stderr
 
 
 def test_peer_waits_for_an_unreachable_coordinator_and_stops_cleanly(tmp_path, processes):

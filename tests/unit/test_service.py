@@ -125,6 +125,25 @@ def test_unknown_lease_and_bad_results(service, tmp_path):
     assert again.verdict == ok.verdict and again.credit == ok.credit
 
 
+def test_each_peer_reports_its_own_micro_batch(service, tmp_path):
+    """The spec's micro-batch is 4; a peer that trains at 2 sends twice as many losses per shard, and may."""
+    ctx, address, _ = service
+    client, identity = registered(address, tmp_path)
+    work = client.lease().work
+    per_two = [pb.MicroBatchLoss(loss=2.0, epoch=0)] * -(-work.num_sequences // 2)
+    code, msg = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id,
+                                                                     samples=work.num_sequences, losses=per_two)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "micro-batch of 4" in msg
+    client.heartbeat(pb.HeartbeatRequest(epoch=0, micro_batch=2))
+    assert ctx.ledger.peer_micro_batch(identity.peer_id) == 2
+    ok = client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences, losses=per_two))
+    assert ok.verdict == pb.RESULT_VERDICT_ACCEPTED
+    me = next(p for p in client.status()["peers"] if p["peer_id"] == identity.peer_id)
+    assert me["micro_batch"] == 2
+    code, msg = code_of(lambda: client.heartbeat(pb.HeartbeatRequest(epoch=0, micro_batch=1 << 20)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "micro_batch" in msg
+
+
 def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_path):
     ctx, address, _ = service
     stop = threading.Event()
