@@ -31,10 +31,13 @@ class Outbox:
         os.replace(tmp, path)
 
     def pending(self) -> list[pb.SubmitResultRequest]:
+        """The results not yet acknowledged; safe while the submitter removes acknowledged ones."""
         out = []
         for path in sorted(self.dir.glob("*.pb")):
             try:
                 out.append(pb.SubmitResultRequest.FromString(path.read_bytes()))
+            except FileNotFoundError:  # acknowledged (and removed) between the listing and the read
+                continue
             except DecodeError:  # a torn or damaged file must not stop the peer
                 log.warning("dropping unreadable outbox entry %s", path.name)
                 path.unlink(missing_ok=True)
@@ -45,4 +48,4 @@ class Outbox:
 
     def clear(self) -> None:
         for path in self.dir.glob("*.pb"):
-            path.unlink()
+            path.unlink(missing_ok=True)

@@ -133,6 +133,10 @@ class Prefetcher:
                 log.error("coordinator answered %s; trying again in %.0fs", describe_rpc_error(e), ERROR_PAUSE_S)
                 self._ready.release()
                 self.stop.wait(ERROR_PAUSE_S)
+            except Exception:  # noqa: BLE001 - a dead prefetcher would leave the device idle for good
+                log.exception("fetching the next work unit failed; trying again in %.0fs", ERROR_PAUSE_S)
+                self._ready.release()
+                self.stop.wait(ERROR_PAUSE_S)
 
     def _fetch_one(self) -> bool:
         """Lease and load one work unit into the queue; False when the run is complete."""
