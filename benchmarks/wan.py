@@ -641,6 +641,7 @@ def main() -> int:
                              "downloads then share the peers' uplinks; at 20 Mbit/s they outlast its timeout)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="small", help="tiny | small (~11M parameters) | base | L<n>-H<n>-D<n>")
+    parser.add_argument("--shard-sequences", type=int, default=128, help="sequences per work unit")
     parser.add_argument("--micro-batch", type=int, default=16, help="the run's (each peer's) micro-batch")
     parser.add_argument("--target-batch-size", type=int, default=128, help="sync: samples per swarm step")
     parser.add_argument("--inner-steps", type=int, default=16, help="diloco: micro-batches the swarm trains per round")

@@ -151,7 +151,8 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
     if not request.lease_id:
         raise InvalidArgument("lease_id is required")
     # Each peer trains at its own micro-batch (reported in heartbeats); one loss per micro-batch at most.
-    micro_batch = ctx.ledger.peer_micro_batch(peer_id) or ctx.spec.micro_batch
+    # The smaller of the two: results trained before a restart at another size stay acceptable.
+    micro_batch = min(ctx.ledger.peer_micro_batch(peer_id) or ctx.spec.micro_batch, ctx.spec.micro_batch)
     max_batches = math.ceil(request.samples / micro_batch) if request.samples else 0
     if len(request.losses) > max_batches:
         raise InvalidArgument(f"{len(request.losses)} losses for {request.samples} samples; at most one per "
@@ -182,8 +183,6 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
     loss = float(request.recent_loss)
     rate = float(request.samples_per_second)
     maddrs = list(request.dht_maddrs)
-    if request.micro_batch > MICRO_BATCH_MAX:
-        raise InvalidArgument(f"micro_batch must be at most {MICRO_BATCH_MAX}, got {request.micro_batch}")
     if len(maddrs) > MADDRS_MAX or any(not m.startswith("/") or len(m) > MADDR_CHARS for m in maddrs):
         raise InvalidArgument(f"dht_maddrs must be at most {MADDRS_MAX} multiaddrs of at most {MADDR_CHARS} "
                               "characters, each starting with '/'")
@@ -193,7 +192,7 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
         lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs,
         utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
-        micro_batch=int(request.micro_batch))
+        micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX))  # a heartbeat is never refused: leases live on it
     return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
 

@@ -29,7 +29,7 @@ from hivefold.retry import Unreachable
 from hivefold.status_view import fmt, render
 
 # Settings tuned so a 2-core CPU machine shows a clearly falling validation loss in ~3 minutes: DiLoCo with
-# short rounds (32 micro-batches of 8 across the swarm, about 2 s) and a plain averaging outer step (lr 1,
+# short rounds (64 micro-batches of 8 across the swarm, about 3 s) and a plain averaging outer step (lr 1,
 # no momentum), which beat DiLoCo's long-run defaults (0.7, 0.9) at this length (see the README).
 DEMO_RUN_FLAGS = ["--seq-len", "128", "--micro-batch", "8", "--averaging", "diloco", "--inner-steps", "64",
                   "--outer-lr", "1.0", "--outer-momentum", "0.0", "--lr", "3e-3", "--warmup-steps", "20",

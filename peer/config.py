@@ -15,6 +15,7 @@ from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MICRO_BATCH_MAX = 65536  # the largest micro-batch a coordinator records (coordinator.handlers)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class PeerConfig:
             raise ConfigError("--threads and --max-shards must be >= 0")
         if self.retry_cap <= 0:
             raise ConfigError("--retry-cap must be > 0")
+        if self.micro_batch > MICRO_BATCH_MAX:
+            raise ConfigError(f"--micro-batch must be at most {MICRO_BATCH_MAX}, got {self.micro_batch}")
         if self.micro_batch < 0:
             raise ConfigError(f"--micro-batch must be 'auto' or a positive number of sequences, got {self.micro_batch}")
         if self.step_interval < 0:

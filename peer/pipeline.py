@@ -155,11 +155,13 @@ class Prefetcher:
             self._waiting[work.lease_id] = work
         try:
             sequences = self._load(work)
-        except IntegrityError as e:
+        except Stopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged bytes, a failed download: the lease must not stay held here
             log.error("shard %d: %s; handing the lease back", work.shard_id, e)
             with self._lock:
                 self._waiting.pop(work.lease_id, None)
-            self._release(work, f"integrity: {e}")
+            self._release(work, f"integrity: {e}" if isinstance(e, IntegrityError) else f"load failed: {e!r}")
             self._ready.release()
             self.stop.wait(5.0)
             return True

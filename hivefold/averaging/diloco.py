@@ -127,8 +127,8 @@ class DiLoCo:
         self.samples_in_round += samples
         self._set_lr()
         now = time.monotonic()
-        # Reporting builds a record and wakes hivemind's reporter thread: a few times a second is plenty, and a
-        # tiny model's micro-batch is over in milliseconds.
+        # Reporting is a DHT store (a round trip through the DHT process, and a store on every node): once a
+        # second is enough, since the tracker extrapolates the swarm's samples between fetches.
         if now - self._reported_at >= REPORT_EVERY_S:
             self._reported_at = now
             self.tracker.report_local_progress(self._round_index, self.samples_in_round)
