@@ -4,7 +4,9 @@ A round ends when the swarm has trained ``spec.round_samples`` sequences (hivemi
 ``ProgressTracker`` counts them across peers, so a fast peer simply takes more inner steps). Each
 peer then puts its pseudo-gradient ``global - local`` into a ``DecentralizedAverager``, which
 all-reduces it (weighted by the peer's samples, compressed as the spec says), and every peer applies
-the same outer Nesterov step to the same global parameters (see ``outer.py``).
+the same outer Nesterov step to the same global parameters (see ``outer.py``). A peer alone in the
+swarm applies its own pseudo-gradient at once. The outer state lives on the training device; only the
+pseudo-gradient goes through the averager's host buffers.
 
 The all-reduce never stalls the device: it runs in the background while the next round's inner
 steps go on, and its outer update lands one round late (the eager / streaming variants of DiLoCo):
