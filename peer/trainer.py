@@ -75,7 +75,7 @@ class Trainer:
         self.micro_batch, why = choose_micro_batch(micro_batch, run_micro_batch=spec.micro_batch, model=self.model,
                                                    device=device, seq_len=spec.seq_len)
         log.info("micro-batch %d (%s)", self.micro_batch, why)
-        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode, micro_batch=self.micro_batch)
+        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode)
         self.meter = Meter()
         self.diloco = spec.averaging.mode == "diloco"
         log.info("model: %.2fM parameters on %s, %s averaging", self.model.num_parameters() / 1e6, device,

@@ -21,11 +21,10 @@ from hivefold.model import GPT
 from hivefold.spec import RunSpec
 
 
-def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True,
-                   micro_batch: int | None = None):
+def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True):
     """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that).
 
-    ``micro_batch``: the sequences per forward/backward this member trains at (default: the spec's).
+    Both modes take each step's sample count from the caller, so members may train at any micro-batch.
     """
     if spec.averaging.mode == "diloco":
         from hivefold.averaging.diloco import DiLoCo
@@ -33,5 +32,4 @@ def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
         return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains)
     from hivefold.averaging.sync import SyncAveraging
 
-    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains,
-                         micro_batch=micro_batch or spec.micro_batch)
+    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains)

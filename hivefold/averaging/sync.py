@@ -23,7 +23,7 @@ class SyncAveraging:
     """See ``hivefold.averaging`` for the interface. Must be built in a process's main thread."""
 
     def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
-                 trains: bool = True, micro_batch: int | None = None):
+                 trains: bool = True):
         self.spec, self.model = spec, model
         cfg = spec.optimizer
         # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise);
@@ -33,7 +33,7 @@ class SyncAveraging:
             dht=dht, run_id=spec.run_id, params=param_groups(model, cfg.weight_decay),
             optimizer=partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas),
             scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(lr_lambda, cfg=cfg)),
-            batch_size_per_step=micro_batch or spec.micro_batch, target_batch_size=spec.target_batch_size,
+            batch_size_per_step=spec.micro_batch, target_batch_size=spec.target_batch_size,
             matchmaking_time=spec.averaging.matchmaking_time, averaging_timeout=spec.averaging.averaging_timeout,
             average_state_every=spec.averaging.average_state_every, client_mode=client_mode,
             averager_opts=dict(request_timeout=request_timeout),
