@@ -44,6 +44,7 @@ def micro_batches(sequences: np.ndarray, micro_batch: int) -> Iterator[tuple[tor
 
 
 @torch.no_grad()
+@torch.inference_mode()  # no autograd graph: the keeper evaluates beside training peers, on a shared CPU
 def evaluate(model: GPT, sequences: np.ndarray, *, batch_size: int = 16, device: str = "cpu") -> float:
     """Mean cross-entropy (nats per token) of ``model`` on ``sequences``."""
     was_training = model.training
