@@ -184,6 +184,11 @@ def test_a_real_prometheus_scrapes_the_coordinator_and_the_peers(swarm, tmp_path
         assert len(query("hivefold_peer_compute_utilization > 0")) == 2
         assert len(query("hivefold_peer_device_memory_bytes > 1e6")) == 2
         assert len(query("hivefold_peer_coordinator_bytes_total{direction='received'} > 0")) == 2
+        # every query of the Grafana dashboard in deploy/ names series that exist
+        panels = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())["panels"]
+        exprs = [t["expr"].replace("$__rate_interval", "30s") for p in panels for t in p["targets"]]
+        assert len(exprs) >= 15
+        wait_for(lambda: all(query(e) for e in exprs), timeout=30, what="data for every Grafana panel's query")
     finally:
         prom.terminate()
         prom.wait(10)
