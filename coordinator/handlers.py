@@ -52,6 +52,16 @@ class Context:
         n = self.spec.model
         params = n.n_layer * 12 * n.d_model ** 2 + n.vocab_size * n.d_model
         self.credit_per_sample = params * self.spec.seq_len / 1e9
+        a = self.spec.averaging
+        self.run_summary = {  # what watchers see of the run spec (the status document's "run")
+            "model": {"n_layer": n.n_layer, "n_head": n.n_head, "d_model": n.d_model, "vocab_size": n.vocab_size,
+                      "parameters": params},
+            "seq_len": self.spec.seq_len, "micro_batch": self.spec.micro_batch,
+            "target_batch_size": self.spec.target_batch_size, "corpus": self.spec.corpus_name,
+            "shards": len(self.spec.shards), "data_passes": self.spec.data_passes,
+            "averaging": {"mode": a.mode, "inner_steps": a.inner_steps, "outer_lr": a.outer_lr,
+                          "outer_momentum": a.outer_momentum, "compression": a.compression},
+        }
 
     @property
     def workdir(self) -> Path:
@@ -210,7 +220,14 @@ def leave(request: pb.LeaveRequest, ctx: Context, now: float) -> pb.LeaveRespons
 
 
 def status_document(ctx: Context, now: float) -> dict:
-    return ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
+    status = ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
+    status["run"] = ctx.run_summary
+    return status
+
+
+def record_history(ctx: Context, now: float) -> None:
+    """One sample of the swarm for the dashboard's charts (the coordinator calls this every few seconds)."""
+    ctx.ledger.record_history(now=now, online_seconds=_online_seconds(ctx))
 
 
 def get_status(request: pb.GetStatusRequest, ctx: Context, now: float) -> pb.GetStatusResponse:

@@ -14,9 +14,10 @@ import time
 
 import hivemind
 
+from coordinator import handlers
 from coordinator.config import CoordinatorConfig
 from coordinator.handlers import Context
-from coordinator.http_status import start_http
+from coordinator.http import make_metrics, start_http
 from coordinator.lock import WorkdirLock
 from coordinator.run import SPEC_FILE, open_run
 from coordinator.server import start_server
@@ -29,6 +30,7 @@ ENDPOINTS_FILE = "coordinator.json"  # written once serving: {"grpc": "host:port
 KEEPER_STOP_TIMEOUT_S = 60.0  # the keeper's final checkpoint: one bounded state download, evaluation, save
 KEEPER_RESTART_S = 30.0  # a crashed keeper is restarted at most this often, so a broken one cannot spin
 DHT_KILL_AFTER_S = 5.0
+HISTORY_EVERY_S = 5.0  # how often the swarm is sampled for the dashboard's charts (17,280 rows a day)
 
 
 def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:
@@ -118,12 +120,13 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         maddrs = list(config.dht_announce) or [str(m) for m in dht.get_visible_maddrs()]
         log.info("DHT bootstrap node at %s", " ".join(maddrs))
         ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=maddrs)
-        server, port = start_server(ctx, config.listen)
+        metrics = make_metrics(ctx)
+        server, port = start_server(ctx, config.listen, interceptors=[metrics.interceptor()])
         stack.callback(lambda: server.stop(grace=2.0).wait())
         host = config.listen.rpartition(":")[0]
         info = {"grpc": f"{host}:{port}", "pid": os.getpid(), "run_id": spec.run_id, "dht": maddrs}
         if config.http:
-            http, http_port = start_http(ctx, config.http)
+            http, http_port = start_http(ctx, config.http, metrics)
             stack.callback(http.shutdown)
             info["http"] = f"{config.http.rpartition(':')[0]}:{http_port}"
         endpoints = config.workdir / ENDPOINTS_FILE
@@ -136,8 +139,12 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         if keeper is not None:
             stack.callback(keeper.stop)  # first thing on the way out: the final checkpoint needs the DHT
         log.info("run %s serving %d shards on %s", spec.run_id, len(spec.shards), info["grpc"])
+        next_sample = 0.0
         while not stop.is_set():
             if keeper is not None:
                 keeper.supervise()
+            if time.monotonic() >= next_sample:  # the dashboard's charts of the swarm over time
+                next_sample = time.monotonic() + HISTORY_EVERY_S
+                handlers.record_history(ctx, time.time())
             stop.wait(1.0)
     log.info("coordinator stopped")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -75,9 +75,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], float] = time.time,
-                 max_workers: int = 32) -> tuple[grpc.Server, int]:
+                 max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                         interceptors=list(interceptors))
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
     try:
         port = server.add_insecure_port(listen)

@@ -17,20 +17,32 @@ from pathlib import Path
 from hivefold.errors import HivefoldError
 
 
-def _status_cmd(args: argparse.Namespace) -> int:
+def _fetch_status(client, address: str) -> dict:
     import grpc
 
-    from hivefold.client import CoordinatorClient, describe_rpc_error
-    from hivefold.status_view import make_console, print_status
+    from hivefold.client import describe_rpc_error
 
+    try:
+        return client.status()
+    except grpc.RpcError as e:
+        raise HivefoldError(f"coordinator at {address} answered {describe_rpc_error(e)}") from None
+    except HivefoldError as e:
+        raise HivefoldError(f"cannot reach the coordinator at {address}: {e}. Is it running, and is the "
+                            "address right?") from None
+
+
+def _status_cmd(args: argparse.Namespace) -> int:
+    from hivefold.client import CoordinatorClient
+    from hivefold.status_view import make_console, print_status, watch
+
+    if args.watch is not None and args.json:
+        raise HivefoldError("--watch redraws a table; use --json alone for scripts (or poll it)")
     client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
     try:
-        status = client.status()
-    except grpc.RpcError as e:
-        raise HivefoldError(f"coordinator at {args.coordinator} answered {describe_rpc_error(e)}") from None
-    except HivefoldError as e:
-        raise HivefoldError(f"cannot reach the coordinator at {args.coordinator}: {e}. Is it running, and is the "
-                            "address right?") from None
+        if args.watch is not None:
+            watch(lambda: _fetch_status(client, args.coordinator), every=args.watch, console=make_console())
+            return 0
+        status = _fetch_status(client, args.coordinator)
     finally:
         client.close()
     if args.json:
@@ -38,6 +50,16 @@ def _status_cmd(args: argparse.Namespace) -> int:
     else:
         print_status(status, make_console())
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0.2 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.2 and 3600 seconds, got {text}")
+    return value
 
 
 def _generate_cmd(args: argparse.Namespace) -> int:
@@ -104,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show a run's progress")
     p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
+                   help="redraw in place every SECONDS (default 2) until Ctrl-C")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to keep trying to reach the coordinator (default %(default)s)")
     p.set_defaults(func=_status_cmd)

@@ -35,6 +35,7 @@ class CoordinatorClient:
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0)])
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.auth: pb.PeerAuth | None = None
+        self.traffic = {"sent": 0, "received": 0}  # protobuf payload bytes of results, heartbeats, shards, checkpoints
 
     def close(self) -> None:
         self._channel.close()
@@ -62,6 +63,7 @@ class CoordinatorClient:
 
     def submit(self, request: pb.SubmitResultRequest) -> pb.SubmitResultResponse:
         request.auth.CopyFrom(self.auth)
+        self.traffic["sent"] += request.ByteSize()
         return self._retry(lambda: self.stub.SubmitResult(request, timeout=RPC_TIMEOUT_S), "SubmitResult")
 
     def release(self, lease_id: str, reason: str, *, give_up_after: float = 5.0) -> bool:
@@ -72,6 +74,7 @@ class CoordinatorClient:
     def heartbeat(self, request: pb.HeartbeatRequest, *, timeout: float = 10.0) -> pb.HeartbeatResponse:
         """One attempt, no retry: a missed heartbeat is harmless, the next one follows."""
         request.auth.CopyFrom(self.auth)
+        self.traffic["sent"] += request.ByteSize()
         return self.stub.Heartbeat(request, timeout=timeout)
 
     def leave(self, epoch: int, reason: str, *, timeout: float = 5.0) -> pb.LeaveResponse:
@@ -89,6 +92,7 @@ class CoordinatorClient:
             return _collect(self.stub.FetchShard(req, timeout=STREAM_TIMEOUT_S))
 
         data = self._retry(attempt, "FetchShard")
+        self.traffic["received"] += len(data)
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise IntegrityError(f"shard download has sha256 {actual[:12]}, lease says {expected_sha256[:12]}")
@@ -102,6 +106,7 @@ class CoordinatorClient:
 
         try:
             data = self._retry(attempt, "FetchCheckpoint")
+            self.traffic["received"] += len(data)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None

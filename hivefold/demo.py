@@ -94,7 +94,7 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
     try:
         endpoints = _wait_for_endpoints(workdir / "coordinator" / "coordinator.json", coord, coord_log)
         address = endpoints["grpc"]
-        console.print(f"coordinator at {address}, status at http://{endpoints.get('http')}/api/status")
+        console.print(f"coordinator at {address}; watch it live at http://{endpoints.get('http')}/")
         for i in range(peers):
             with (workdir / f"peer-{i}.log").open("wb") as out:
                 peer_procs.append(subprocess.Popen(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import IO
 
 from rich.console import Console, Group
@@ -89,7 +90,34 @@ def render(status: dict, *, clock: str = "") -> Group:
                       "yes" if p["online"] else "no", str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
-    return Group(head, *keeper_lines(status), peers)
+    return Group(head, progress_line(status), *keeper_lines(status), peers, leaderboard(status))
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``5m 3s``, ``2h 10m``."""
+    seconds = int(max(0, seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h {m}m" if h else f"{m}m {s}s" if m else f"{s}s"
+
+
+def progress_line(status: dict) -> Text:
+    """Tokens trained and how far the data pass is, with an ETA at the current rate."""
+    line = Text(f"tokens trained {status['tokens_trained']:,}")
+    p = status.get("data_pass_progress")
+    if p and p["fraction"] is not None:
+        bar = int(round(20 * p["fraction"]))
+        line.append(f" · data pass {status['data_pass']} [{'#' * bar}{'.' * (20 - bar)}] {percent(p['fraction'])}")
+        line.append(f" · ETA {duration(p['eta_seconds'])}" if p["eta_seconds"] is not None else " · ETA —")
+    return line
+
+
+def leaderboard(status: dict, top: int = 5) -> Table:
+    """The peers with the most credit."""
+    table = Table("#", "leaderboard", "credit", "shards", box=None)
+    ranked = sorted(status["peers"], key=lambda p: p["credit"], reverse=True)[:top]
+    for i, p in enumerate(ranked, 1):
+        table.add_row(str(i), Text(p["name"]), f"{p['credit']:.1f}", str(p["shards_done"]))
+    return table
 
 
 def print_status(status: dict, console: Console) -> None:
@@ -97,3 +125,29 @@ def print_status(status: dict, console: Console) -> None:
     console.print(render(status))
     ckpt = status["checkpoint"]
     console.print(Text(f"checkpoint: {ckpt['path']} (step {ckpt['step']})" if ckpt else "checkpoint: none yet"))
+
+
+def watch(fetch: Callable[[], dict], *, every: float, console: Console) -> None:
+    """Redraw the status in place every ``every`` seconds until Ctrl-C.
+
+    A failed fetch keeps the last table on screen under a line saying why, and tries again.
+    """
+    from rich.live import Live
+
+    from hivefold.errors import HivefoldError
+
+    last: Group | None = None
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                clock = time.strftime("%H:%M:%S")
+                try:
+                    last = render(fetch(), clock=clock)
+                    view = last
+                except HivefoldError as e:
+                    warning = Text(f"{clock}: {e}; retrying every {every:g}s", style="bold red")
+                    view = Group(last, warning) if last is not None else warning
+                live.update(view, refresh=True)
+                time.sleep(every)
+    except KeyboardInterrupt:
+        pass

@@ -35,6 +35,7 @@ class PeerConfig:
     retry_cap: float = 30.0  # longest wait between retries when the coordinator is unreachable
     step_interval: float = 1.0  # seconds of local gradient accumulation per hivemind step call (less DHT chatter)
     micro_batch: int = 0  # sequences per forward/backward; 0 = auto (the run's on CPU, sized to the GPU on CUDA)
+    metrics_port: str = ""  # PORT or HOST:PORT serving this peer's Prometheus /metrics; "" = off
 
     def __post_init__(self) -> None:
         parse_host_port(self.coordinator, flag="--coordinator")
@@ -52,6 +53,9 @@ class PeerConfig:
             raise ConfigError(f"--micro-batch must be 'auto' or a positive number of sequences, got {self.micro_batch}")
         if self.step_interval < 0:
             raise ConfigError("--step-interval must be >= 0")
+        if self.metrics_port:
+            parse_host_port(self.metrics_port if ":" in self.metrics_port else f"0.0.0.0:{self.metrics_port}",
+                            flag="--metrics-port")
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/0)")
@@ -85,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keeps it busy within its memory) or a number (default auto)")
     p.add_argument("--step-interval", type=float, default=d.step_interval,
                    help="seconds of local gradient accumulation between hivemind steps (default %(default)s)")
+    p.add_argument("--metrics-port", default="", metavar="[HOST:]PORT",
+                   help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics (a bare port listens on "
+                        "every interface); off by default")
 
 
 def _micro_batch(text: str) -> int:
@@ -105,4 +112,5 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
-                      retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch)
+                      retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch,
+                      metrics_port=args.metrics_port)

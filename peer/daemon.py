@@ -63,6 +63,7 @@ class Peer:
         self.current: str | None = None  # the lease being trained
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
+        self.metrics_server = None
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -90,11 +91,23 @@ class Peer:
                                 client_mode=self.config.client_mode, start=True)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval, micro_batch=self.config.micro_batch)
+        if self.config.metrics_port:
+            self._start_metrics()
         # Direct links to the swarm's members first: the state download below needs one (see hivefold.addressbook).
         addressbook.connect(self.dht, resp.swarm_maddrs)
         source = self.trainer.load_swarm_state(
             lambda: self.client.fetch_checkpoint(self.workdir / "checkpoint.pt", min_step=1))
         log.info("peer %s starts at step %d from %s", self.identity.peer_id, self.trainer.epoch, source)
+
+    def _start_metrics(self) -> None:
+        from peer.metrics import start_metrics
+
+        try:
+            self.metrics_server, port = start_metrics(self.config.metrics_port, self.trainer, self.client.traffic)
+        except OSError as e:
+            raise HivefoldError(f"--metrics-port {self.config.metrics_port}: cannot listen there ({e}); pick a free "
+                                "port") from None
+        log.info("metrics at http://%s:%d/metrics", self.metrics_server.server_address[0], port)
 
     def reregister(self) -> None:
         """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
@@ -284,6 +297,8 @@ class Peer:
             log.warning("peer %s: lease %s had already ended", self.identity.peer_id, work.lease_id)
 
     def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self.trainer is not None:
             self.trainer.shutdown()
         if self.dht is not None:

@@ -14,8 +14,10 @@ One module per concept, composed into ``Ledger`` below:
     leases.py    the run's shards, leasing them, results
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
     status.py    the status document
+    history.py   the swarm over time (charts), recent events, totals (metrics)
 """
 
+from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
 from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
 from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
 from coordinator.ledger.progress import KeeperProgress
@@ -32,10 +34,10 @@ from coordinator.ledger.schema import (
 from coordinator.ledger.status import StatusReport
 
 __all__ = [
-    "MAX_ACTIVE_LEASES", "MIGRATIONS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease", "LeaseOutcome", "LeaseState", "Ledger",
-    "ShardState", "SubmitOutcome", "Verdict",
+    "MAX_ACTIVE_LEASES", "MIGRATIONS", "NOTABLE_EVENTS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease", "LeaseOutcome",
+    "LeaseState", "Ledger", "ShardState", "SubmitOutcome", "Verdict",
 ]
 
 
-class Ledger(PeerRegistry, ShardLeases, KeeperProgress, StatusReport):
+class Ledger(PeerRegistry, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

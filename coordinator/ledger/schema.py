@@ -127,6 +127,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE peers ADD COLUMN micro_batch INTEGER NOT NULL DEFAULT 0
     """,
+    # 4: the swarm over time for the dashboard's charts (one row every few seconds, written by the coordinator),
+    # and indexes that keep the status document and the charts quick with thousands of peers and results.
+    """
+    CREATE TABLE swarm_history (
+        at REAL PRIMARY KEY,
+        peers_online INTEGER NOT NULL,
+        samples_per_second REAL NOT NULL,
+        utilization REAL,
+        samples_trained INTEGER NOT NULL,
+        global_step INTEGER NOT NULL
+    );
+    CREATE INDEX results_by_peer ON results (peer_id, verdict);
+    CREATE INDEX results_by_time ON results (submitted_at);
+    CREATE INDEX events_by_kind ON events (kind, id)
+    """,
 ]
 
 

@@ -60,13 +60,13 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
     for row in c.execute("SELECT state, COUNT(*) FROM shards GROUP BY state"):
         counts[row[0]] = row[1]
     peers = []
+    # One pass over the results for every peer (a subquery per peer is quadratic with thousands of peers).
     for p in c.execute(
-        "SELECT p.*, "
-        "(SELECT COUNT(*) FROM results r WHERE r.peer_id = p.peer_id AND r.verdict = 'accepted') AS shards_done, "
-        "(SELECT COALESCE(SUM(samples), 0) FROM results r WHERE r.peer_id = p.peer_id AND r.verdict = 'accepted')"
-        " AS samples, "
-        "(SELECT COALESCE(SUM(credit), 0) FROM results r WHERE r.peer_id = p.peer_id) AS credit "
-        "FROM peers p ORDER BY p.registered_at"
+        "SELECT p.*, COALESCE(r.shards_done, 0) AS shards_done, COALESCE(r.samples, 0) AS samples, "
+        "COALESCE(r.credit, 0) AS credit FROM peers p LEFT JOIN ("
+        "SELECT peer_id, SUM(verdict = 'accepted') AS shards_done, "
+        "SUM(CASE WHEN verdict = 'accepted' THEN samples ELSE 0 END) AS samples, SUM(credit) AS credit "
+        "FROM results GROUP BY peer_id) r ON r.peer_id = p.peer_id ORDER BY p.registered_at"
     ):
         peers.append({
             "peer_id": p["peer_id"], "name": p["name"],
@@ -86,6 +86,9 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
     evals = c.execute("SELECT step, val_loss FROM evaluations ORDER BY step").fetchall()
     ckpt = c.execute("SELECT step, path, val_loss FROM checkpoints ORDER BY step DESC LIMIT 1").fetchone()
     rate = sum(p["samples_per_second"] for p in peers if p["online"])
+    # Progress through the current data pass: sequences not yet trained in it, and when they will be at this rate.
+    left, total_seqs = c.execute("SELECT COALESCE(SUM(CASE WHEN state != 'done' THEN num_sequences ELSE 0 END), 0), "
+                                 "COALESCE(SUM(num_sequences), 0) FROM shards").fetchone()
     global_step = int(meta.get("global_step", 0))
     return {
         "run_id": meta.get("run_id", ""),
@@ -93,6 +96,11 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "global_step": global_step,
         "data_pass": int(meta.get("data_pass", 0)),
         "shards": {"total": sum(counts.values()), **counts},
+        "data_pass_progress": {
+            "fraction": round(1 - left / total_seqs, 4) if total_seqs else None,
+            "sequences_left": int(left),
+            "eta_seconds": round(left / rate, 1) if rate > 0 else None,
+        },
         "peers": peers,
         "peers_online": sum(p["online"] for p in peers),
         "samples_per_second": round(rate, 2),

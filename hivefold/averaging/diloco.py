@@ -41,6 +41,7 @@ from hivefold.training import inner_optimizer, lr_lambda
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
+_WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -92,6 +93,10 @@ class DiLoCo:
         self.rounds_ok = self.rounds_alone = 0
         self.last_round_seconds = 0.0  # how long the latest all-reduce took, matchmaking included
         self.wait_seconds = 0.0  # time the device waited for an all-reduce (the network was slower than a round)
+        # All-reduce payload this peer sent and received, estimated: in hivemind's butterfly all-reduce each of n
+        # members sends (n-1)/n of its compressed tensors to the others and as much of the averaged result back.
+        self.bytes_sent = self.bytes_received = 0
+        self._payload_bytes = sum(g.numel() for g in self.global_params) * _WIRE_BYTES[a.compression]
         self._lock = threading.Lock()  # the outer state is read by the averager's state-sharing thread
         self._pending: _Round | None = None
         self._reported_at = -float("inf")
@@ -194,7 +199,8 @@ class DiLoCo:
 
     def stats(self) -> dict:
         return {"rounds_ok": self.rounds_ok, "rounds_alone": self.rounds_alone, "wait_seconds": self.wait_seconds,
-                "last_round_seconds": self.last_round_seconds}
+                "last_round_seconds": self.last_round_seconds, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received}
 
     # --- rounds --------------------------------------------------------------------------------
 
@@ -251,6 +257,9 @@ class DiLoCo:
             with self.averager.get_tensors() as buffers:
                 update = [b.clone() for b in buffers]
             self.rounds_ok += 1
+            n = len(gathered)
+            self.bytes_sent += int(2 * self._payload_bytes * (n - 1) / n)
+            self.bytes_received += int(2 * self._payload_bytes * (n - 1) / n)
             self._check_agreement(r, list(gathered.values()))
         else:
             if r.control is not None:

@@ -37,7 +37,7 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 3
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 4
     assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
 
 
@@ -52,7 +52,7 @@ def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
         assert old.schema_version() == 1
         old.close()
     new = Ledger(path)
-    assert new.schema_version() == 3
+    assert new.schema_version() == 4
     assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
     new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.0,
                   dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"], micro_batch=64)

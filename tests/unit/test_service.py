@@ -14,7 +14,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig, RunOptions
 from coordinator.handlers import Context
-from coordinator.http_status import start_http
+from coordinator.http import start_http
 from coordinator.run import SHARD_DIR, open_run
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
