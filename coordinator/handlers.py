@@ -220,9 +220,25 @@ def leave(request: pb.LeaveRequest, ctx: Context, now: float) -> pb.LeaveRespons
 
 
 def status_document(ctx: Context, now: float) -> dict:
-    status = ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
-    status["run"] = ctx.run_summary
-    return status
+    """The ledger's status, the run's summary (for watchers), and what a volunteer's ``hivefold doctor``
+    checks itself against: the DHT bootstrap addresses (the ones Register hands out, so no peer has to
+    register to learn them) and the coordinator's software versions (read from package metadata:
+    nothing is imported for them)."""
+    from importlib import metadata
+    from platform import python_version
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    doc = ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
+    doc["run"] = ctx.run_summary
+    doc["dht_initial_peers"] = list(ctx.dht_maddrs)
+    doc["software"] = {"python": python_version(),
+                       **{d: version(d) for d in ("hivefold", "torch", "hivemind", "protobuf", "grpcio")}}
+    return doc
 
 
 def record_history(ctx: Context, now: float) -> None:

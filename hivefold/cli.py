@@ -1,4 +1,4 @@
-"""The ``hivefold`` command: ``coordinator``, ``peer``, ``status``, ``demo``, ``generate``.
+"""The ``hivefold`` command: ``coordinator``, ``peer``, ``doctor``, ``status``, ``demo``, ``generate``.
 
 The one module that wires the roles together. Building the parser imports only the light config
 modules; torch and hivemind are imported inside the commands that need them, so ``--help``, flag
@@ -100,6 +100,12 @@ def _peer_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_cmd(args: argparse.Namespace) -> int:
+    from peer.doctor import run_doctor
+
+    return run_doctor(coordinator=args.coordinator, device=args.device, as_json=args.json, timeout=args.timeout)
+
+
 def _demo_cmd(args: argparse.Namespace) -> int:
     from hivefold.demo import run_demo
 
@@ -123,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peer", help="contribute this machine to a run")
     peer_arguments(p)
     p.set_defaults(func=_peer_cmd)
+    p = sub.add_parser("doctor", help="check this machine before joining a run (versions, network, device)")
+    p.add_argument("--coordinator", help="coordinator gRPC HOST:PORT (default: none; the coordinator and DHT "
+                   "bootstrap checks are skipped)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="the device to test, as for hivefold peer (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--timeout", type=float, default=15.0,
+                   help="seconds each network check may take (default %(default)s)")
+    p.set_defaults(func=_doctor_cmd)
     p = sub.add_parser("status", help="show a run's progress")
     p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the status document as JSON")

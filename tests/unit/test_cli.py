@@ -79,7 +79,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["coordinator", "peer", "status", "demo", "generate"])
+@pytest.mark.parametrize("command", ["coordinator", "peer", "doctor", "status", "demo", "generate"])
 def test_help_shows_every_default(command):
     sub = _subcommands(build_parser())[command]
     formatter = sub._get_formatter()
