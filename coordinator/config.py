@@ -125,6 +125,7 @@ class CoordinatorConfig:
     keep_checkpoints: int = 3  # older checkpoints are deleted
     keeper: bool = True  # run the keeper (checkpoints, validation loss, state for newcomers)
     keeper_poll: float = 2.0  # seconds between the keeper's looks at the swarm's step
+    qrb_k: float = 0.75  # quick-return bonus: points = base x max(1, sqrt(k x deadline / elapsed)); 0 = off
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
@@ -141,6 +142,8 @@ class CoordinatorConfig:
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7601)")
+        if not 0 <= self.qrb_k <= 100 or self.qrb_k != self.qrb_k:
+            raise ConfigError(f"--qrb-k must be between 0 (no bonus) and 100, got {self.qrb_k}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,6 +167,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
+    p.add_argument("--qrb-k", type=float, default=d.qrb_k,
+                   help="quick-return bonus: points = base x max(1, sqrt(k x lease seconds / seconds taken)); "
+                        "0 turns it off (default %(default)s)")
     g = p.add_argument_group("run definition (for a new run; must match when reopening a workdir)")
     for name, typ in (("corpus", str), ("model", str), ("seq_len", int), ("micro_batch", int),
                       ("target_batch_size", int), ("lr", float), ("warmup_steps", int), ("decay_steps", int),
@@ -184,4 +190,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         dht_listen=tuple(args.dht_listen or CoordinatorConfig.dht_listen),
         dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll, run=run)
+        keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
+        qrb_k=args.qrb_k, run=run)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
+from coordinator.credit import ReceiptSigner, base_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from coordinator.ledger import Ledger, Verdict
 from coordinator.run import SHARD_DIR
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
 NAME_MAX = 64
+TEAM_MAX = 32
 MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
 NO_WORK_RETRY_S = 1.0  # when a peer may ask again for work after none was free
@@ -48,10 +50,11 @@ class Context:
         self.spec_json = self.spec.to_json()
         self.spec_hash = self.spec.hash
         # Credit ("points") per sequence: proportional to the compute one sequence costs (~6 * params * tokens),
-        # in units of 1e9 FLOP-equivalents / 6, so bigger models earn more per sample.
+        # in units of 1e9 FLOP-equivalents / 6, so bigger models earn more per sample (coordinator.credit).
         n = self.spec.model
         params = n.n_layer * 12 * n.d_model ** 2 + n.vocab_size * n.d_model
-        self.credit_per_sample = params * self.spec.seq_len / 1e9
+        self.credit_per_sample = base_points(1, seq_len=self.spec.seq_len, parameters=params)
+        self.signer = ReceiptSigner(self.config.workdir, self.spec.run_id)
         a = self.spec.averaging
         self.run_summary = {  # what watchers see of the run spec (the status document's "run")
             "model": {"n_layer": n.n_layer, "n_head": n.n_head, "d_model": n.d_model, "vocab_size": n.vocab_size,
@@ -93,16 +96,20 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
         raise FailedPrecondition(
             f"this coordinator runs spec {ctx.spec_hash[:12]}, but this peer's workdir trained under "
             f"{request.expected_spec_hash[:12]}; use a fresh --workdir to join this run")
+    team = request.team.strip()
+    if len(team) > TEAM_MAX or not team.isprintable():
+        raise InvalidArgument(f"team must be at most {TEAM_MAX} printable characters, got {request.team!r}")
     peer_id = peer_id_from_public_key(request.public_key)
     device = request.device
     token = ctx.ledger.register_peer(peer_id=peer_id, name=name, public_key=request.public_key,
                                      device_kind=device.kind[:16], device_name=device.name[:128],
-                                     memory_bytes=device.memory_bytes, now=now)
+                                     memory_bytes=device.memory_bytes, team=team, now=now)
     log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
              device.memory_bytes / 2**30)
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
                                dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval,
-                               swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
+                               swarm_maddrs=_swarm_maddrs(ctx, peer_id, now),
+                               receipt_public_key=ctx.signer.key.public_key)
 
 
 def _online_seconds(ctx: Context) -> float:
@@ -172,12 +179,19 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
         raise InvalidArgument("losses must be finite and non-negative")
     if not math.isfinite(request.compute_seconds) or request.compute_seconds < 0:
         raise InvalidArgument("compute_seconds must be finite and >= 0")
+    seq_len = ctx.spec.seq_len
+
+    def sign(*, samples: int, **fields) -> str:
+        return ctx.signer.sign(tokens=samples * seq_len, **fields)
+
     outcome = ctx.ledger.submit(peer_id, request.lease_id, samples=request.samples, losses=losses,
-                                compute_seconds=request.compute_seconds,
-                                credit_per_sample=ctx.credit_per_sample, now=now)
-    log.info("peer %s submitted lease %s: %s", peer_id, request.lease_id, outcome.detail)
+                                compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
+                                now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,
+                                sign_receipt=sign)
+    log.info("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,
+             outcome.credit)
     return pb.SubmitResultResponse(verdict=VERDICT_TO_PB[outcome.verdict], credit=outcome.credit,
-                                   detail=outcome.detail)
+                                   detail=outcome.detail, receipt=outcome.receipt)
 
 
 def release_lease(request: pb.ReleaseLeaseRequest, ctx: Context, now: float) -> pb.ReleaseLeaseResponse:
@@ -236,6 +250,7 @@ def status_document(ctx: Context, now: float) -> dict:
     doc = ctx.ledger.status(now=now, online_seconds=_online_seconds(ctx), seq_len=ctx.spec.seq_len)
     doc["run"] = ctx.run_summary
     doc["dht_initial_peers"] = list(ctx.dht_maddrs)
+    doc["receipt_public_key"] = ctx.signer.public_key_hex
     doc["software"] = {"python": python_version(),
                        **{d: version(d) for d in ("hivefold", "torch", "hivemind", "protobuf", "grpcio")}}
     return doc

@@ -62,6 +62,29 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _receipts_cmd(args: argparse.Namespace) -> int:
+    from hivefold.receipts import ReceiptBook
+
+    key = None
+    if args.public_key:
+        try:
+            key = bytes.fromhex(args.public_key)
+        except ValueError:
+            raise HivefoldError("--public-key must be the coordinator's key in hex (see /api/credit)") from None
+    book = ReceiptBook(args.workdir.expanduser())
+    if not book.path.exists():
+        raise HivefoldError(f"no receipts in {args.workdir}: has a peer with this --workdir had results accepted?")
+    summary = book.summary(key)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(f"{summary['receipts']} receipts verified: {summary['points']:.3f} points for {summary['tokens']:,} "
+              f"tokens (runs: {', '.join(summary['runs']) or '-'})")
+        for bad in summary["invalid"]:
+            print(f"line {bad['line']}: {bad['error']}", file=sys.stderr)
+    return 1 if summary["invalid"] else 0
+
+
 def _generate_cmd(args: argparse.Namespace) -> int:
     from hivefold.generate import generate_text
 
@@ -154,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, help="where the run and logs go (default ./hivefold-demo/run-<time>)")
     p.add_argument("--model", default="tiny", help="model size (default %(default)s)")
     p.set_defaults(func=_demo_cmd)
+    p = sub.add_parser("receipts", help="verify a peer's credit receipts and total its points")
+    p.add_argument("--workdir", type=Path, required=True, help="the peer's --workdir")
+    p.add_argument("--public-key", help="accept only receipts signed by this coordinator key (hex, see /api/credit)")
+    p.add_argument("--json", action="store_true", help="print the totals as JSON")
+    p.set_defaults(func=_receipts_cmd)
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .pt file written by the keeper")
     p.add_argument("--prompt", default="", help="text to continue (default: none)")

@@ -112,11 +112,14 @@ def progress_line(status: dict) -> Text:
 
 
 def leaderboard(status: dict, top: int = 5) -> Table:
-    """The peers with the most credit."""
-    table = Table("#", "leaderboard", "credit", "shards", box=None)
+    """The peers with the most credit, then the teams."""
+    table = Table("#", "leaderboard", "team", "points", "shards", box=None)
     ranked = sorted(status["peers"], key=lambda p: p["credit"], reverse=True)[:top]
     for i, p in enumerate(ranked, 1):
-        table.add_row(str(i), Text(p["name"]), f"{p['credit']:.1f}", str(p["shards_done"]))
+        table.add_row(str(i), Text(p["name"]), Text(p.get("team") or ""), f"{p['credit']:.1f}", str(p["shards_done"]))
+    for i, t in enumerate((status.get("teams") or [])[:top], 1):
+        table.add_row(f"T{i}", Text(f"team {t['team']} ({t['peers']} peers)"), "", f"{t['points']:.1f}",
+                      str(t["shards"]))
     return table
 
 

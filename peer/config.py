@@ -35,6 +35,7 @@ class PeerConfig:
     retry_cap: float = 30.0  # longest wait between retries when the coordinator is unreachable
     step_interval: float = 1.0  # seconds of local gradient accumulation per hivemind step call (less DHT chatter)
     micro_batch: int = 0  # sequences per forward/backward; 0 = auto (the run's on CPU, sized to the GPU on CUDA)
+    team: str = ""  # the team this volunteer's points count for on the leaderboard; "" = none
     metrics_port: str = ""  # PORT or HOST:PORT serving this peer's Prometheus /metrics; "" = off
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class PeerConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not self.name.strip() or len(self.name) > 64 or not self.name.isprintable():
             raise ConfigError(f"--name must be 1-64 printable characters, got {self.name!r}")
+        if len(self.team) > 32 or not self.team.isprintable():
+            raise ConfigError(f"--team must be at most 32 printable characters, got {self.team!r}")
         if self.threads < 0 or self.max_shards < 0:
             raise ConfigError("--threads and --max-shards must be >= 0")
         if self.retry_cap <= 0:
@@ -76,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dht-announce", action="append",
                    help="public multiaddr to announce, repeatable (default: the visible ones)")
     p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
+    p.add_argument("--team", default=d.team, help="team your points count for on the leaderboard (default: none)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads; 0 = torch's default (default %(default)s)")
     p.add_argument("--max-shards", type=int, default=d.max_shards,
@@ -113,4 +117,4 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
                       retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, team=args.team.strip())

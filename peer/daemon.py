@@ -24,9 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.dht import SwarmDHT
-from hivefold.errors import HivefoldError
+from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
 from hivefold.logs import log_to_console
+from hivefold.receipts import ReceiptBook
 from hivefold.retry import Stopped
 from hivefold.shards import decode_shard
 from hivefold.signals import install_stop_handlers
@@ -64,6 +65,8 @@ class Peer:
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
         self.metrics_server = None
+        self.receipts = ReceiptBook(self.workdir)
+        self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -76,10 +79,11 @@ class Peer:
         log.info("peer %s (%s) registering with %s", self.identity.peer_id, self.config.name, self.config.coordinator)
         try:
             resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
-                                        expected_spec_hash=state.get("spec_hash", ""))
+                                        expected_spec_hash=state.get("spec_hash", ""), team=self.config.team)
         except grpc.RpcError as e:
             raise HivefoldError(f"the coordinator refused to register this peer: {describe_rpc_error(e)}") from None
         self.spec = verify_spec(resp.spec_json, resp.spec_hash)
+        self.receipt_key = bytes(resp.receipt_public_key)
         if state.get("spec_hash") != resp.spec_hash:
             self.outbox.clear()
             state_path.write_text(json.dumps({"spec_hash": resp.spec_hash, "run_id": self.spec.run_id}))
@@ -112,7 +116,7 @@ class Peer:
     def reregister(self) -> None:
         """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
         resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
-                                    expected_spec_hash=self.spec.hash)
+                                    expected_spec_hash=self.spec.hash, team=self.config.team)
         if resp.spec_hash != self.spec.hash:
             raise HivefoldError("the coordinator now runs a different spec; restart the peer with a fresh --workdir")
 
@@ -168,7 +172,16 @@ class Peer:
                 raise
             log.info("peer %s result for lease %s: %s (credit %.3f)", self.identity.peer_id, request.lease_id,
                      resp.detail, resp.credit)
+            self._keep_receipt(resp)
             self.outbox.done(request.lease_id)
+
+    def _keep_receipt(self, resp: pb.SubmitResultResponse) -> None:
+        """The coordinator's signed receipt goes to the workdir: the volunteer's proof of credit."""
+        if resp.receipt:
+            try:
+                self.receipts.add(resp.receipt, self.receipt_key)
+            except IntegrityError as e:
+                log.warning("the coordinator's receipt does not verify (%s); not kept", e)
 
     def _load(self, cache: ShardCache, work: pb.WorkUnit):
         return cache.load(work, lambda data: decode_shard(data, sha256=work.sha256, seq_len=self.spec.seq_len,
@@ -256,7 +269,7 @@ class Peer:
         try:
             with self._quick_client() as client:
                 for request in self.outbox.pending():
-                    client.submit(request)
+                    self._keep_receipt(client.submit(request))
                     self.outbox.done(request.lease_id)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)

@@ -37,23 +37,25 @@ class PeerAuth(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("public_key", "name", "timestamp", "signature", "device", "expected_spec_hash")
+    __slots__ = ("public_key", "name", "timestamp", "signature", "device", "expected_spec_hash", "team")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     name: str
     timestamp: float
     signature: bytes
     device: DeviceReport
     expected_spec_hash: str
-    def __init__(self, public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., device: _Optional[_Union[DeviceReport, _Mapping]] = ..., expected_spec_hash: _Optional[str] = ...) -> None: ...
+    team: str
+    def __init__(self, public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., device: _Optional[_Union[DeviceReport, _Mapping]] = ..., expected_spec_hash: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs")
+    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs", "receipt_public_key")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +63,7 @@ class RegisterResponse(_message.Message):
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     token: str
     spec_json: str
@@ -68,7 +71,8 @@ class RegisterResponse(_message.Message):
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
     heartbeat_interval_s: float
     swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    receipt_public_key: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
     __slots__ = ("auth", "held_lease_ids")
@@ -147,14 +151,16 @@ class SubmitResultRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples: _Optional[int] = ..., losses: _Optional[_Iterable[_Union[MicroBatchLoss, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class SubmitResultResponse(_message.Message):
-    __slots__ = ("verdict", "credit", "detail")
+    __slots__ = ("verdict", "credit", "detail", "receipt")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     verdict: ResultVerdict
     credit: float
     detail: str
-    def __init__(self, verdict: _Optional[_Union[ResultVerdict, str]] = ..., credit: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+    receipt: str
+    def __init__(self, verdict: _Optional[_Union[ResultVerdict, str]] = ..., credit: _Optional[float] = ..., detail: _Optional[str] = ..., receipt: _Optional[str] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")

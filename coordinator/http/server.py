@@ -4,6 +4,7 @@
     /api/status       the status document (the same as ``hivefold status --json`` and the GetStatus RPC)
     /api/history      the charts' series: the swarm over time, training and validation loss against tokens
     /api/events       the latest notable events (joins, leaves, expired leases, rejected results, checkpoints)
+    /api/credit       every peer's and team's points, with the key that signs receipts (for stats sites)
     /metrics          Prometheus text format
 
 Nothing here touches the training path: every answer is a read of the ledger, cached for a second
@@ -77,12 +78,17 @@ def start_http(ctx: handlers.Context, listen: str,
             return 200, cache.get("status", lambda: handlers.status_document(ctx, time.time()))
         if path == "/api/history":
             return 200, cache.get("history", lambda: ctx.ledger.history(seq_len=seq_len))
+        if path == "/api/credit":
+            return 200, cache.get("credit", lambda: {
+                "run_id": ctx.spec.run_id, "receipt_public_key": ctx.signer.public_key_hex,
+                "qrb_k": ctx.config.qrb_k, "time": time.time(), **ctx.ledger.credit_board(seq_len=seq_len)})
         if path == "/api/events":
             raw = query.get("limit", ["50"])[0]
             if not raw.isdigit() or not 1 <= int(raw) <= MAX_EVENTS:
                 return 400, {"error": f"limit must be a whole number from 1 to {MAX_EVENTS}, not {raw!r}"}
             return 200, cache.get(f"events{raw}", lambda: ctx.ledger.recent_events(limit=int(raw)))
-        return 404, {"error": f"no such endpoint {path}; try /, /api/status, /api/history, /api/events or /metrics"}
+        return 404, {"error": f"no such endpoint {path}; try /, /api/status, /api/history, /api/events, "
+                              "/api/credit or /metrics"}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

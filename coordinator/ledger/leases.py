@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+from collections.abc import Callable
 
 import numpy as np
 
+from coordinator.credit import quick_return_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.progress import _raise_global_step
 from coordinator.ledger.schema import Lease, LeaseOutcome, LeaseState, ShardState, SubmitOutcome, Verdict
@@ -106,13 +108,20 @@ class ShardLeases(LedgerStore):
             return _expire(c, now)
 
     def submit(self, peer_id: str, lease_id: str, *, samples: int, losses: list[tuple[float, int]],
-               compute_seconds: float, credit_per_sample: float, now: float) -> SubmitOutcome:
-        """Record a result. Idempotent: a second submission of a lease returns the first outcome."""
+               compute_seconds: float, credit_per_sample: float, now: float, qrb_k: float = 0.0,
+               qrb_deadline_s: float = 0.0, sign_receipt: Callable[..., str] | None = None) -> SubmitOutcome:
+        """Record a result. Idempotent: a second submission of a lease returns the first outcome.
+
+        Accepted results earn ``samples × credit_per_sample`` points, times the quick-return bonus
+        (``coordinator.credit``) when ``qrb_k`` > 0; ``sign_receipt(**fields)`` signs the receipt, which
+        is stored with the result in the same transaction.
+        """
         with self._tx() as c:
             lease = _owned_lease(c, peer_id, lease_id, now)
-            prior = c.execute("SELECT verdict, credit, detail FROM results WHERE lease_id = ?", (lease_id,)).fetchone()
+            prior = c.execute("SELECT verdict, credit, detail, receipt FROM results WHERE lease_id = ?",
+                              (lease_id,)).fetchone()
             if prior is not None:
-                return SubmitOutcome(Verdict(prior["verdict"]), prior["credit"], prior["detail"])
+                return SubmitOutcome(Verdict(prior["verdict"]), prior["credit"], prior["detail"], prior["receipt"])
             if samples != lease.num_sequences:
                 raise InvalidArgument(f"samples={samples} but shard {lease.shard_id} holds {lease.num_sequences} "
                                       "sequences; submit only whole shards and release unfinished ones")
@@ -120,8 +129,15 @@ class ShardLeases(LedgerStore):
             current_pass = int(_meta(c, "data_pass"))
             late_but_free = (lease.state is not LeaseState.ACTIVE and lease.data_pass == current_pass
                              and shard_state == ShardState.PENDING.value)
+            receipt = ""
             if lease.state is LeaseState.ACTIVE or late_but_free:
-                verdict, credit = Verdict.ACCEPTED, samples * credit_per_sample
+                issued_at = c.execute("SELECT issued_at FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()[0]
+                verdict = Verdict.ACCEPTED
+                credit = quick_return_points(samples * credit_per_sample, deadline_s=qrb_deadline_s,
+                                             elapsed_s=now - issued_at, k=qrb_k)
+                if sign_receipt is not None:
+                    receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,
+                                           samples=samples, points=credit, accepted_at=now)
                 detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
                 if lease.state is LeaseState.ACTIVE:
                     c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = 'result' "
@@ -133,15 +149,15 @@ class ShardLeases(LedgerStore):
             else:
                 verdict, credit = Verdict.REJECTED_LATE, 0.0
                 detail = f"lease {lease.state.value} and shard {lease.shard_id} was reassigned"
-            c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (lease_id, lease.shard_id, peer_id, lease.data_pass, verdict.value, samples, compute_seconds,
-                       credit, now, detail))
+                       credit, now, detail, receipt))
             c.executemany("INSERT INTO losses VALUES (?, ?, ?, ?)",
                           [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
             if losses:
                 _raise_global_step(c, max(epoch for _, epoch in losses))
             _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
-            return SubmitOutcome(verdict, credit, detail)
+            return SubmitOutcome(verdict, credit, detail, receipt)
 
     def shard_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in ShardState}

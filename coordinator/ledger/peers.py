@@ -18,7 +18,7 @@ class PeerRegistry(LedgerStore):
     """Who takes part in the run, whether they are online, and where the swarm can reach them."""
 
     def register_peer(self, *, peer_id: str, name: str, public_key: bytes, device_kind: str, device_name: str,
-                      memory_bytes: int, now: float) -> str:
+                      memory_bytes: int, now: float, team: str = "") -> str:
         """Insert or refresh a peer; returns a new session token (older tokens stop working)."""
         token = secrets.token_hex(16)
         with self._tx() as c:
@@ -29,12 +29,12 @@ class PeerRegistry(LedgerStore):
                 raise PermissionDenied(f"peer {peer_id} is banned from this run")
             if row is None:
                 c.execute("INSERT INTO peers (peer_id, name, public_key, token, device_kind, device_name, "
-                          "memory_bytes, registered_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now))
+                          "memory_bytes, registered_at, last_seen, team) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now, team))
             else:
                 c.execute("UPDATE peers SET name = ?, token = ?, device_kind = ?, device_name = ?, memory_bytes = ?,"
-                          " last_seen = ?, left_at = NULL WHERE peer_id = ?",
-                          (name, token, device_kind, device_name, memory_bytes, now, peer_id))
+                          " last_seen = ?, left_at = NULL, team = ? WHERE peer_id = ?",
+                          (name, token, device_kind, device_name, memory_bytes, now, team, peer_id))
             _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
         return token
 

@@ -142,6 +142,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX results_by_time ON results (submitted_at);
     CREATE INDEX events_by_kind ON events (kind, id)
     """,
+    # 5: credit: a peer's team ('' = none) and the coordinator's signed receipt of each accepted result.
+    """
+    ALTER TABLE peers ADD COLUMN team TEXT NOT NULL DEFAULT '';
+    ALTER TABLE results ADD COLUMN receipt TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 
@@ -171,3 +176,4 @@ class SubmitOutcome:
     verdict: Verdict
     credit: float
     detail: str
+    receipt: str = ""  # the coordinator's signed receipt (accepted results, when the ledger was given a signer)

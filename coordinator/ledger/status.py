@@ -11,6 +11,18 @@ from coordinator.ledger.store import LedgerStore
 class StatusReport(LedgerStore):
     """Reads only."""
 
+    def credit_board(self, *, seq_len: int) -> dict:
+        """Every peer's and team's accepted work and points, for ``/api/credit`` (stats sites, audits)."""
+        rows = self._read(
+            "SELECT p.peer_id, p.name, p.team, COALESCE(SUM(r.credit), 0), COUNT(r.lease_id), "
+            "COALESCE(SUM(r.samples), 0) FROM peers p LEFT JOIN results r ON r.peer_id = p.peer_id AND "
+            "r.verdict = 'accepted' GROUP BY p.peer_id ORDER BY 4 DESC, p.registered_at")
+        peers = [{"peer_id": r[0], "name": r[1], "team": r[2], "credit": round(r[3], 3), "shards_done": r[4],
+                  "tokens": r[5] * seq_len} for r in rows]
+        teams = _teams(peers)
+        return {"peers": [{"peer_id": p["peer_id"], "name": p["name"], "team": p["team"], "points": p["credit"],
+                           "shards": p["shards_done"], "tokens": p["tokens"]} for p in peers], "teams": teams}
+
     def status(self, *, now: float, online_seconds: float, seq_len: int) -> dict:
         """The status document (see README); reads only."""
         with self._lock:
@@ -20,6 +32,18 @@ class StatusReport(LedgerStore):
                 return _status(c, now=now, online_seconds=online_seconds, seq_len=seq_len)
             finally:
                 c.execute("COMMIT")
+
+
+def _teams(peers: list[dict]) -> list[dict]:
+    """The team leaderboard: points, shards and members per team (peers without a team are not listed)."""
+    teams: dict[str, dict] = {}
+    for p in peers:
+        if p["team"]:
+            t = teams.setdefault(p["team"], {"team": p["team"], "points": 0.0, "shards": 0, "peers": 0})
+            t["points"] += p["credit"]
+            t["shards"] += p["shards_done"]
+            t["peers"] += 1
+    return sorted(({**t, "points": round(t["points"], 3)} for t in teams.values()), key=lambda t: -t["points"])
 
 
 def _mean(values: list[float]) -> float | None:
@@ -74,7 +98,7 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
             "shards_done": p["shards_done"], "samples": p["samples"], "credit": round(p["credit"], 3),
             "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],
-            "utilization": p["utilization"], "micro_batch": p["micro_batch"],
+            "utilization": p["utilization"], "micro_batch": p["micro_batch"], "team": p["team"],
         })
     samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
     # Training loss: mean over the micro-batches of the latest swarm steps that have any.
@@ -117,5 +141,6 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "tokens_trained": int(samples) * seq_len,
         "checkpoint": ({"step": ckpt["step"], "path": ckpt["path"], "val_loss": ckpt["val_loss"]} if ckpt else None),
         "keeper": _keeper_health(meta, global_step, ckpt["step"] if ckpt else None),
+        "teams": _teams(peers),
         "time": now,
     }

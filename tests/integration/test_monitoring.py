@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from hivefold.receipts import ReceiptBook
 from tests.conftest import REPO, Processes, wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,7 @@ class Swarm:
         for name in ("alice", "bob"):
             proc = procs.start(name, "peer", "--coordinator", self.address, "--workdir", str(root / name), "--name",
                                name, "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress",
-                               "--metrics-port", "127.0.0.1:0")
+                               "--metrics-port", "127.0.0.1:0", *(["--team", "hive <b>"] if name == "alice" else []))
             self.peers[name] = proc
         self.metrics = {name: wait_for(lambda p=proc: _metrics_address(p), timeout=180, procs=procs,
                                        what=f"{name}'s metrics endpoint") for name, proc in self.peers.items()}
@@ -116,6 +117,7 @@ def test_dashboard_shows_both_peers_and_live_charts_in_chromium(swarm):
                         timeout=90, what="both peers and non-empty charts on the page", procs=swarm.procs)
         assert seen["error"] is None
         assert {row.split()[0] for row in seen["rows"]} == {"alice", "bob"}
+        assert any("hive <b>" in row for row in seen["rows"])  # shown as text, not markup
         assert all("online" in row for row in seen["rows"])
         assert seen["canvases"] >= 4
         # live: the throughput chart grows while the page is open (history is sampled every 5 s)
@@ -192,3 +194,13 @@ def test_a_real_prometheus_scrapes_the_coordinator_and_the_peers(swarm, tmp_path
     finally:
         prom.terminate()
         prom.wait(10)
+
+
+def test_peers_keep_verified_receipts_and_teams_lead(swarm):
+    board = swarm.api("/api/credit")
+    alice = next(p for p in board["peers"] if p["name"] == "alice")
+    assert board["teams"][0]["team"] == "hive <b>" and board["teams"][0]["points"] == alice["points"] > 0
+    key = bytes.fromhex(board["receipt_public_key"])
+    summary = ReceiptBook(swarm.root / "alice").summary(key)
+    assert summary["receipts"] >= 1 and not summary["invalid"] and summary["points"] > 0
+    assert summary["points"] <= alice["points"] + 1e-3  # no receipt for credit the ledger does not hold

@@ -37,7 +37,7 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 4
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 5
     assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
 
 
@@ -47,12 +47,14 @@ def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
         m.setattr(ledger_schema, "MIGRATIONS", ledger_schema.MIGRATIONS[:1])  # the store reads it when it opens a file
         old = Ledger(path)
         old.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
-        old.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="cpu", device_name="",
-                          memory_bytes=0, now=0.0)
+        # as version 1's code registered a peer (today's register_peer writes columns added since)
+        old._conn.execute("INSERT INTO peers (peer_id, name, public_key, token, device_kind, device_name, "
+                          "memory_bytes, registered_at, last_seen) VALUES ('a', 'a', ?, 't', 'cpu', '', 0, 0, 0)",
+                          (b"a" * 32,))
         assert old.schema_version() == 1
         old.close()
     new = Ledger(path)
-    assert new.schema_version() == 4
+    assert new.schema_version() == 5
     assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
     new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.0,
                   dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"], micro_batch=64)

@@ -97,7 +97,7 @@ function drawStatus(s) {
   $("keeper").textContent = k ? (k.warning ? `keeper: ${k.warning}` : k.checkpoint_step != null ? `latest checkpoint at step ${k.checkpoint_step}` : "no checkpoint yet") : "";
   $("keeper").className = k && k.warning ? "error" : "muted";
   drawPeers();
-  drawLeaderboard(s.peers);
+  drawLeaderboard(s.peers, s.teams);
 }
 
 function drawPeers() {
@@ -112,7 +112,7 @@ function drawPeers() {
   $("peer-count").textContent = `${s.peers_online} online of ${s.peers.length}`;
   // One string, one DOM write: quick with a thousand peers.
   document.querySelector("#peers tbody").innerHTML = peers.map((p) => `<tr>
-    <td class="name" title="${esc(p.peer_id)}">${esc(p.name)}</td><td>${esc(p.device || "?")}</td>
+    <td class="name" title="${esc(p.peer_id)}">${esc(p.name)}</td><td>${esc(p.team || "")}</td><td>${esc(p.device || "?")}</td>
     <td class="num">${esc(p.micro_batch || "?")}</td><td class="num">${num(p.samples_per_second, 1)}</td>
     <td class="num">${pct(p.utilization)}</td><td class="num">${num(p.shards_done)}</td><td class="num">${num(p.credit, 1)}</td>
     <td class="num">${p.recent_loss == null ? "—" : p.recent_loss.toFixed(3)}</td>
@@ -123,9 +123,11 @@ function drawPeers() {
   });
 }
 
-function drawLeaderboard(peers) {
+function drawLeaderboard(peers, teams) {
   const top = [...peers].sort((a, b) => b.credit - a.credit).slice(0, 10);
-  $("leaderboard").innerHTML = top.map((p) => `<li>${esc(p.name)} <span class="muted">${num(p.credit, 1)} points · ${num(p.shards_done)} shards</span></li>`).join("");
+  $("leaderboard").innerHTML = top.map((p) => `<li>${esc(p.name)}${p.team ? ` <span class="muted">[${esc(p.team)}]</span>` : ""} <span class="muted">${num(p.credit, 1)} points · ${num(p.shards_done)} shards</span></li>`).join("");
+  $("teams").innerHTML = (teams || []).slice(0, 10).map((t) => `<li>${esc(t.team)} <span class="muted">${num(t.points, 1)} points · ${num(t.shards)} shards · ${num(t.peers)} peers</span></li>`).join("");
+  $("teams-head").hidden = !(teams && teams.length);
 }
 
 function drawEvents(events, now) {
