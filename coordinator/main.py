@@ -22,6 +22,7 @@ from coordinator.lock import WorkdirLock
 from coordinator.run import SPEC_FILE, open_run
 from coordinator.server import start_server
 from hivefold.dht import SwarmDHT
+from hivefold.netaddr import with_peer_id
 from hivefold.signals import install_stop_handlers
 
 log = logging.getLogger("hivefold.coordinator")
@@ -113,11 +114,13 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
         ledger.set_checkpoint_every(config.checkpoint_every)
         ledger.set_meta("averaging", spec.averaging.mode)
-        dht = SwarmDHT(host_maddrs=list(config.dht_listen), identity_path=str(config.workdir / "dht.key"),
-                           start=True)
+        dht = SwarmDHT(host_maddrs=list(config.dht_listen), announce_maddrs=list(config.dht_announce) or None,
+                       identity_path=str(config.workdir / "dht.key"), start=True)
         stack.callback(_shutdown_dht, dht)
         install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")
-        maddrs = list(config.dht_announce) or [str(m) for m in dht.get_visible_maddrs()]
+        # An announced address (a public IP, a forwarded port) is given to peers with this node's id appended.
+        maddrs = ([with_peer_id(m, str(dht.peer_id)) for m in config.dht_announce]
+                  or [str(m) for m in dht.get_visible_maddrs()])
         log.info("DHT bootstrap node at %s", " ".join(maddrs))
         ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=maddrs)
         metrics = make_metrics(ctx)

@@ -12,3 +12,8 @@ def parse_host_port(value: str, *, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{flag} must be HOST:PORT (e.g. 127.0.0.1:7600), got {value!r}")
     return host, int(port)
+
+
+def with_peer_id(maddr: str, peer_id: str) -> str:
+    """``maddr`` ending in ``/p2p/<peer_id>`` (hivemind needs it to bootstrap from an address)."""
+    return maddr if "/p2p/" in maddr else f"{maddr.rstrip('/')}/p2p/{peer_id}"

@@ -4,6 +4,7 @@ coordinator and a missing GPU fail, each naming its check."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,11 +32,18 @@ def coordinator(tmp_path_factory):
     procs = Processes(root)
     workdir = root / "coordinator"
     try:
+        with socket.socket() as s:  # a fixed DHT port, announced without its /p2p/ id as an operator would
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         procs.start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http", "",
-                    "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--no-keeper", *RUN_FLAGS)
+                    "--dht-listen", f"/ip4/127.0.0.1/tcp/{port}", "--dht-announce", f"/ip4/127.0.0.1/tcp/{port}",
+                    "--no-keeper", *RUN_FLAGS)
         path = workdir / "coordinator.json"
         address = wait_for(lambda: path.exists() and json.loads(path.read_text())["grpc"], timeout=180,
                            what="the coordinator to serve", procs=procs)
+        # the coordinator completed the announced address with its node id: doctor's DHT check joins through it
+        assert json.loads(path.read_text())["dht"] == [f"/ip4/127.0.0.1/tcp/{port}/p2p/" + json.loads(
+            path.read_text())["dht"][0].rsplit("/", 1)[-1]]
         yield address, workdir
     finally:
         procs.close()

@@ -124,3 +124,10 @@ def test_generate_needs_a_real_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = hivefold("generate", "--checkpoint", str(tmp_path / "junk.pt"), "--prompt", "x")
     assert r.returncode == 2 and "is not a hivefold checkpoint" in r.stderr
+
+
+def test_an_announced_dht_address_gets_the_node_id_peers_need():
+    from hivefold.netaddr import with_peer_id
+
+    assert with_peer_id("/ip4/203.0.113.10/tcp/7601", "QmX") == "/ip4/203.0.113.10/tcp/7601/p2p/QmX"
+    assert with_peer_id("/ip4/203.0.113.10/tcp/7601/p2p/QmY", "QmX") == "/ip4/203.0.113.10/tcp/7601/p2p/QmY"
