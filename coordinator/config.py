@@ -125,6 +125,7 @@ class CoordinatorConfig:
     keep_checkpoints: int = 3  # older checkpoints are deleted
     keeper: bool = True  # run the keeper (checkpoints, validation loss, state for newcomers)
     keeper_poll: float = 2.0  # seconds between the keeper's looks at the swarm's step
+    token_budget: int = 0  # the run is complete once this many tokens are trained (accepted); 0 = no budget
     qrb_k: float = 0.75  # quick-return bonus: points = base x max(1, sqrt(k x deadline / elapsed)); 0 = off
     run: RunOptions = field(default_factory=RunOptions)
 
@@ -142,6 +143,8 @@ class CoordinatorConfig:
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7601)")
+        if self.token_budget < 0:
+            raise ConfigError(f"--token-budget must be >= 0 tokens (0 = none), got {self.token_budget}")
         if not 0 <= self.qrb_k <= 100 or self.qrb_k != self.qrb_k:
             raise ConfigError(f"--qrb-k must be between 0 (no bonus) and 100, got {self.qrb_k}")
 
@@ -167,6 +170,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
+    p.add_argument("--token-budget", type=token_count, default=d.token_budget, metavar="TOKENS",
+                   help="end the run once this many tokens are trained, e.g. 50M or 2G; peers finish and exit, the "
+                        "keeper takes a final checkpoint; may be raised on a restart (default: none)")
     p.add_argument("--qrb-k", type=float, default=d.qrb_k,
                    help="quick-return bonus: points = base x max(1, sqrt(k x lease seconds / seconds taken)); "
                         "0 turns it off (default %(default)s)")
@@ -182,6 +188,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{RunOptions.HELP[name]} (default {RunOptions.DEFAULTS[name]})")
 
 
+def token_count(text: str) -> int:
+    """``123``, ``50k``, ``50M``, ``2G`` or ``1.5B`` tokens (decimal multiples)."""
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+    t = text.strip().upper()
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens like 50M or 2G, got {text!r}") from None
+    if not value >= 0 or value != value or value > 10**18:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, got {text!r}")
+    return int(value)
+
+
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """Validate the parsed flags; raises ConfigError (exit 2) before anything touches the disk."""
     run = RunOptions(**{k: getattr(args, k) for k in RunOptions.DEFAULTS})
@@ -191,4 +211,4 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
-        qrb_k=args.qrb_k, run=run)
+        qrb_k=args.qrb_k, token_budget=args.token_budget, run=run)

@@ -114,6 +114,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
         ledger.set_checkpoint_every(config.checkpoint_every)
         ledger.set_meta("averaging", spec.averaging.mode)
+        ledger.set_sample_budget(-(-config.token_budget // spec.seq_len))  # whole sequences, rounded up
         dht = SwarmDHT(host_maddrs=list(config.dht_listen), announce_maddrs=list(config.dht_announce) or None,
                        identity_path=str(config.workdir / "dht.key"), start=True)
         stack.callback(_shutdown_dht, dht)

@@ -75,6 +75,11 @@ class _SwarmCollector(Collector):
         eta = (s.get("data_pass_progress") or {}).get("eta_seconds")
         yield gauge("hivefold_data_pass_eta_seconds", "Seconds until the current data pass is trained, at this rate",
                     eta)
+        budget = s.get("token_budget")
+        yield gauge("hivefold_token_budget_tokens", "The operator's token budget (absent: none)",
+                    budget["tokens"] if budget else None)
+        yield gauge("hivefold_run_complete", "1 once the run is complete (token budget or data passes spent)",
+                    1 if s.get("run_complete") else 0)
         expired = CounterMetricFamily("hivefold_leases_expired", "Leases whose deadline passed before a result")
         expired.add_metric([], totals["leases"].get("expired", 0))
         yield expired

@@ -101,8 +101,18 @@ def duration(seconds: float) -> str:
 
 
 def progress_line(status: dict) -> Text:
-    """Tokens trained and how far the data pass is, with an ETA at the current rate."""
+    """Tokens trained and how far the data pass (or the token budget) is, with an ETA at the current rate."""
     line = Text(f"tokens trained {status['tokens_trained']:,}")
+    done = status.get("run_complete")
+    if done:
+        line.append(f" · run complete: {done['why']}", style="bold green")
+        return line
+    budget = status.get("token_budget")
+    if budget:
+        bar = int(round(20 * budget["fraction"]))
+        line.append(f" of {budget['tokens']:,} [{'#' * bar}{'.' * (20 - bar)}] {percent(budget['fraction'])}")
+        line.append(f" · ETA {duration(budget['eta_seconds'])}" if budget["eta_seconds"] is not None else " · ETA —")
+        return line
     p = status.get("data_pass_progress")
     if p and p["fraction"] is not None:
         bar = int(round(20 * p["fraction"]))

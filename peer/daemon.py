@@ -65,6 +65,7 @@ class Peer:
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
         self.metrics_server = None
+        self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
 
@@ -220,6 +221,7 @@ class Peer:
                 if item is None:
                     if not self.stop.is_set():
                         log.info("the run is complete; peer %s leaves", self.identity.peer_id)
+                        self.run_complete = True
                     break
                 work, sequences = item
                 self.current = work.lease_id
@@ -276,7 +278,7 @@ class Peer:
 
     def leave(self, reason: str) -> None:
         """Tell the coordinator we are gone; stay in the swarm while the keeper still needs our state."""
-        self.trainer.averaging.settle()
+        self.trainer.averaging.settle(final=self.run_complete)
         deadline = time.monotonic() + HANDOVER_WAIT_S
         try:
             with self._quick_client() as client:

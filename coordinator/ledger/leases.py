@@ -16,7 +16,7 @@ from coordinator.credit import quick_return_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.progress import _raise_global_step
 from coordinator.ledger.schema import Lease, LeaseOutcome, LeaseState, ShardState, SubmitOutcome, Verdict
-from coordinator.ledger.store import LedgerStore, _event, _meta
+from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 from hivefold.spec import ShardInfo
 
 MAX_ACTIVE_LEASES = 3  # per peer: the work unit training, one fetched ahead, one whose result awaits its ack
@@ -62,6 +62,19 @@ class ShardLeases(LedgerStore):
                 return LeaseOutcome(_get_lease(c, orphans[0]))
             if len(active) >= MAX_ACTIVE_LEASES:
                 return LeaseOutcome(None)
+            budget = int(_meta_or(c, "sample_budget", "0"))
+            if budget:
+                # Stop handing out work once what is done and what is out covers the budget; the run is
+                # complete when the accepted work alone does (an expired lease's shard goes out again).
+                done = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = ?",
+                                 (Verdict.ACCEPTED.value,)).fetchone()[0]
+                if done >= budget:
+                    _complete(c, now, f"token budget spent ({done} sequences trained)")
+                    return LeaseOutcome(None, run_complete=True)
+                out = c.execute("SELECT COALESCE(SUM(s.num_sequences), 0) FROM leases l JOIN shards s USING "
+                                "(shard_id) WHERE l.state = ?", (LeaseState.ACTIVE.value,)).fetchone()[0]
+                if done + out >= budget:
+                    return LeaseOutcome(None)
             data_pass = int(_meta(c, "data_pass"))
             row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
                             (ShardState.PENDING.value,)).fetchone()
@@ -71,6 +84,7 @@ class ShardLeases(LedgerStore):
                     return LeaseOutcome(None)  # every shard is out: wait for one to finish or expire
                 passes = int(_meta(c, "data_passes"))
                 if passes and data_pass + 1 >= passes:
+                    _complete(c, now, f"{passes} data passes done")
                     return LeaseOutcome(None, run_complete=True)
                 data_pass = _start_next_pass(c, data_pass + 1, now)
                 row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
@@ -159,6 +173,16 @@ class ShardLeases(LedgerStore):
             _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
             return SubmitOutcome(verdict, credit, detail, receipt)
 
+    def set_sample_budget(self, sequences: int) -> None:
+        """The operator's budget (``--token-budget`` in sequences; 0 = none), written at every start: it may change."""
+        with self._tx() as c:
+            _set_meta(c, "sample_budget", str(max(0, sequences)))
+            if sequences and c.execute("SELECT value FROM meta WHERE key = 'completed_at'").fetchone():
+                done = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'"
+                                 ).fetchone()[0]
+                if done < sequences:  # a raised budget reopens a run that had spent the old one
+                    c.execute("DELETE FROM meta WHERE key IN ('completed_at', 'completed_why')")
+
     def shard_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in ShardState}
         for row in self._read("SELECT state, COUNT(*) FROM shards GROUP BY state"):
@@ -221,3 +245,16 @@ def _expire(c: sqlite3.Connection, now: float) -> int:
     for row in rows:
         _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED, "deadline passed", now)
     return len(rows)
+
+
+def _meta_or(c: sqlite3.Connection, key: str, default: str) -> str:
+    row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else default
+
+
+def _complete(c: sqlite3.Connection, now: float, why: str) -> None:
+    """Mark the run complete (once): the status document and the dashboard say so, peers are told to finish."""
+    if c.execute("SELECT 1 FROM meta WHERE key = 'completed_at'").fetchone() is None:
+        _set_meta(c, "completed_at", repr(now))
+        _set_meta(c, "completed_why", why)
+        _event(c, now, "run_complete", detail=why)

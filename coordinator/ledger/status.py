@@ -114,12 +114,19 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
     left, total_seqs = c.execute("SELECT COALESCE(SUM(CASE WHEN state != 'done' THEN num_sequences ELSE 0 END), 0), "
                                  "COALESCE(SUM(num_sequences), 0) FROM shards").fetchone()
     global_step = int(meta.get("global_step", 0))
+    budget = int(meta.get("sample_budget", 0))
     return {
         "run_id": meta.get("run_id", ""),
         "spec_hash": meta.get("spec_hash", ""),
         "global_step": global_step,
         "data_pass": int(meta.get("data_pass", 0)),
         "shards": {"total": sum(counts.values()), **counts},
+        # the operator's --token-budget: how much is spent, and when the rest will be at this rate
+        "token_budget": ({"tokens": budget * seq_len, "fraction": round(min(1.0, samples / budget), 4),
+                          "eta_seconds": round(max(0, budget - samples) / rate, 1) if rate > 0 else None}
+                         if budget else None),
+        "run_complete": ({"at": float(meta["completed_at"]), "why": meta.get("completed_why", "")}
+                         if "completed_at" in meta else None),
         "data_pass_progress": {
             "fraction": round(1 - left / total_seqs, 4) if total_seqs else None,
             "sequences_left": int(left),

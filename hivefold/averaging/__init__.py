@@ -7,7 +7,8 @@ and the keeper (``trains=False``: follows the swarm and serves its state, never 
 - ``epoch`` (this member's swarm step) and ``global_epoch`` (the swarm's, as far as it knows);
 - ``load_state_from_peers(timeout) -> bool``: one bounded attempt to take the newest state;
 - ``state_dict()`` / ``load_state_dict()``: what a checkpoint holds besides the model;
-- ``settle()`` (land work in flight before leaving), ``stats()`` and ``shutdown()``.
+- ``settle(final=False)`` (land work in flight before leaving; ``final``: the run is over, average what is
+  left), ``stats()`` and ``shutdown()``.
 
 ``sync`` (``sync.py``): hivemind's Optimizer, gradients all-reduced every swarm step.
 ``diloco`` (``diloco.py``): local AdamW, an overlapped outer Nesterov step every round.

@@ -185,10 +185,21 @@ class DiLoCo:
             raise ValueError("the checkpoint was written by another averaging mode")
         self._install(int(state["epoch"]), [p.detach().float().cpu() for p in self.params], state["momentum"])
 
-    def settle(self) -> None:
-        """Land the round in flight, so the state this peer shares (say, to the keeper as it leaves) includes it."""
+    def settle(self, final: bool = False) -> None:
+        """Land the round in flight, so the state this peer shares (say, to the keeper as it leaves) includes it.
+
+        ``final``: the run is over, no round will come after this one: what this peer trained since the last
+        round goes into one more, averaged with the peers finishing at the same time (alone: applied as is),
+        so that the run's last checkpoint keeps it.
+        """
         if self._pending is not None:
             self._land_round(block=True)
+        if final and self.trains and self.samples_in_round > 0:
+            log.info("the run is over: a last outer round for the %d samples trained since the previous one",
+                     self.samples_in_round)
+            self._start_round(final=True)
+            if self._pending is not None:
+                self._land_round(block=True)
 
     def shutdown(self) -> None:
         if self._pending is not None and self._pending.control is not None:
@@ -209,7 +220,7 @@ class DiLoCo:
         """The tracker's epoch: rounds started (one more than applied while a round is in flight)."""
         return self.epoch + (self._pending is not None)
 
-    def _start_round(self) -> None:
+    def _start_round(self, final: bool = False) -> None:
         if self._pending is not None:  # the previous all-reduce is slower than a whole round: wait for it
             t0 = time.perf_counter()
             self._land_round(block=True)
@@ -223,7 +234,9 @@ class DiLoCo:
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.epoch + 1)
         self.samples_in_round = 0
-        alone = self.tracker.global_progress.num_peers <= 1  # nobody to average with: no matchmaking to wait for
+        # Nobody to average with: no matchmaking to wait for. A final round always tries (peers finishing together
+        # may not have seen each other's progress yet); alone, it costs the matchmaking window.
+        alone = not final and self.tracker.global_progress.num_peers <= 1
         with torch.no_grad():
             sent_local = [p.detach().clone() for p in self.params]
             own = [torch.sub(g, p.float()) for g, p in zip(self.global_params, sent_local, strict=True)]

@@ -79,8 +79,8 @@ class SyncAveraging:
     def stats(self) -> dict:
         return {}
 
-    def settle(self) -> None:
-        """Nothing runs in the background between steps in this mode."""
+    def settle(self, final: bool = False) -> None:
+        """Nothing runs in the background between steps in this mode (gradients short of a swarm step stay local)."""
 
     def shutdown(self) -> None:
         self.opt.shutdown()

@@ -131,3 +131,17 @@ def test_an_announced_dht_address_gets_the_node_id_peers_need():
 
     assert with_peer_id("/ip4/203.0.113.10/tcp/7601", "QmX") == "/ip4/203.0.113.10/tcp/7601/p2p/QmX"
     assert with_peer_id("/ip4/203.0.113.10/tcp/7601/p2p/QmY", "QmX") == "/ip4/203.0.113.10/tcp/7601/p2p/QmY"
+
+
+@pytest.mark.parametrize("text,tokens", [("123", 123), ("50k", 50_000), ("50M", 50_000_000), ("2G", 2 * 10**9),
+                                         ("1.5B", 1_500_000_000), ("0", 0)])
+def test_token_budgets_read_with_suffixes(text, tokens):
+    from coordinator.config import token_count
+
+    assert token_count(text) == tokens
+
+
+@pytest.mark.parametrize("text", ["lots", "-5M", "nan", "5X"])
+def test_a_bad_token_budget_says_what_is_expected(text):
+    r = hivefold("coordinator", "--workdir", "/nonexistent/x", f"--token-budget={text}")
+    assert r.returncode == 2 and "number of tokens" in r.stderr

@@ -89,10 +89,12 @@ function drawStatus(s) {
   $("t-util").textContent = pct(s.utilization);
   $("t-train").textContent = s.train_loss == null ? "—" : s.train_loss.toFixed(3);
   $("t-val").textContent = s.val_loss == null ? "—" : s.val_loss.toFixed(3);
-  const p = s.data_pass_progress || {};
-  $("t-pass").textContent = `${s.data_pass} · shards ${s.shards.done}/${s.shards.total}`;
-  $("t-bar").style.width = `${100 * (p.fraction || 0)}%`;
-  $("t-eta").textContent = p.fraction == null ? "—" : `${pct(p.fraction)} done · ETA ${p.eta_seconds == null ? "—" : duration(p.eta_seconds)}`;
+  // Progress toward the token budget when the operator set one, else through the current data pass.
+  const b = s.token_budget, p = b || s.data_pass_progress || {};
+  $("t-pass-label").textContent = b ? `token budget ${si(b.tokens)}` : `data pass ${s.data_pass} · shards ${s.shards.done}/${s.shards.total}`;
+  $("t-bar").style.width = `${100 * (s.run_complete ? 1 : p.fraction || 0)}%`;
+  $("t-eta").textContent = s.run_complete ? `run complete: ${s.run_complete.why}` :
+    p.fraction == null ? "—" : `${pct(p.fraction)} done · ETA ${p.eta_seconds == null ? "—" : duration(p.eta_seconds)}`;
   const k = s.keeper;
   $("keeper").textContent = k ? (k.warning ? `keeper: ${k.warning}` : k.checkpoint_step != null ? `latest checkpoint at step ${k.checkpoint_step}` : "no checkpoint yet") : "";
   $("keeper").className = k && k.warning ? "error" : "muted";
@@ -134,10 +136,10 @@ function drawEvents(events, now) {
   const what = {
     run_created: "run created", peer_registered: "joined", peer_left: "left", lease_expired: "lease expired",
     lease_released: "handed a lease back", result_rejected_late: "result rejected (late)", checkpoint: "checkpoint",
-    data_pass_started: "data pass started",
+    data_pass_started: "data pass started", run_complete: "run complete",
   };
   $("events").innerHTML = events.map((e) => `<li>${e.peer ? `<b>${esc(e.peer)}</b> ` : ""}${esc(what[e.kind] || e.kind)}` +
-    `${e.shard_id != null ? ` (shard ${esc(e.shard_id)})` : ""}${e.kind === "checkpoint" || e.kind === "peer_left" ? ` <span class="muted">${esc(e.detail)}</span>` : ""}` +
+    `${e.shard_id != null ? ` (shard ${esc(e.shard_id)})` : ""}${["checkpoint", "peer_left", "run_complete"].includes(e.kind) ? ` <span class="muted">${esc(e.detail)}</span>` : ""}` +
     ` <span class="when">${ago(now - e.at)}</span></li>`).join("");
 }
 
