@@ -133,7 +133,7 @@ def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.L
         # shard in well under a second, so ask again soon rather than idle at every pass boundary.
         return pb.LeaseShardResponse(retry_after_s=NO_WORK_RETRY_S)
     lease = outcome.lease
-    log.info("peer %s leased shard %d (lease %s, pass %d)", peer_id, lease.shard_id, lease.lease_id,
+    log.debug("peer %s leased shard %d (lease %s, pass %d)", peer_id, lease.shard_id, lease.lease_id,
              lease.data_pass)
     return pb.LeaseShardResponse(work=pb.WorkUnit(
         shard_id=lease.shard_id, lease_id=lease.lease_id, deadline=lease.deadline, byte_size=lease.byte_size,
@@ -188,7 +188,8 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
                                 compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
                                 now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,
                                 sign_receipt=sign)
-    log.info("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,
+    # per work unit: debug (hundreds a second on a busy coordinator); the ledger's events keep every one
+    log.debug("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,
              outcome.credit)
     return pb.SubmitResultResponse(verdict=VERDICT_TO_PB[outcome.verdict], credit=outcome.credit,
                                    detail=outcome.detail, receipt=outcome.receipt)

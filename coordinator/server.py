@@ -18,6 +18,7 @@ from coordinator.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from hivefold.client import CHANNEL_OPTIONS
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], floa
                  max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         interceptors=list(interceptors))
+                         interceptors=list(interceptors), options=CHANNEL_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
     try:
         port = server.add_insecure_port(listen)

@@ -19,6 +19,11 @@ from protos import coordinator_pb2_grpc as pb_grpc
 
 RPC_TIMEOUT_S = 30.0  # one unary call; streams get STREAM_TIMEOUT_S
 STREAM_TIMEOUT_S = 600.0
+# Register's answer holds the run spec, and with it every shard's sha256 (~130 bytes each): a run of 100,000
+# shards needs ~13 MB, past gRPC's default 4 MiB. Shards and checkpoints are streamed in 1 MiB chunks.
+MAX_MESSAGE_BYTES = 256 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 class CoordinatorClient:
@@ -32,7 +37,7 @@ class CoordinatorClient:
         self.stop = stop
         self.give_up_after = give_up_after
         self.retry_cap = retry_cap
-        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0), *CHANNEL_OPTIONS])
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self.auth: pb.PeerAuth | None = None
         self.traffic = {"sent": 0, "received": 0}  # protobuf payload bytes of results, heartbeats, shards, checkpoints

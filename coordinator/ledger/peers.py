@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 
 from coordinator.errors import PermissionDenied
 from coordinator.ledger.leases import _close_lease, _expire, _get_lease
@@ -12,6 +13,9 @@ from coordinator.ledger.schema import LeaseState
 from coordinator.ledger.store import LedgerStore, _event
 
 SWARM_MADDRS_LIMIT = 32  # peers handed out per answer: enough to join the swarm, small at any swarm size
+
+
+TOKEN_CACHE_S = 2.0  # how long check_token trusts what it read
 
 
 class PeerRegistry(LedgerStore):
@@ -36,6 +40,7 @@ class PeerRegistry(LedgerStore):
                           " last_seen = ?, left_at = NULL, team = ? WHERE peer_id = ?",
                           (name, token, device_kind, device_name, memory_bytes, now, team, peer_id))
             _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
+        self._token_cache.pop(peer_id, None)
         return token
 
     def peer_micro_batch(self, peer_id: str) -> int:
@@ -44,8 +49,16 @@ class PeerRegistry(LedgerStore):
         return int(rows[0][0]) if rows else 0
 
     def check_token(self, peer_id: str, token: str) -> bool:
-        rows = self._read("SELECT token, banned FROM peers WHERE peer_id = ?", (peer_id,))
-        return bool(rows) and secrets.compare_digest(rows[0]["token"], token) and not rows[0]["banned"]
+        """Every RPC after Register asks this: answered from memory for ``TOKEN_CACHE_S`` after a read, so a
+        token replaced or a ban written by another process (``hivefold coordinator ban``) counts within that."""
+        now = time.monotonic()
+        hit = self._token_cache.get(peer_id)
+        if hit is None or now - hit[2] > TOKEN_CACHE_S:
+            rows = self._read("SELECT token, banned FROM peers WHERE peer_id = ?", (peer_id,))
+            if not rows:
+                return False
+            hit = self._token_cache[peer_id] = (rows[0]["token"], bool(rows[0]["banned"]), now)
+        return secrets.compare_digest(hit[0], token) and not hit[1]
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
                   samples_per_second: float, lease_seconds: float, now: float,

@@ -25,6 +25,7 @@ class LedgerStore:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._token_cache: dict[str, tuple[str, bool, float]] = {}  # peers.py: check_token
         for pragma in schema.PRAGMAS:
             self._conn.execute(pragma)
         self._migrate()

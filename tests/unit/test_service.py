@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -21,7 +22,7 @@ from hivefold.client import CoordinatorClient
 from hivefold.errors import IntegrityError
 from hivefold.identity import Identity, register_message
 from hivefold.shards import shard_filename
-from hivefold.spec import verify_spec
+from hivefold.spec import ShardInfo, verify_spec
 from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.pipeline import ShardCache
@@ -211,3 +212,20 @@ def test_status_over_grpc_and_http_agree(service, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/nope")
     assert info.value.code == 404
+
+
+def test_a_run_of_100_000_shards_can_register(service, tmp_path):
+    """Register's answer holds every shard's hash: past gRPC's default 4 MiB for big runs."""
+    ctx, _, _ = service
+    many = tuple(ShardInfo(i, f"{i:064x}", 1000, 8) for i in range(100_000))
+    big = Context(config=ctx.config, spec=dataclasses.replace(ctx.spec, shards=many), ledger=ctx.ledger,
+                  dht_maddrs=[FAKE_MADDR])
+    assert len(big.spec_json) > 4 << 20
+    server, port = start_server(big, "127.0.0.1:0")
+    try:
+        client = CoordinatorClient(f"127.0.0.1:{port}", give_up_after=5.0)
+        resp = client.register(Identity.load_or_create(tmp_path), name="big", device=pb.DeviceReport(kind="cpu"))
+        assert len(verify_spec(resp.spec_json, resp.spec_hash).shards) == 100_000
+        client.close()
+    finally:
+        server.stop(0)
