@@ -142,6 +142,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX results_by_time ON results (submitted_at);
     CREATE INDEX events_by_kind ON events (kind, id)
     """,
+    # 5 (volunteer controls): pause_reason: why an online peer does not train (paused by its volunteer, a busy
+    # machine, its daily upload cap), from heartbeats; NULL while it trains.
+    """
+    ALTER TABLE peers ADD COLUMN pause_reason TEXT
+    """,
 ]
 
 
