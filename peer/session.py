@@ -25,7 +25,7 @@ from hivefold.errors import HivefoldError
 from hivefold.identity import Identity
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
-from peer.device import describe_device, resolve_device
+from peer.device import describe_device, limit_memory, resolve_device
 from peer.outbox import Outbox
 from peer.trainer import Trainer
 from protos import coordinator_pb2 as pb
@@ -34,6 +34,7 @@ log = logging.getLogger("hivefold.peer")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
+LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its leases last: its default
 
 
 class Session:
@@ -45,10 +46,12 @@ class Session:
         self.client = CoordinatorClient(config.coordinator, stop=stop, retry_cap=config.retry_cap)
         self.outbox = Outbox(self.workdir / "outbox")
         self.device = resolve_device(config.device)
+        self.memory_fraction = limit_memory(config.gpu_memory_fraction, self.device)
         self.trainer: Trainer | None = None
         self.dht: hivemind.DHT | None = None
         self.spec: RunSpec | None = None
         self.heartbeat_interval = 10.0
+        self.lease_seconds = LEASE_SECONDS_DEFAULT  # how long a lease outlives the last heartbeat (from Register)
         self.metrics_server = None
 
     @property
@@ -74,13 +77,15 @@ class Session:
             self.outbox.clear()
             state_path.write_text(json.dumps({"spec_hash": resp.spec_hash, "run_id": self.spec.run_id}))
         self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
+        self.lease_seconds = resp.lease_seconds or LEASE_SECONDS_DEFAULT
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
         self.dht = SwarmDHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
                                 announce_maddrs=list(self.config.dht_announce) or None,
                                 client_mode=self.config.client_mode, start=True)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
-                               step_interval=self.config.step_interval, micro_batch=self.config.micro_batch)
+                               step_interval=self.config.step_interval, micro_batch=self.config.micro_batch,
+                               memory_fraction=self.memory_fraction)
         if self.config.metrics_port:
             self._start_metrics()
         # Direct links to the swarm's members first: the state download below needs one (see hivefold.addressbook).
@@ -124,6 +129,7 @@ class Session:
         """A client that gives up after 5 s and ignores the stop event: for the last calls on the way out."""
         client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
         client.auth = self.client.auth
+        client.traffic = self.client.traffic  # one count of what this peer sent (--upload-cap, metrics)
         try:
             yield client
         finally:
@@ -174,6 +180,11 @@ class Session:
             return
         log.info("peer %s leaves at step %d; the latest checkpoint is at step %d", self.peer_id,
                  self.trainer.epoch, resp.checkpoint_step)
+
+    def sent_bytes(self) -> int:
+        """Bytes this peer sent since it started: to the coordinator, and the all-reduce's estimate (diloco)."""
+        averaged = self.trainer.averaging.stats().get("bytes_sent", 0) if self.trainer is not None else 0
+        return int(self.client.traffic["sent"] + averaged)
 
     def shutdown(self) -> None:
         if self.metrics_server is not None:
