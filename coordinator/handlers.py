@@ -33,6 +33,7 @@ MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
 NO_WORK_RETRY_S = 1.0  # when a peer may ask again for work after none was free
 MICRO_BATCH_MAX = 65536  # sequences per forward/backward a peer may report
+PAUSE_REASON_CHARS = 200  # of a paused peer's reason that the ledger keeps
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
 
@@ -109,7 +110,7 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
                                dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval,
                                swarm_maddrs=_swarm_maddrs(ctx, peer_id, now),
-                               receipt_public_key=ctx.signer.key.public_key)
+                               receipt_public_key=ctx.signer.key.public_key, lease_seconds=ctx.config.lease_seconds)
 
 
 def _online_seconds(ctx: Context) -> float:
@@ -217,7 +218,8 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
         lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs,
         utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
-        micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX))  # a heartbeat is never refused: leases live on it
+        micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX),  # a heartbeat is never refused: leases live on it
+        pause_reason=(request.pause_reason[:PAUSE_REASON_CHARS] or "paused") if request.paused else None)
     return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
 

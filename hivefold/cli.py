@@ -109,6 +109,10 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
 
 
 def _peer_cmd(args: argparse.Namespace) -> int:
+    if args.peer_command is not None:
+        return _peer_control_cmd(args)
+    if args.coordinator is None:
+        args.peer_parser.error("the following arguments are required: --coordinator")
     from peer.config import config_from_args
 
     config = config_from_args(args)
@@ -121,6 +125,15 @@ def _peer_cmd(args: argparse.Namespace) -> int:
     install_stop_handlers(stop, what=STOP_MESSAGE)
     run(config, stop)
     return 0
+
+
+def _peer_control_cmd(args: argparse.Namespace) -> int:
+    """``hivefold peer pause|resume|finish``: ask the peer running in ``--workdir``."""
+    from peer.control import send_command
+
+    ok, message = send_command(args.workdir.expanduser(), args.peer_command)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _doctor_cmd(args: argparse.Namespace) -> int:
@@ -143,15 +156,21 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from coordinator.config import add_arguments as coordinator_arguments
     from peer.config import add_arguments as peer_arguments
+    from peer.config import add_control_arguments as peer_control_arguments
 
     parser = argparse.ArgumentParser(prog="hivefold", description="Volunteer-computing training of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("coordinator", help="define a run and hand out work units")
     coordinator_arguments(p)
     p.set_defaults(func=_coordinator_cmd)
-    p = sub.add_parser("peer", help="contribute this machine to a run")
+    p = sub.add_parser("peer", help="contribute this machine to a run; or pause, resume or finish a running peer",
+                       usage="%(prog)s --coordinator HOST:PORT [options]\n       %(prog)s {pause,resume,finish} "
+                             "[--workdir DIR]",
+                       description="Run a peer (hivefold peer --coordinator HOST:PORT ...), or control the one running "
+                                   "in --workdir from another terminal (hivefold peer pause --workdir DIR).")
     peer_arguments(p)
-    p.set_defaults(func=_peer_cmd)
+    p.set_defaults(func=_peer_cmd, peer_parser=p)
+    peer_control_arguments(p)
     p = sub.add_parser("doctor", help="check this machine before joining a run (versions, network, device)")
     p.add_argument("--coordinator", help="coordinator gRPC HOST:PORT (default: none; the coordinator and DHT "
                    "bootstrap checks are skipped)")

@@ -87,10 +87,17 @@ def render(status: dict, *, clock: str = "") -> Group:
     for p in status["peers"]:
         # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
         peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
-                      "yes" if p["online"] else "no", str(p["shards_done"]),
+                      online_cell(p), str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, progress_line(status), *keeper_lines(status), peers, leaderboard(status))
+
+
+def online_cell(peer: dict) -> str:
+    """``yes``, ``no`` or ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...)."""
+    if not peer["online"]:
+        return "no"
+    return "paused" if peer.get("paused") else "yes"
 
 
 def duration(seconds: float) -> str:

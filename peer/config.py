@@ -7,6 +7,8 @@ module must not import torch, hivemind or numpy.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from hivefold.netaddr import parse_host_port
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MICRO_BATCH_MAX = 65536  # the largest micro-batch a coordinator records (coordinator.handlers)
+IDLE_SHARE_DEFAULT = 0.25  # --idle-only without a value: other processes may use a quarter of the CPU
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class PeerConfig:
     micro_batch: int = 0  # sequences per forward/backward; 0 = auto (the run's on CPU, sized to the GPU on CUDA)
     team: str = ""  # the team this volunteer's points count for on the leaderboard; "" = none
     metrics_port: str = ""  # PORT or HOST:PORT serving this peer's Prometheus /metrics; "" = off
+    max_hours: float = 0.0  # finish the current shard and leave after this many hours of training; 0 = no limit
+    gpu_memory_fraction: float | None = None  # share of the GPU's memory this process may take; None = no limit
+    idle_only: float | None = None  # pause while other processes use more than this share of the CPU; None = off
+    upload_cap: int = 0  # bytes this peer may send per UTC day, then it pauses until the next; 0 = no cap
 
     def __post_init__(self) -> None:
         parse_host_port(self.coordinator, flag="--coordinator")
@@ -59,6 +66,16 @@ class PeerConfig:
         if self.metrics_port:
             parse_host_port(self.metrics_port if ":" in self.metrics_port else f"0.0.0.0:{self.metrics_port}",
                             flag="--metrics-port")
+        if not math.isfinite(self.max_hours) or self.max_hours < 0:
+            raise ConfigError(f"--max-hours must be a number of hours >= 0 (0: no limit), got {self.max_hours}")
+        if self.gpu_memory_fraction is not None and not 0 < self.gpu_memory_fraction <= 1:
+            raise ConfigError(f"--gpu-memory-fraction must be in (0, 1], e.g. 0.5 for half the GPU's memory, got "
+                              f"{self.gpu_memory_fraction}")
+        if self.idle_only is not None and not 0 < self.idle_only < 1:
+            raise ConfigError(f"--idle-only SHARE must be between 0 and 1 (the share of the CPU other processes may "
+                              f"use before this peer pauses; default {IDLE_SHARE_DEFAULT}), got {self.idle_only}")
+        if self.upload_cap < 0:
+            raise ConfigError(f"--upload-cap must be >= 0 bytes (0: no cap), got {self.upload_cap}")
         for maddr in (*self.dht_listen, *self.dht_announce):
             if not maddr.startswith("/"):
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/0)")
@@ -67,7 +84,7 @@ class PeerConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``hivefold peer`` flags: one per ``PeerConfig`` field."""
     d = PeerConfig(coordinator="localhost:7600")
-    p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
+    p.add_argument("--coordinator", help="coordinator gRPC HOST:PORT; required to run a peer (no default)")
     p.add_argument("--workdir", type=Path, default=d.workdir,
                    help="identity, shard cache, unsent results (default %(default)s)")
     p.add_argument("--name", default=d.name, help="display name shown to watchers (default: this host's name, "
@@ -96,6 +113,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", default="", metavar="[HOST:]PORT",
                    help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics (a bare port listens on "
                         "every interface); off by default")
+    p.add_argument("--max-hours", type=float, default=d.max_hours, metavar="H",
+                   help="after H hours of training (paused time does not count), finish the current shard and "
+                        "leave; 0 = no limit (default %(default)s)")
+    p.add_argument("--gpu-memory-fraction", type=float, metavar="F",
+                   help="let this peer take at most this share (0 < F <= 1) of the GPU's memory; ignored on a CPU "
+                        "(default: no limit)")
+    p.add_argument("--idle-only", type=float, nargs="?", const=IDLE_SHARE_DEFAULT, metavar="SHARE",
+                   help="train only while the machine is otherwise idle: pause while other processes use more than "
+                        f"SHARE of its CPU (default when given without a value: {IDLE_SHARE_DEFAULT}; default: off)")
+    p.add_argument("--upload-cap", type=_byte_size, default=0, metavar="BYTES",
+                   help="bytes this peer may send per UTC day, e.g. 500M or 2G (counted: results and heartbeats, "
+                        "and in diloco the all-reduce's estimated payload); once reached it finishes its shard and "
+                        "pauses until the next day; 0 = no cap (default 0)")
 
 
 def _micro_batch(text: str) -> int:
@@ -110,6 +140,53 @@ def _micro_batch(text: str) -> int:
     return value
 
 
+CONTROL_HELP = {
+    "pause": "stop training at the next micro-batch and stay online; leases held longer than they last without "
+             "this peer are handed back",
+    "resume": "continue training (leasing afresh if the pause handed the leases back)",
+    "finish": "complete and submit the current shard, hand back any fetched ahead, leave the swarm and exit 0",
+}
+
+
+def add_control_arguments(p: argparse.ArgumentParser) -> None:
+    """``hivefold peer pause|resume|finish [--workdir DIR]``: commands to the peer running in DIR.
+
+    Optional subcommands, so ``hivefold peer --coordinator ...`` runs a peer exactly as before.
+    """
+    d = PeerConfig(coordinator="localhost:7600")
+    sub = p.add_subparsers(dest="peer_command", metavar="{pause,resume,finish}",
+                           help="control the peer running in --workdir (default: none, run a peer)")
+    for command, text in CONTROL_HELP.items():
+        c = sub.add_parser(command, help=text, description=f"{text[0].upper()}{text[1:]}.")
+        c.add_argument("--workdir", type=Path, default=argparse.SUPPRESS,
+                       help=f"the running peer's --workdir (default {d.workdir})")
+
+
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgt]i?)?b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_byte_size(text: str) -> int:
+    """``500M`` → 500_000_000, ``2G`` → 2_000_000_000, ``1.5Gi`` → 1.5 * 2**30, ``100kB``, ``4096``.
+
+    K, M, G, T are powers of 1000 and Ki, Mi, Gi, Ti powers of 1024; a trailing ``B`` is optional.
+    Raises ValueError with a message that shows the accepted forms.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected a number of bytes like 500M, 2G or 1.5Gi (K, M, G, T: powers of 1000; "
+                         f"Ki, Mi, Gi, Ti: powers of 1024), got {text!r}")
+    return int(float(m["number"]) * _UNITS[(m["unit"] or "").lower()])
+
+
+def _byte_size(text: str) -> int:
+    try:
+        return parse_byte_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     """Validate the parsed flags; raises ConfigError (exit 2)."""
     return PeerConfig(coordinator=args.coordinator, workdir=args.workdir.expanduser(), name=args.name,
@@ -117,4 +194,6 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
                       retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch,
-                      metrics_port=args.metrics_port, team=args.team.strip())
+                      metrics_port=args.metrics_port, team=args.team.strip(), max_hours=args.max_hours,
+                      gpu_memory_fraction=args.gpu_memory_fraction, idle_only=args.idle_only,
+                      upload_cap=args.upload_cap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -10,6 +11,8 @@ import torch
 
 from hivefold.errors import ConfigError
 from protos import coordinator_pb2 as pb
+
+log = logging.getLogger("hivefold.peer")
 
 
 def resolve_device(requested: str) -> str:
@@ -23,6 +26,19 @@ def resolve_device(requested: str) -> str:
     if requested == "mps" and not mps:
         raise ConfigError("--device mps: Apple's MPS backend is not available on this machine")
     return requested
+
+
+def limit_memory(fraction: float | None, device: str) -> float:
+    """Apply ``--gpu-memory-fraction`` on CUDA; the share of the device's memory this process may take (1: all)."""
+    if fraction is None:
+        return 1.0
+    if not device.startswith("cuda"):
+        log.warning("--gpu-memory-fraction %g is ignored on %s: it limits a CUDA device's memory only", fraction,
+                    device)
+        return 1.0
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("this peer may take %.0f%% of the GPU's memory (--gpu-memory-fraction)", 100 * fraction)
+    return fraction
 
 
 def _cpu_name() -> str:
@@ -53,14 +69,15 @@ AUTO_GOOD_ENOUGH = 0.9  # the smallest size within this share of the best throug
 
 
 def choose_micro_batch(requested: int, *, run_micro_batch: int, model: torch.nn.Module, device: str,
-                       seq_len: int) -> tuple[int, str]:
+                       seq_len: int, memory_fraction: float = 1.0) -> tuple[int, str]:
     """The micro-batch this peer trains at, and why.
 
     ``requested`` > 0 is the volunteer's ``--micro-batch``. Auto on a CPU is the run's own: a CPU is
     about as fast per sample at any size, and smaller batches learn more per sample. Auto on CUDA times
     a few forward/backward passes at the run's micro-batch times 1, 2, 4, ... (stopping before memory
     runs short) and takes the smallest that comes within ``AUTO_GOOD_ENOUGH`` of the fastest. The probe
-    leaves the model's parameters as they were.
+    leaves the model's parameters as they were. ``memory_fraction``: ``--gpu-memory-fraction`` (the probe
+    stays within it).
     """
     if requested:
         return requested, "--micro-batch"
@@ -68,7 +85,9 @@ def choose_micro_batch(requested: int, *, run_micro_batch: int, model: torch.nn.
         return run_micro_batch, "the run's (auto on a CPU)"
     from hivefold.training import autocast
 
-    free, _total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    if memory_fraction < 1.0:
+        free = min(free, max(0, int(memory_fraction * total) - torch.cuda.memory_reserved()))
     budget = AUTO_MEMORY_SHARE * free
     vocab = model.cfg.vocab_size
     rates: list[tuple[int, float]] = []

@@ -72,12 +72,14 @@ class Prefetcher:
 
     ``lease(held_ids)`` asks for a work unit (``held_ids``: every lease this peer still holds, so the
     coordinator can tell a prefetch from a restart); ``load(work)`` returns its sequences;
-    ``release(work, reason)`` hands one back.
+    ``release(work, reason)`` hands one back; ``may_lease()`` False holds off leasing more (while the peer
+    pauses or finishes).
     """
 
     def __init__(self, *, lease, load, release, held: Callable[[], list[str]], stop: threading.Event,
-                 ahead: int = 1):
+                 ahead: int = 1, may_lease: Callable[[], bool] = lambda: True):
         self._lease, self._load, self._release, self._held = lease, load, release, held
+        self._may_lease = may_lease
         self.stop = stop
         self._queue: queue.Queue = queue.Queue()
         self._ready = threading.Semaphore(ahead)  # free slots ahead
@@ -91,9 +93,9 @@ class Prefetcher:
         with self._lock:
             return list(self._waiting)
 
-    def next(self) -> tuple[pb.WorkUnit, np.ndarray] | None:
-        """The next loaded work unit; None once the run is complete or the peer stops."""
-        while not self.stop.is_set():
+    def next(self, cancel: Callable[[], bool] = lambda: False) -> tuple[pb.WorkUnit, np.ndarray] | None:
+        """The next loaded work unit; None once the run is complete, the peer stops or ``cancel()`` says so."""
+        while not self.stop.is_set() and not cancel():
             try:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
@@ -107,7 +109,7 @@ class Prefetcher:
             return work, sequences
         return None
 
-    def close(self) -> None:
+    def close(self, reason: str = "peer stopping (prefetched)") -> None:
         """Stop prefetching and hand back every lease fetched ahead."""
         self._closed.set()
         self._ready.release()
@@ -115,11 +117,13 @@ class Prefetcher:
         with self._lock:
             waiting, self._waiting = list(self._waiting.values()), {}
         for work in waiting:
-            self._release(work, "peer stopping (prefetched)")
+            self._release(work, reason)
 
     def _run(self) -> None:
         while not self._closed.is_set() and not self.stop.is_set():
             self._ready.acquire()
+            while not self._may_lease() and not self._closed.is_set():
+                self.stop.wait(0.25)
             if self._closed.is_set() or self.stop.is_set():
                 return
             try:

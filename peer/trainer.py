@@ -69,11 +69,11 @@ def _ema(old: float, new: float) -> float:
 
 class Trainer:
     def __init__(self, spec: RunSpec, dht: hivemind.DHT, *, device: str, client_mode: bool,
-                 step_interval: float = 1.0, micro_batch: int = 0):
+                 step_interval: float = 1.0, micro_batch: int = 0, memory_fraction: float = 1.0):
         self.spec, self.device, self.step_interval = spec, device, step_interval
         self.model = build_model(spec.model, spec.seed).to(device)
         self.micro_batch, why = choose_micro_batch(micro_batch, run_micro_batch=spec.micro_batch, model=self.model,
-                                                   device=device, seq_len=spec.seq_len)
+                                                   device=device, seq_len=spec.seq_len, memory_fraction=memory_fraction)
         log.info("micro-batch %d (%s)", self.micro_batch, why)
         self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode)
         self.meter = Meter()
@@ -105,8 +105,13 @@ class Trainer:
             self.averaging.load_state_dict(ckpt.optimizer)
         return f"the coordinator's checkpoint (step {ckpt.step})"
 
-    def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None) -> ShardResult:
-        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set."""
+    def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None, pause=None) -> ShardResult:
+        """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set.
+
+        ``pause``, at each micro-batch boundary: ``pause.requested()`` says the volunteer's controls want
+        training to halt; the gradients summed so far are stepped first (they would be stale after the
+        pause), then ``pause.wait()`` blocks until it lifts (True) or the shard must be given up (False).
+        """
         result = ShardResult()
         self.model.train()
         mb = self.micro_batch
@@ -117,8 +122,29 @@ class Trainer:
         losses: list[torch.Tensor] = []
         epochs: list[int] = []
         pending, window_start = 0, time.perf_counter()
+
+        def step() -> float:
+            """Hand the ``pending`` samples' gradients to the averaging mode; returns the compute seconds spent."""
+            nonlocal pending, window_start
+            t1 = time.perf_counter()
+            waited = self.averaging.stats().get("wait_seconds", 0.0)
+            self.averaging.step(pending)
+            busy = 0.0
+            if self.diloco:  # the inner step is compute; a wait for a slow all-reduce is not
+                busy = time.perf_counter() - t1 - (self.averaging.stats()["wait_seconds"] - waited)
+            self.meter.update(pending, time.perf_counter() - window_start)
+            pending, window_start = 0, time.perf_counter()
+            return busy
+
         starts = range(0, len(data), mb)
         for i, start in enumerate(starts):
+            if pause is not None and pause.requested():
+                if pending:
+                    step()
+                if not pause.wait():
+                    result.interrupted = True
+                    break
+                window_start = time.perf_counter()
             if stop.is_set():
                 result.interrupted = True
                 break
@@ -134,13 +160,7 @@ class Trainer:
             busy = time.perf_counter() - t0
             last = i == len(starts) - 1
             if self.diloco or last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
-                t1 = time.perf_counter()
-                waited = self.averaging.stats().get("wait_seconds", 0.0)
-                self.averaging.step(pending)
-                if self.diloco:  # the inner step is compute; a wait for a slow all-reduce is not
-                    busy += time.perf_counter() - t1 - (self.averaging.stats()["wait_seconds"] - waited)
-                self.meter.update(pending, time.perf_counter() - window_start)
-                pending, window_start = 0, time.perf_counter()
+                busy += step()
             result.compute_seconds += busy
             self.meter.busy_seconds += busy
             if on_batch is not None:

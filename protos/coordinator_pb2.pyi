@@ -55,7 +55,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., device: _Optional[_Union[DeviceReport, _Mapping]] = ..., expected_spec_hash: _Optional[str] = ..., team: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs", "receipt_public_key")
+    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs", "receipt_public_key", "lease_seconds")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class RegisterResponse(_message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     token: str
     spec_json: str
@@ -72,7 +73,8 @@ class RegisterResponse(_message.Message):
     heartbeat_interval_s: float
     swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
     receipt_public_key: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
     __slots__ = ("auth", "held_lease_ids")
@@ -179,7 +181,7 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization", "micro_batch")
+    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization", "micro_batch", "paused", "pause_reason")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,8 @@ class HeartbeatRequest(_message.Message):
     DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     epoch: int
     samples_trained: int
@@ -196,7 +200,9 @@ class HeartbeatRequest(_message.Message):
     dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
     compute_utilization: float
     micro_batch: int
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
+    paused: bool
+    pause_reason: str
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ..., paused: _Optional[bool] = ..., pause_reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("extended_lease_ids", "global_step", "swarm_maddrs")

@@ -63,13 +63,15 @@ class PeerRegistry(LedgerStore):
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
                   samples_per_second: float, lease_seconds: float, now: float,
                   dht_maddrs: list[str] | None = None, utilization: float = 0.0,
-                  micro_batch: int = 0) -> tuple[list[str], int]:
-        """Mark the peer alive, extend its active leases; returns (extended lease ids, global step)."""
+                  micro_batch: int = 0, pause_reason: str | None = None) -> tuple[list[str], int]:
+        """Mark the peer alive, extend its active leases; returns (extended lease ids, global step).
+
+        ``pause_reason``: why the peer is paused (online, not training), None while it trains."""
         with self._tx() as c:
             _expire(c, now)
             c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
-                      "samples_per_second = ?, utilization = ?, left_at = NULL WHERE peer_id = ?",
-                      (now, epoch, samples, recent_loss, samples_per_second, utilization, peer_id))
+                      "samples_per_second = ?, utilization = ?, pause_reason = ?, left_at = NULL WHERE peer_id = ?",
+                      (now, epoch, samples, recent_loss, samples_per_second, utilization, pause_reason, peer_id))
             if micro_batch > 0:
                 c.execute("UPDATE peers SET micro_batch = ? WHERE peer_id = ?", (micro_batch, peer_id))
             if dht_maddrs is not None:

@@ -147,6 +147,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE peers ADD COLUMN team TEXT NOT NULL DEFAULT '';
     ALTER TABLE results ADD COLUMN receipt TEXT NOT NULL DEFAULT ''
     """,
+    # 6 (volunteer controls): pause_reason: why an online peer does not train (paused by its volunteer, a busy
+    # machine, its daily upload cap), from heartbeats; NULL while it trains.
+    """
+    ALTER TABLE peers ADD COLUMN pause_reason TEXT
+    """,
 ]
 
 

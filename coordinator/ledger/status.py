@@ -92,9 +92,10 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
         "SUM(CASE WHEN verdict = 'accepted' THEN samples ELSE 0 END) AS samples, SUM(credit) AS credit "
         "FROM results GROUP BY peer_id) r ON r.peer_id = p.peer_id ORDER BY p.registered_at"
     ):
+        online = p["left_at"] is None and now - p["last_seen"] <= online_seconds
         peers.append({
-            "peer_id": p["peer_id"], "name": p["name"],
-            "online": p["left_at"] is None and now - p["last_seen"] <= online_seconds,
+            "peer_id": p["peer_id"], "name": p["name"], "online": online,
+            "paused": online and p["pause_reason"] is not None, "pause_reason": p["pause_reason"] if online else None,
             "shards_done": p["shards_done"], "samples": p["samples"], "credit": round(p["credit"], 3),
             "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],

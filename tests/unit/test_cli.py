@@ -107,6 +107,57 @@ def test_peer_flag_errors(tmp_path):
     assert r.returncode == 2 and "--micro-batch: must be 'auto' or >= 1" in r.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-hours", "-1"], "--max-hours must be a number of hours >= 0"),
+    (["--max-hours", "nan"], "--max-hours must be a number of hours >= 0"),
+    (["--gpu-memory-fraction", "0"], "--gpu-memory-fraction must be in (0, 1]"),
+    (["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction must be in (0, 1]"),
+    (["--idle-only", "1"], "--idle-only SHARE must be between 0 and 1"),
+    (["--idle-only", "-0.1"], "--idle-only SHARE must be between 0 and 1"),
+    (["--upload-cap", "5X"], "--upload-cap: expected a number of bytes like 500M"),
+    (["--upload-cap=-5M"], "--upload-cap: expected a number of bytes like 500M"),
+])
+def test_volunteer_control_flag_errors(tmp_path, flags, message):
+    r = hivefold("peer", "--coordinator", "127.0.0.1:1", "--workdir", str(tmp_path / "w"), *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "w").exists()  # refused before the workdir is touched
+
+
+def test_peer_runs_from_flags_as_before_and_takes_control_subcommands():
+    """``hivefold peer --coordinator ...`` keeps working exactly as before the pause|resume|finish subcommands."""
+    from peer.config import IDLE_SHARE_DEFAULT, PeerConfig, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["peer", "--coordinator", "127.0.0.1:7600", "--workdir", "/tmp/w", "--threads", "2",
+                              "--max-shards", "3", "--no-progress", "--micro-batch", "auto"])
+    assert args.peer_command is None
+    config = config_from_args(args)
+    assert (config.coordinator, str(config.workdir), config.threads, config.max_shards, config.progress) == (
+        "127.0.0.1:7600", "/tmp/w", 2, 3, False)
+    assert (config.max_hours, config.gpu_memory_fraction, config.idle_only, config.upload_cap) == (0, None, None, 0)
+    assert config == PeerConfig(coordinator="127.0.0.1:7600", workdir=config.workdir, threads=2, max_shards=3,
+                                progress=False)
+    args = parser.parse_args(["peer", "--coordinator", "h:1", "--idle-only", "--upload-cap", "1.5Gi",
+                              "--max-hours", "2.5", "--gpu-memory-fraction", "0.5"])
+    config = config_from_args(args)
+    assert (config.idle_only, config.upload_cap, config.max_hours, config.gpu_memory_fraction) == (
+        IDLE_SHARE_DEFAULT, int(1.5 * 2**30), 2.5, 0.5)
+    assert config_from_args(parser.parse_args(["peer", "--coordinator", "h:1", "--idle-only", "0.5"])).idle_only == 0.5
+    for argv, workdir in ((["peer", "pause", "--workdir", "/tmp/a"], "/tmp/a"),
+                          (["peer", "--workdir", "/tmp/b", "resume"], "/tmp/b"),
+                          (["peer", "finish"], str(PeerConfig.workdir))):
+        args = parser.parse_args(argv)
+        assert (args.peer_command, str(args.workdir)) == (argv[1] if argv[1] != "--workdir" else "resume", workdir)
+
+
+def test_peer_without_coordinator_or_running_peer_says_what_to_do(tmp_path):
+    r = hivefold("peer", "--workdir", str(tmp_path))
+    assert r.returncode == 2 and "the following arguments are required: --coordinator" in r.stderr, r.stderr
+    r = hivefold("peer", "pause", "--workdir", str(tmp_path / "nobody"))
+    assert r.returncode == 2 and "no peer is running in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "nobody").exists()
+
+
 def test_peer_waits_for_an_unreachable_coordinator_and_stops_cleanly(tmp_path, processes):
     peer = processes.start("peer", "peer", "--coordinator", f"127.0.0.1:{free_port()}", "--workdir",
                            str(tmp_path / "p"), "--retry-cap", "1")

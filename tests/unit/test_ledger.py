@@ -37,7 +37,7 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 5
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 6
     assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
 
 
@@ -54,12 +54,16 @@ def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
         assert old.schema_version() == 1
         old.close()
     new = Ledger(path)
-    assert new.schema_version() == 5
+    assert new.schema_version() == 6
     assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
     new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.0,
                   dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"], micro_batch=64)
     assert new.swarm_maddrs(exclude_peer=None, online_seconds=30, now=3.0) == ["/ip4/1.2.3.4/tcp/5/p2p/QmA"]
     assert new.peer_micro_batch("a") == 64  # the columns of every migration exist
+    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.5,
+                  pause_reason="paused by the volunteer")
+    (a,) = new.status(now=3.0, online_seconds=30, seq_len=8)["peers"]
+    assert a["paused"] and a["pause_reason"] == "paused by the volunteer"
     new.close()
 
 

@@ -24,8 +24,9 @@ from hivefold.identity import Identity, register_message
 from hivefold.shards import shard_filename
 from hivefold.spec import ShardInfo, verify_spec
 from peer.config import PeerConfig
-from peer.daemon import Peer
 from peer.pipeline import ShardCache
+from peer.session import Session
+from peer.work import WorkLoop
 from protos import coordinator_pb2 as pb
 
 FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -148,7 +149,8 @@ def test_each_peer_reports_its_own_micro_batch(service, tmp_path):
 def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_path):
     ctx, address, _ = service
     stop = threading.Event()
-    peer = Peer(PeerConfig(coordinator=address, workdir=tmp_path, device="cpu"), stop)
+    peer = Session(PeerConfig(coordinator=address, workdir=tmp_path, device="cpu"), stop)
+    loop = WorkLoop(peer, stop)
     peer.client.register(peer.identity, name="fetcher", device=pb.DeviceReport(kind="cpu"))
     peer.spec = ctx.spec
     cache = ShardCache(tmp_path / "shards", lambda w: peer.client.fetch_shard(w.lease_id, w.sha256))
@@ -158,15 +160,15 @@ def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_pat
     try:
         path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
         with pytest.raises(IntegrityError, match="failed its sha256 check 3 times"):
-            peer._load(cache, work)
+            loop.load(cache, work)
     finally:
         path.write_bytes(good)
-    sequences = peer._load(cache, work)
+    sequences = loop.load(cache, work)
     assert sequences.shape == (work.num_sequences, ctx.spec.seq_len + 1)
     cached = tmp_path / "shards" / f"{work.sha256}.npy"
     assert cached.read_bytes() == good
     cached.write_bytes(b"damaged cache")  # a damaged cache is detected and fetched again
-    assert (peer._load(cache, work) == sequences).all() and cached.read_bytes() == good
+    assert (loop.load(cache, work) == sequences).all() and cached.read_bytes() == good
     assert peer.client.release(work.lease_id, "test done")
     peer.client.close()
 

@@ -86,3 +86,12 @@ def test_an_older_coordinator_without_keeper_health_still_renders(status, monkey
                                           (-3, "0s ago"), (90000, "1d ago"), (179, "2m ago")])
 def test_ago(seconds, text):
     assert ago(seconds) == text
+
+
+def test_a_paused_peer_shows_as_paused(status, monkeypatch):
+    status["peers"][0].update(paused=True, pause_reason="paused by the volunteer")
+    status["peers"][1].pop("paused")  # an older coordinator's document has no such field
+    status["peers"][2].update(online=False)
+    rows = {line.split()[0]: line for line in rendered(status, monkeypatch).splitlines()
+            if line.lstrip()[:1].isdigit() and LONG_NAME in line}
+    assert " paused " in rows["0" * 8] and " yes " in rows["1" * 8] and " no " in rows["2" * 8], rows
