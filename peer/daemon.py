@@ -34,6 +34,7 @@ from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
 from peer.device import describe_device, resolve_device
+from peer.leases import LeaseClock
 from peer.outbox import Outbox
 from peer.pipeline import Prefetcher, ShardCache, Submitter
 from peer.trainer import ShardResult, Trainer
@@ -65,6 +66,7 @@ class Peer:
         self.heartbeat_interval = 10.0
         self.left = threading.Event()  # set once the work loop is over
         self.metrics_server = None
+        self.leases = LeaseClock()  # deadlines of the leases held, for ExtendLease
         self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
@@ -144,6 +146,7 @@ class Peer:
                         linked, checked_at = book, time.monotonic()
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", describe_rpc_error(e))
+            self._ask_for_time()
             if self.left.wait(self.heartbeat_interval):
                 return
 
@@ -169,12 +172,14 @@ class Peer:
                                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                     log.warning("dropping result for lease %s: %s", request.lease_id, describe_rpc_error(e))
                     self.outbox.done(request.lease_id)
+                    self.leases.forget(request.lease_id)
                     continue
                 raise
             log.info("peer %s result for lease %s: %s (credit %.3f)", self.identity.peer_id, request.lease_id,
                      resp.detail, resp.credit)
             self._keep_receipt(resp)
             self.outbox.done(request.lease_id)
+            self.leases.forget(request.lease_id)
 
     def _keep_receipt(self, resp: pb.SubmitResultResponse) -> None:
         """The coordinator's signed receipt goes to the workdir: the volunteer's proof of credit."""
@@ -188,13 +193,40 @@ class Peer:
         return cache.load(work, lambda data: decode_shard(data, sha256=work.sha256, seq_len=self.spec.seq_len,
                                                           vocab_size=self.spec.model.vocab_size))
 
+    def _lease(self, held: list[str]) -> pb.LeaseShardResponse:
+        resp = self._authed(lambda: self.client.lease(held))
+        if resp.HasField("work"):
+            self.leases.track(resp.work.lease_id, resp.work.deadline)
+        return resp
+
+    def _ask_for_time(self) -> None:
+        """Leases near their deadline: ask for more time, reporting progress (the coordinator never extends
+        silently); a refusal is logged, and the lease may expire and go to another peer."""
+        for lease_id, done in self.leases.due(time.time(), margin=2.5 * self.heartbeat_interval):
+            try:
+                resp = self.client.extend_lease(lease_id, done)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    self.leases.forget(lease_id)
+                log.warning("asking for more time on lease %s failed: %s", lease_id, describe_rpc_error(e))
+                continue
+            if resp.granted:
+                self.leases.extended(lease_id, resp.deadline)
+                log.info("lease %s extended (%d samples done): %s", lease_id, done, resp.detail)
+            else:
+                log.warning("lease %s not extended (%d samples done): %s", lease_id, done, resp.detail)
+
     def _train(self, work: pb.WorkUnit, sequences, progress: Progress | None) -> ShardResult:
         task = None
         if progress is not None:
             task = progress.add_task(f"shard {work.shard_id}", total=len(sequences), loss=float("nan"),
                                      step=self.trainer.global_step, rate=0.0)
 
+        done = [0]
+
         def on_batch(n: int) -> None:
+            done[0] += n
+            self.leases.progress(work.lease_id, done[0])
             if progress is not None:
                 progress.update(task, advance=n, loss=self.trainer.meter.loss, step=self.trainer.global_step,
                                 rate=self.trainer.meter.samples_per_second)
@@ -208,7 +240,7 @@ class Peer:
     def work_loop(self, progress: Progress | None) -> None:
         """Train shard after shard; the next one is leased and fetched meanwhile, results are sent behind."""
         cache = ShardCache(self.workdir / "shards", lambda work: self.client.fetch_shard(work.lease_id, work.sha256))
-        prefetch = Prefetcher(lease=lambda held: self._authed(lambda: self.client.lease(held)),
+        prefetch = Prefetcher(lease=self._lease,
                               load=lambda work: self._load(cache, work), release=self._release,
                               held=self._held_ids, stop=self.stop)
         submitter = Submitter(self.flush_outbox, self.stop)
@@ -300,6 +332,7 @@ class Peer:
                  self.trainer.epoch, resp.checkpoint_step)
 
     def _release(self, work: pb.WorkUnit, reason: str) -> None:
+        self.leases.forget(work.lease_id)
         try:
             with self._quick_client() as client:
                 released = client.release(work.lease_id, reason)
