@@ -52,7 +52,7 @@ def build(workdir: Path, peers: int, results_per_peer: int, history_hours: float
             ledger.submit(pid, lease.lease_id, samples=lease.num_sequences, losses=[(3.0 - k / results_per_peer, k)],
                           compute_seconds=1.0, credit_per_sample=ctx.credit_per_sample, now=t + 1)
         ledger.heartbeat(pid, epoch=results_per_peer, samples=4 * results_per_peer, recent_loss=2.5,
-                         samples_per_second=1.0 + i % 7, lease_seconds=600, now=now - (i % 3) * 100,
+                         samples_per_second=1.0 + i % 7, now=now - (i % 3) * 100,
                          utilization=0.9, micro_batch=4)
     with ledger._tx() as c:  # noqa: SLF001 - a day of samples at the coordinator's 5 s cadence, in one transaction
         c.executemany("INSERT INTO swarm_history VALUES (?, ?, ?, ?, ?, ?)",

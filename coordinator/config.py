@@ -119,7 +119,8 @@ class CoordinatorConfig:
     http: str = "127.0.0.1:7680"  # status JSON at /api/status; '' turns it off
     dht_listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/7601",)  # the bootstrap DHT node's listen multiaddrs
     dht_announce: tuple[str, ...] = ()  # multiaddrs to give peers instead of the visible ones (public IP, NAT)
-    lease_seconds: float = 120.0  # a lease expires this long after the last heartbeat that extended it
+    lease_seconds: float = 120.0  # the shortest lease, and the lease of a peer whose throughput is not known yet
+    lease_max_seconds: float = 4 * 3600.0  # the longest a lease may live, extensions included
     heartbeat_interval: float = 10.0  # how often peers are asked to heartbeat, seconds
     checkpoint_every: int = 10  # the keeper checkpoints every N swarm steps
     keep_checkpoints: int = 3  # older checkpoints are deleted
@@ -136,6 +137,9 @@ class CoordinatorConfig:
         if self.lease_seconds <= self.heartbeat_interval:
             raise ConfigError(f"--lease-seconds ({self.lease_seconds}) must exceed --heartbeat-interval "
                               f"({self.heartbeat_interval}), or leases expire while peers are healthy")
+        if self.lease_max_seconds < self.lease_seconds:
+            raise ConfigError(f"--lease-max-seconds ({self.lease_max_seconds}) must be >= --lease-seconds "
+                              f"({self.lease_seconds})")
         if self.heartbeat_interval <= 0:
             raise ConfigError("--heartbeat-interval must be > 0")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -160,7 +164,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dht-announce", action="append",
                    help="multiaddr given to peers instead of the visible ones, repeatable (default: the visible ones)")
     p.add_argument("--lease-seconds", type=float, default=d.lease_seconds,
-                   help="a lease expires this many seconds after the last heartbeat (default %(default)s)")
+                   help="the shortest lease: leases are sized to the shard's work at the peer's throughput, 3x over, "
+                        "never shorter than this (nor, for a peer not measured yet, longer) (default %(default)s)")
+    p.add_argument("--lease-max-seconds", type=float, default=d.lease_max_seconds,
+                   help="the longest a lease may live, the extensions a slow peer asks for included "
+                        "(default %(default)s)")
     p.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval,
                    help="seconds between a peer's heartbeats (default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
@@ -209,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         workdir=args.workdir, listen=args.listen, http=args.http,
         dht_listen=tuple(args.dht_listen or CoordinatorConfig.dht_listen),
         dht_announce=tuple(args.dht_announce or ()), lease_seconds=args.lease_seconds,
+        lease_max_seconds=args.lease_max_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
         qrb_k=args.qrb_k, token_budget=args.token_budget, run=run)

@@ -29,6 +29,7 @@ CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
 NAME_MAX = 64
 TEAM_MAX = 32
+LEASE_SLACK = 3.0  # a lease lasts this many times the work's expected time (a busy machine, a hiccup)
 MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
 NO_WORK_RETRY_S = 1.0  # when a peer may ask again for work after none was free
@@ -56,6 +57,7 @@ class Context:
         params = n.n_layer * 12 * n.d_model ** 2 + n.vocab_size * n.d_model
         self.credit_per_sample = base_points(1, seq_len=self.spec.seq_len, parameters=params)
         self.signer = ReceiptSigner(self.config.workdir, self.spec.run_id)
+        self.shard_sequences = max(s.num_sequences for s in self.spec.shards)  # the work of one lease, at most
         a = self.spec.averaging
         self.run_summary = {  # what watchers see of the run spec (the status document's "run")
             "model": {"n_layer": n.n_layer, "n_head": n.n_head, "d_model": n.d_model, "vocab_size": n.vocab_size,
@@ -117,6 +119,30 @@ def _online_seconds(ctx: Context) -> float:
     return 3 * ctx.config.heartbeat_interval
 
 
+def lease_seconds(ctx: Context, sequences: int, rate: float) -> float:
+    """A lease's time: ``LEASE_SLACK`` x the work at the peer's reported throughput, within the operator's bounds.
+
+    A peer not measured yet (rate 0) gets ``--lease-seconds``; a slow laptop gets longer than a GPU.
+    """
+    if rate <= 0:
+        return ctx.config.lease_seconds
+    return min(max(LEASE_SLACK * sequences / rate, ctx.config.lease_seconds), ctx.config.lease_max_seconds)
+
+
+def extend_lease(request: pb.ExtendLeaseRequest, ctx: Context, now: float) -> pb.ExtendLeaseResponse:
+    peer_id = _auth(request.auth, ctx)
+    if not request.lease_id:
+        raise InvalidArgument("lease_id is required")
+    left = max(ctx.shard_sequences - int(request.samples_done), 1)
+    granted, deadline, detail = ctx.ledger.extend_lease(
+        peer_id, request.lease_id, samples_done=int(request.samples_done),
+        seconds=lease_seconds(ctx, left, ctx.ledger.peer_rate(peer_id)), max_life_s=ctx.config.lease_max_seconds,
+        now=now)
+    log.info("peer %s asked for more time on lease %s (%d done): %s", peer_id, request.lease_id,
+             request.samples_done, detail)
+    return pb.ExtendLeaseResponse(granted=granted, deadline=deadline, detail=detail)
+
+
 def _swarm_maddrs(ctx: Context, peer_id: str, now: float) -> list[str]:
     return ctx.ledger.swarm_maddrs(exclude_peer=peer_id, online_seconds=_online_seconds(ctx), now=now)
 
@@ -126,7 +152,9 @@ def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.L
     held = list(request.held_lease_ids)
     if len(held) > HELD_MAX or any(len(h) > 64 for h in held):
         raise InvalidArgument(f"held_lease_ids: at most {HELD_MAX} lease ids")
-    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=ctx.config.lease_seconds, now=now, held=held)
+    queued = ctx.ledger.active_lease_count(peer_id)  # leases this one waits behind on the peer
+    seconds = lease_seconds(ctx, ctx.shard_sequences * (queued + 1), ctx.ledger.peer_rate(peer_id))
+    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=seconds, now=now, held=held)
     if outcome.run_complete:
         return pb.LeaseShardResponse(run_complete=True)
     if outcome.lease is None:
@@ -216,11 +244,11 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         peer_id, epoch=int(request.epoch), samples=int(request.samples_trained),
         recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
-        lease_seconds=ctx.config.lease_seconds, now=now, dht_maddrs=maddrs,
+        now=now, dht_maddrs=maddrs,
         utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
         micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX),  # a heartbeat is never refused: leases live on it
         pause_reason=(request.pause_reason[:PAUSE_REASON_CHARS] or "paused") if request.paused else None)
-    return pb.HeartbeatResponse(extended_lease_ids=ids, global_step=step,
+    return pb.HeartbeatResponse(active_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
 
 

@@ -65,6 +65,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request, context):
         return self._call(handlers.heartbeat, request, context)
 
+    def ExtendLease(self, request, context):
+        return self._call(handlers.extend_lease, request, context)
+
     def Leave(self, request, context):
         return self._call(handlers.leave, request, context)
 

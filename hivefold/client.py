@@ -82,6 +82,11 @@ class CoordinatorClient:
         self.traffic["sent"] += request.ByteSize()
         return self.stub.Heartbeat(request, timeout=timeout)
 
+    def extend_lease(self, lease_id: str, samples_done: int, *, timeout: float = 10.0) -> pb.ExtendLeaseResponse:
+        """One attempt, no retry: the heartbeat thread asks again at its next beat."""
+        return self.stub.ExtendLease(pb.ExtendLeaseRequest(auth=self.auth, lease_id=lease_id,
+                                                           samples_done=samples_done), timeout=timeout)
+
     def leave(self, epoch: int, reason: str, *, timeout: float = 5.0) -> pb.LeaveResponse:
         """One attempt, no retry: used on the way out."""
         return self.stub.Leave(pb.LeaveRequest(auth=self.auth, epoch=epoch, reason=reason), timeout=timeout)

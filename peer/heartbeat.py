@@ -48,5 +48,6 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
                     linked, checked_at = book, time.monotonic()
         except grpc.RpcError as e:
             log.warning("heartbeat failed: %s", describe_rpc_error(e))
+        session.ask_for_time()
         if left.wait(session.heartbeat_interval):
             return

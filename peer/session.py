@@ -27,6 +27,7 @@ from hivefold.receipts import ReceiptBook
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
 from peer.device import describe_device, limit_memory, resolve_device
+from peer.leases import LeaseClock
 from peer.outbox import Outbox
 from peer.trainer import Trainer
 from protos import coordinator_pb2 as pb
@@ -54,6 +55,7 @@ class Session:
         self.heartbeat_interval = 10.0
         self.lease_seconds = LEASE_SECONDS_DEFAULT  # how long a lease outlives the last heartbeat (from Register)
         self.metrics_server = None
+        self.leases = LeaseClock()  # deadlines of the leases held, and progress in each (for ExtendLease)
         self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
@@ -140,8 +142,32 @@ class Session:
         finally:
             client.close()
 
+    def lease(self, held: list[str]) -> pb.LeaseShardResponse:
+        resp = self.authed(lambda: self.client.lease(held))
+        if resp.HasField("work"):
+            self.leases.track(resp.work.lease_id, resp.work.deadline)
+        return resp
+
+    def ask_for_time(self) -> None:
+        """Leases near their deadline: ask for more time, reporting progress (the coordinator never extends
+        silently); a refusal is logged, and the lease may expire and go to another peer."""
+        for lease_id, done in self.leases.due(time.time(), margin=2.5 * self.heartbeat_interval):
+            try:
+                resp = self.client.extend_lease(lease_id, done)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    self.leases.forget(lease_id)
+                log.warning("asking for more time on lease %s failed: %s", lease_id, describe_rpc_error(e))
+                continue
+            if resp.granted:
+                self.leases.extended(lease_id, resp.deadline)
+                log.info("lease %s extended (%d samples done): %s", lease_id, done, resp.detail)
+            else:
+                log.warning("lease %s not extended (%d samples done): %s", lease_id, done, resp.detail)
+
     def release(self, work: pb.WorkUnit, reason: str) -> None:
         """Hand a lease back so its shard goes straight back to the pool; a failure only means it will expire."""
+        self.leases.forget(work.lease_id)
         try:
             with self.quick_client() as client:
                 released = client.release(work.lease_id, reason)
@@ -160,6 +186,7 @@ class Session:
                 for request in self.outbox.pending():
                     self.keep_receipt(client.submit(request))
                     self.outbox.done(request.lease_id)
+                    self.leases.forget(request.lease_id)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 from rich.console import Console
@@ -47,9 +48,18 @@ class WorkLoop:
     def peer_id(self) -> str:
         return self.session.peer_id
 
+    def pause_budget(self) -> float:
+        """How long a pause may last before the leases held must be handed back: until the earliest one's
+        deadline, less two heartbeats (a paused peer makes no progress, so it gets no more time)."""
+        s = self.session
+        earliest = s.leases.earliest_deadline()
+        if earliest is None:
+            return s.lease_seconds
+        return max(1.0, earliest - time.time() - 2 * s.heartbeat_interval)
+
     @property
     def paused_too_long(self) -> str:
-        return f"paused past the lease time of {self.session.lease_seconds:g}s"
+        return "paused past its leases' deadlines"
 
     def flush_outbox(self) -> None:
         s = self.session
@@ -61,12 +71,14 @@ class WorkLoop:
                                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                     log.warning("dropping result for lease %s: %s", request.lease_id, describe_rpc_error(e))
                     s.outbox.done(request.lease_id)
+                    s.leases.forget(request.lease_id)
                     continue
                 raise
             log.info("peer %s result for lease %s: %s (credit %.3f)", self.peer_id, request.lease_id,
                      resp.detail, resp.credit)
             s.keep_receipt(resp)
             s.outbox.done(request.lease_id)
+            s.leases.forget(request.lease_id)
 
     def load(self, cache: ShardCache, work: pb.WorkUnit):
         spec = self.session.spec
@@ -80,7 +92,11 @@ class WorkLoop:
             task = progress.add_task(f"shard {work.shard_id}", total=len(sequences), loss=float("nan"),
                                      step=trainer.global_step, rate=0.0)
 
+        done = [0]
+
         def on_batch(n: int) -> None:
+            done[0] += n
+            self.session.leases.progress(work.lease_id, done[0])
             if progress is not None:
                 progress.update(task, advance=n, loss=trainer.meter.loss, step=trainer.global_step,
                                 rate=trainer.meter.samples_per_second)
@@ -93,7 +109,7 @@ class WorkLoop:
 
     def _prefetcher(self, cache: ShardCache) -> Prefetcher:
         s, gate = self.session, self.gate
-        return Prefetcher(lease=lambda held: s.authed(lambda: s.client.lease(held)),
+        return Prefetcher(lease=s.lease,
                           load=lambda work: self.load(cache, work), release=s.release, held=self._held_ids,
                           stop=self.stop, may_lease=lambda: gate.finishing is None and not gate.holds(mid_shard=False))
 
@@ -114,7 +130,7 @@ class WorkLoop:
                              self.shards_done)
                     break
                 if gate.holds(mid_shard=False):  # paused between shards: keep what was fetched ahead for a while
-                    timeout = s.lease_seconds if prefetch is not None else None
+                    timeout = self.pause_budget() if prefetch is not None else None
                     if not gate.wait(self.stop, mid_shard=False, timeout=timeout) and not self.stop.is_set():
                         self._hand_back(prefetch)
                         prefetch = None
@@ -193,7 +209,7 @@ class _MidShard:
 
     def wait(self) -> bool:
         """Until the pause lifts (True), or it has lasted a lease's length or the peer stops (False)."""
-        return self.loop.gate.wait(self.loop.stop, mid_shard=True, timeout=self.loop.session.lease_seconds)
+        return self.loop.gate.wait(self.loop.stop, mid_shard=True, timeout=self.loop.pause_budget())
 
 
 def make_progress(enabled: bool) -> Progress | None:

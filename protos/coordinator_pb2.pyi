@@ -205,14 +205,34 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ..., paused: _Optional[bool] = ..., pause_reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("extended_lease_ids", "global_step", "swarm_maddrs")
-    EXTENDED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("active_lease_ids", "global_step", "swarm_maddrs")
+    ACTIVE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
     SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
-    extended_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    active_lease_ids: _containers.RepeatedScalarFieldContainer[str]
     global_step: int
     swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, extended_lease_ids: _Optional[_Iterable[str]] = ..., global_step: _Optional[int] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, active_lease_ids: _Optional[_Iterable[str]] = ..., global_step: _Optional[int] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExtendLeaseRequest(_message.Message):
+    __slots__ = ("auth", "lease_id", "samples_done")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_DONE_FIELD_NUMBER: _ClassVar[int]
+    auth: PeerAuth
+    lease_id: str
+    samples_done: int
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples_done: _Optional[int] = ...) -> None: ...
+
+class ExtendLeaseResponse(_message.Message):
+    __slots__ = ("granted", "deadline", "detail")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    deadline: float
+    detail: str
+    def __init__(self, granted: _Optional[bool] = ..., deadline: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("auth", "epoch", "reason")

@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ExtendLease = channel.unary_unary(
+                '/hivefold.v1.Coordinator/ExtendLease',
+                request_serializer=protos_dot_coordinator__pb2.ExtendLeaseRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.ExtendLeaseResponse.FromString,
+                _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/hivefold.v1.Coordinator/Leave',
                 request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
@@ -128,6 +133,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtendLease(self, request, context):
+        """A peer alive but slow asks for more time on a lease, reporting its progress; granted against progress,
+        within the operator's longest lease life.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Leave(self, request, context):
         """A clean leave: the peer is marked offline at once, its leases go back to the pool, and it is told
         whether to stay reachable until the keeper has checkpointed the state only it holds.
@@ -182,6 +195,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ExtendLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendLease,
+                    request_deserializer=protos_dot_coordinator__pb2.ExtendLeaseRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.ExtendLeaseResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
@@ -362,6 +380,33 @@ class Coordinator:
             '/hivefold.v1.Coordinator/Heartbeat',
             protos_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivefold.v1.Coordinator/ExtendLease',
+            protos_dot_coordinator__pb2.ExtendLeaseRequest.SerializeToString,
+            protos_dot_coordinator__pb2.ExtendLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

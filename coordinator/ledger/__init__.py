@@ -7,6 +7,26 @@ The keeper process writes to the same file (checkpoints, evaluations, the swarm'
 downloads of the swarm's state fare); WAL mode lets the dashboard and status readers run beside
 the writers.
 
+A work unit's life (every arrow is one transaction; ``leases.py`` and ``peers.py``):
+
+    shard   pending ──LeaseShard──▶ leased ──SubmitResult (accepted)──▶ done
+               ▲                      │                                  │
+               └── lease expired, ────┘        every shard of the pass done: the next pass
+                   or handed back (ReleaseLease)  starts with a new shuffle (all pending again)
+                                                  unless --data-passes or --token-budget is spent:
+                                                  the run is complete (LeaseShard says so)
+
+    lease   active ──SubmitResult──▶ completed    (credited once; a repeat gets the first answer)
+              │ ──deadline passed──▶ expired      (a result still comes in: accepted if the shard
+              │                                    is still pending in the same pass, else
+              │                                    recorded as rejected_late, no credit)
+              │ ──ReleaseLease────▶ released
+              └── ExtendLease: the deadline moves, against progress, within --lease-max-seconds;
+                  heartbeats keep the peer online but never extend a lease
+
+A lease's deadline is sized at issue to the shard's work at the peer's reported throughput
+(3x, times its place in the peer's queue), between ``--lease-seconds`` and ``--lease-max-seconds``.
+
 One module per concept, composed into ``Ledger`` below:
     schema.py    pragmas, migrations, the state enums and the value types the ledger returns
     store.py     the connection, its lock, transactions, migrating, the meta and events tables

@@ -1,7 +1,8 @@
 """The work pool: a run's shards, their leases to peers and the results submitted under them.
 
-A shard is leased to one peer at a time; a lease that passes its deadline (heartbeats extend it)
-goes back to the pool; a result is accepted once per shard and data pass, idempotently by lease id.
+A shard is leased to one peer at a time, for a time sized to its work and the peer's throughput; a
+lease that passes its deadline (extended only when the peer asks, against progress) goes back to the
+pool; a result is accepted once per shard and data pass, idempotently by lease id.
 """
 
 from __future__ import annotations
@@ -91,11 +92,50 @@ class ShardLeases(LedgerStore):
                                 (ShardState.PENDING.value,)).fetchone()
             lease_id = secrets.token_hex(12)
             c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.LEASED.value, row[0]))
-            c.execute("INSERT INTO leases (lease_id, shard_id, peer_id, data_pass, state, issued_at, deadline) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + lease_seconds))
+            c.execute("INSERT INTO leases (lease_id, shard_id, peer_id, data_pass, state, issued_at, deadline, "
+                      "allotted_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + lease_seconds,
+                       lease_seconds))
             _event(c, now, "lease_issued", peer_id=peer_id, shard_id=row[0], detail=lease_id)
             return LeaseOutcome(_get_lease(c, lease_id))
+
+    def extend_lease(self, peer_id: str, lease_id: str, *, samples_done: int, seconds: float, max_life_s: float,
+                     now: float) -> tuple[bool, float, str]:
+        """A peer alive but slow asks for more time: granted against progress, never past ``max_life_s``.
+
+        Progress is ``samples_done`` in this shard, higher than at the last request; a lease still queued
+        on the peer (0 done) progresses with the work ahead of it (a lease issued before it still active,
+        or a result since it was issued). Returns (granted, the deadline now, why).
+        """
+        with self._tx() as c:
+            lease = _owned_lease(c, peer_id, lease_id, now)
+            if lease.state is not LeaseState.ACTIVE:
+                return False, lease.deadline, f"lease {lease.state.value}"
+            issued, progress = c.execute("SELECT issued_at, progress FROM leases WHERE lease_id = ?",
+                                         (lease_id,)).fetchone()
+            moving = samples_done > progress
+            if not moving and samples_done == 0:
+                # Queued on the peer (fetched ahead): it moves when the work ahead of it does: a lease issued
+                # before it is still being trained, or a result came in since it was issued.
+                ahead = c.execute("SELECT COUNT(*) FROM leases WHERE peer_id = ? AND state = ? AND issued_at < ?",
+                                  (peer_id, LeaseState.ACTIVE.value, issued)).fetchone()[0]
+                done = c.execute("SELECT COUNT(*) FROM results WHERE peer_id = ? AND submitted_at >= ?",
+                                 (peer_id, issued)).fetchone()[0]
+                moving = ahead + done > 0
+            if not moving:
+                return False, lease.deadline, f"no progress since the last extension ({progress} samples done)"
+            if samples_done > lease.num_sequences:
+                raise InvalidArgument(f"samples_done={samples_done} but the shard holds {lease.num_sequences}")
+            deadline = min(max(lease.deadline, now + seconds), issued + max_life_s)
+            if deadline <= lease.deadline:
+                return False, lease.deadline, f"the lease reached its longest life ({max_life_s:.0f}s)"
+            c.execute("UPDATE leases SET deadline = ?, progress = ?, extensions = extensions + 1 WHERE lease_id = ?",
+                      (deadline, max(progress, samples_done), lease_id))
+            return True, deadline, f"extended by {deadline - lease.deadline:.0f}s"
+
+    def active_lease_count(self, peer_id: str) -> int:
+        return self._read("SELECT COUNT(*) FROM leases WHERE peer_id = ? AND state = ?",
+                          (peer_id, LeaseState.ACTIVE.value))[0][0]
 
     def get_lease(self, lease_id: str) -> Lease:
         with self._lock:
@@ -145,9 +185,11 @@ class ShardLeases(LedgerStore):
                              and shard_state == ShardState.PENDING.value)
             receipt = ""
             if lease.state is LeaseState.ACTIVE or late_but_free:
-                issued_at = c.execute("SELECT issued_at FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()[0]
+                issued_at, allotted = c.execute("SELECT issued_at, allotted_s FROM leases WHERE lease_id = ?",
+                                                (lease_id,)).fetchone()
                 verdict = Verdict.ACCEPTED
-                credit = quick_return_points(samples * credit_per_sample, deadline_s=qrb_deadline_s,
+                # the deadline the lease was given at issue (sized to the work and this peer), else the default
+                credit = quick_return_points(samples * credit_per_sample, deadline_s=allotted or qrb_deadline_s,
                                              elapsed_s=now - issued_at, k=qrb_k)
                 if sign_receipt is not None:
                     receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,

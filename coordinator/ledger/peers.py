@@ -48,6 +48,11 @@ class PeerRegistry(LedgerStore):
         rows = self._read("SELECT micro_batch FROM peers WHERE peer_id = ?", (peer_id,))
         return int(rows[0][0]) if rows else 0
 
+    def peer_rate(self, peer_id: str) -> float:
+        """The peer's throughput from its heartbeats, sequences per second (0: not reported yet)."""
+        rows = self._read("SELECT samples_per_second FROM peers WHERE peer_id = ?", (peer_id,))
+        return float(rows[0][0]) if rows else 0.0
+
     def check_token(self, peer_id: str, token: str) -> bool:
         """Every RPC after Register asks this: answered from memory for ``TOKEN_CACHE_S`` after a read, so a
         token replaced or a ban written by another process (``hivefold coordinator ban``) counts within that."""
@@ -61,10 +66,11 @@ class PeerRegistry(LedgerStore):
         return secrets.compare_digest(hit[0], token) and not hit[1]
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
-                  samples_per_second: float, lease_seconds: float, now: float,
-                  dht_maddrs: list[str] | None = None, utilization: float = 0.0,
-                  micro_batch: int = 0, pause_reason: str | None = None) -> tuple[list[str], int]:
-        """Mark the peer alive, extend its active leases; returns (extended lease ids, global step).
+                  samples_per_second: float, now: float, dht_maddrs: list[str] | None = None,
+                  utilization: float = 0.0, micro_batch: int = 0,
+                  pause_reason: str | None = None) -> tuple[list[str], int]:
+        """Mark the peer alive; returns (its active lease ids, global step). Leases are not extended here: a
+        peer that needs more time asks (``extend_lease``), against the progress it made.
 
         ``pause_reason``: why the peer is paused (online, not training), None while it trains."""
         with self._tx() as c:
@@ -78,8 +84,6 @@ class PeerRegistry(LedgerStore):
                 c.execute("UPDATE peers SET dht_maddrs = ? WHERE peer_id = ?", (json.dumps(dht_maddrs), peer_id))
             ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
                                            (peer_id, LeaseState.ACTIVE.value))]
-            c.execute("UPDATE leases SET deadline = ? WHERE peer_id = ? AND state = ?",
-                      (now + lease_seconds, peer_id, LeaseState.ACTIVE.value))
             step = _raise_global_step(c, epoch)
         return ids, step
 

@@ -20,7 +20,7 @@ class ShardState(str, enum.Enum):
 
 
 class LeaseState(str, enum.Enum):
-    ACTIVE = "active"  # the peer is training; expires at its deadline unless heartbeats extend it
+    ACTIVE = "active"  # held by the peer; expires at its deadline unless the peer asks for more time (ExtendLease)
     COMPLETED = "completed"  # a result was accepted under it
     EXPIRED = "expired"  # the deadline passed; its shard went back to the pool
     RELEASED = "released"  # the peer handed it back
@@ -151,6 +151,13 @@ MIGRATIONS: list[str] = [
     # machine, its daily upload cap), from heartbeats; NULL while it trains.
     """
     ALTER TABLE peers ADD COLUMN pause_reason TEXT
+    """,
+    # 7: leases sized to the work and the peer (allotted_s: the seconds it was given at issue, the quick-return
+    # bonus's deadline) and extended only on request, against progress (samples the peer reported done in it).
+    """
+    ALTER TABLE leases ADD COLUMN allotted_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN progress INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN extensions INTEGER NOT NULL DEFAULT 0
     """,
 ]
 

@@ -37,7 +37,7 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 6
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 7
     assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
 
 
@@ -54,13 +54,13 @@ def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
         assert old.schema_version() == 1
         old.close()
     new = Ledger(path)
-    assert new.schema_version() == 6
+    assert new.schema_version() == 7
     assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
-    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.0,
+    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, now=2.0,
                   dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"], micro_batch=64)
     assert new.swarm_maddrs(exclude_peer=None, online_seconds=30, now=3.0) == ["/ip4/1.2.3.4/tcp/5/p2p/QmA"]
     assert new.peer_micro_batch("a") == 64  # the columns of every migration exist
-    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S, now=2.5,
+    new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, now=2.5,
                   pause_reason="paused by the volunteer")
     (a,) = new.status(now=3.0, online_seconds=30, seq_len=8)["peers"]
     assert a["paused"] and a["pause_reason"] == "paused by the volunteer"
@@ -70,7 +70,7 @@ def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
 def test_address_book_lists_online_peers_and_the_keeper(ledger):
     ledger.set_keeper_maddrs(["/ip4/9.9.9.9/tcp/1/p2p/QmK"])
     for name, now in (("a", 10.0), ("b", 20.0)):
-        ledger.heartbeat(name, epoch=1, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+        ledger.heartbeat(name, epoch=1, samples=0, recent_loss=None, samples_per_second=0.0,
                          now=now, dht_maddrs=[f"/ip4/10.0.0.1/tcp/1/p2p/Qm{name}"])
     assert ledger.swarm_maddrs(exclude_peer="a", online_seconds=30, now=21.0) == [
         "/ip4/9.9.9.9/tcp/1/p2p/QmK", "/ip4/10.0.0.1/tcp/1/p2p/Qmb"]
@@ -83,7 +83,7 @@ def test_address_book_lists_online_peers_and_the_keeper(ledger):
 
 def test_a_clean_leave_releases_leases_goes_offline_and_asks_for_a_handover(ledger):
     held = lease(ledger, "a")
-    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0,
                      now=5.0)
     ledger.record_checkpoint(2, "/ckpt-2", 5.0, now=5.0)
     ledger.leave("a", epoch=5, reason="stopped", now=6.0)
@@ -94,10 +94,10 @@ def test_a_clean_leave_releases_leases_goes_offline_and_asks_for_a_handover(ledg
     # b is online but behind (step 4 < 5): only a holds step 5, so the keeper must take it from a.
     assert ledger.handover_needed("a", online_seconds=30, now=6.0)
     assert [(p, e) for p, e, _ in ledger.handovers_wanted(since=0.0, online_seconds=30, now=6.0)] == [("a", 5)]
-    ledger.heartbeat("b", epoch=5, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+    ledger.heartbeat("b", epoch=5, samples=0, recent_loss=None, samples_per_second=0.0,
                      now=7.0)
     assert not ledger.handover_needed("a", online_seconds=30, now=7.0)  # b holds it too
-    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0, lease_seconds=LEASE_S,
+    ledger.heartbeat("b", epoch=4, samples=0, recent_loss=None, samples_per_second=0.0,
                      now=8.0)
     ledger.record_checkpoint(5, "/ckpt-5", 4.0, now=8.0)
     assert not ledger.handover_needed("a", online_seconds=30, now=8.0)  # checkpointed
@@ -152,15 +152,31 @@ def test_late_result_is_accepted_when_nobody_took_the_shard(ledger):
     assert lease(ledger, "b", now=201.0).shard_id != a.shard_id
 
 
-def test_heartbeat_extends_leases_and_raises_step(ledger):
+def test_heartbeat_keeps_a_peer_alive_but_never_extends_its_leases(ledger):
     a = lease(ledger, "a")
-    ids, step = ledger.heartbeat("a", epoch=5, samples=10, recent_loss=2.0, samples_per_second=3.0,
-                                 lease_seconds=LEASE_S, now=50.0)
+    ids, step = ledger.heartbeat("a", epoch=5, samples=10, recent_loss=2.0, samples_per_second=3.0, now=50.0)
     assert ids == [a.lease_id] and step == 5
-    assert ledger.expire_leases(now=1.0 + LEASE_S + 1) == 0
-    _, step = ledger.heartbeat("a", epoch=3, samples=10, recent_loss=None, samples_per_second=0,
-                               lease_seconds=LEASE_S, now=51.0)
+    _, step = ledger.heartbeat("a", epoch=3, samples=10, recent_loss=None, samples_per_second=0, now=51.0)
     assert step == 5  # a stale report never moves the swarm's step back
+    assert ledger.expire_leases(now=1.0 + LEASE_S + 1) == 1  # alive is not enough: the lease ran out
+
+
+def test_a_lease_is_extended_on_request_against_progress_up_to_its_longest_life(ledger):
+    a = lease(ledger, "a", now=0.0)  # deadline LEASE_S
+    b = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id]).lease  # queued behind a
+    ok, deadline, why = ledger.extend_lease("a", a.lease_id, samples_done=3, seconds=80, max_life_s=100, now=10.0)
+    assert ok and deadline == 90.0 and "extended" in why
+    ok, same, why = ledger.extend_lease("a", a.lease_id, samples_done=3, seconds=80, max_life_s=100, now=20.0)
+    assert not ok and same == 90.0 and "no progress" in why  # alive but stuck: no more time
+    ok, _, _ = ledger.extend_lease("a", b.lease_id, samples_done=0, seconds=80, max_life_s=100, now=20.0)
+    assert ok  # queued behind a lease that progresses
+    ok, capped, _ = ledger.extend_lease("a", a.lease_id, samples_done=6, seconds=500, max_life_s=100, now=30.0)
+    assert ok and capped == 100.0  # never past the longest life
+    ok, _, why = ledger.extend_lease("a", a.lease_id, samples_done=7, seconds=500, max_life_s=100, now=40.0)
+    assert not ok and "longest life" in why
+    with pytest.raises(PermissionDenied):
+        ledger.extend_lease("b", a.lease_id, samples_done=8, seconds=50, max_life_s=100, now=41.0)
+    assert ledger.expire_leases(now=101.0) >= 1
 
 
 def test_release(ledger):

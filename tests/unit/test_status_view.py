@@ -20,7 +20,7 @@ def status():
         led.register_peer(peer_id=f"{i}" * 40, name=f"{LONG_NAME}-{i}", public_key=bytes([i]) * 32,
                           device_kind="cpu", device_name="", memory_bytes=0, now=0.0)
         led.heartbeat(f"{i}" * 40, epoch=123456, samples=987654, recent_loss=2.345678, samples_per_second=1234.5,
-                      lease_seconds=60.0, now=900.0)
+                      now=900.0)
     led.set_checkpoint_every(10)
     led.record_checkpoint(100000, "/a/long/path/to/the/workdir/checkpoints/step-00100000.pt", 2.5, now=800.0)
     led.record_keeper_download(step=123000, error=None, now=840.0)
