@@ -104,12 +104,14 @@ class Gate:
                 self._paused_since = since
                 log.info("peer %s paused: %s", self.peer_id, "; ".join(self._reasons))
             try:
-                while self._holds(mid_shard) and not stop.is_set():
+                # Between shards, a request to finish ends the wait too: there is no shard to complete, the work
+                # loop leaves (without this a peer paused by its upload cap waited for the next day).
+                while self._holds(mid_shard) and not stop.is_set() and (mid_shard or self.finishing is None):
                     left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - self.clock())
                     if left <= 0:
                         return False
                     self._cond.wait(left)
-                if stop.is_set():
+                if stop.is_set() or self._holds(mid_shard):
                     return False
                 log.info("peer %s resumes after %.0fs paused", self.peer_id, self.clock() - self._paused_since)
                 self._paused_since = None
