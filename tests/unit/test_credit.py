@@ -12,12 +12,9 @@ import urllib.request
 import grpc
 import pytest
 
-from coordinator.config import CoordinatorConfig, RunOptions
 from coordinator.credit import quick_return_points
-from coordinator.handlers import Context
 from coordinator.http import start_http
 from coordinator.ledger import Ledger, Verdict
-from coordinator.run import open_run
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.errors import IntegrityError
@@ -25,6 +22,7 @@ from hivefold.identity import Identity
 from hivefold.receipts import ReceiptBook, make_receipt, verify_receipt
 from hivefold.spec import ShardInfo
 from protos import coordinator_pb2 as pb
+from tests.conftest import small_run
 
 
 def test_quick_return_bonus_matches_folding_at_home():
@@ -83,14 +81,8 @@ def test_ledger_credits_once_with_the_bonus_and_keeps_the_receipt(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("coordinator")
-    corpus = workdir.parent / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
-    config = CoordinatorConfig(workdir=workdir, listen="127.0.0.1:0", http="127.0.0.1:0",
-                               run=RunOptions(corpus=str(corpus), seq_len=32, micro_batch=4, target_batch_size=16,
-                                              shard_sequences=16))
-    spec, ledger = open_run(workdir, config.run)
-    ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=[])
+    ctx = small_run(tmp_path_factory.mktemp("coordinator"), dht_maddrs=[])
+    ledger = ctx.ledger
     server, port = start_server(ctx, "127.0.0.1:0")
     http, http_port = start_http(ctx, "127.0.0.1:0")
     yield ctx, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"

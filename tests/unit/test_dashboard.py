@@ -18,42 +18,33 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.config import CoordinatorConfig, RunOptions
-from coordinator.handlers import Context, record_history
+from coordinator.handlers import record_history
 from coordinator.http import make_metrics, start_http
 from coordinator.http.server import STATIC
 from coordinator.ledger import Ledger
-from coordinator.run import open_run
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.identity import Identity
 from protos import coordinator_pb2 as pb
-
-FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+from tests.conftest import small_run
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A coordinator with two peers that each trained a shard (one of them named to attack the page)."""
-    workdir = tmp_path_factory.mktemp("coordinator")
-    corpus = workdir.parent / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
-    config = CoordinatorConfig(workdir=workdir, listen="127.0.0.1:0", http="127.0.0.1:0",
-                               run=RunOptions(corpus=str(corpus), seq_len=32, micro_batch=4, target_batch_size=16,
-                                              shard_sequences=16))
-    spec, ledger = open_run(workdir, config.run)
-    ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=[FAKE_MADDR])
+    ctx = small_run(tmp_path_factory.mktemp("coordinator"))
+    ledger = ctx.ledger
     metrics = make_metrics(ctx)
     server, port = start_server(ctx, "127.0.0.1:0", interceptors=[metrics.interceptor()])
     http, http_port = start_http(ctx, "127.0.0.1:0", metrics)
     address = f"127.0.0.1:{port}"
     for i, name in enumerate(["alice", "<img src=x onerror=alert(1)>"]):
         client = CoordinatorClient(address, give_up_after=5.0)
-        client.register(Identity.load_or_create(workdir.parent / f"peer{i}"), name=name,
+        client.register(Identity.load_or_create(ctx.config.workdir.parent / f"peer{i}"), name=name,
                         device=pb.DeviceReport(kind="cpu"))
         client.heartbeat(pb.HeartbeatRequest(epoch=0, samples_per_second=10.0 + i, compute_utilization=0.9))
         work = client.lease().work
-        losses = [pb.MicroBatchLoss(loss=3.0 - i, epoch=0)] * -(-work.num_sequences // spec.micro_batch)
+        losses = [pb.MicroBatchLoss(loss=3.0 - i, epoch=0)] * -(-work.num_sequences // ctx.spec.micro_batch)
         client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences, losses=losses))
         record_history(ctx, now=time.time())
         client.close()

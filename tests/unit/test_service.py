@@ -13,10 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.config import CoordinatorConfig, RunOptions
 from coordinator.handlers import Context
 from coordinator.http import start_http
-from coordinator.run import SHARD_DIR, open_run
+from coordinator.run import SHARD_DIR
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.errors import IntegrityError
@@ -28,20 +27,13 @@ from peer.pipeline import ShardCache
 from peer.session import Session
 from peer.work import WorkLoop
 from protos import coordinator_pb2 as pb
-
-FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+from tests.conftest import FAKE_MADDR, small_run
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("coordinator")
-    corpus = workdir.parent / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
-    config = CoordinatorConfig(workdir=workdir, listen="127.0.0.1:0", http="127.0.0.1:0",
-                               run=RunOptions(corpus=str(corpus), seq_len=32, micro_batch=4, target_batch_size=16,
-                                              shard_sequences=16))
-    spec, ledger = open_run(workdir, config.run)
-    ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=[FAKE_MADDR])
+    ctx = small_run(tmp_path_factory.mktemp("coordinator"))
+    ledger = ctx.ledger
     server, port = start_server(ctx, "127.0.0.1:0")
     http, http_port = start_http(ctx, "127.0.0.1:0")
     yield ctx, f"127.0.0.1:{port}", http_port
