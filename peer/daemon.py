@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
-from hivefold.dht import SwarmDHT
+from hivefold.dht import BootstrapFailed, join_dht
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
 from hivefold.logs import log_to_console
@@ -46,6 +46,7 @@ SHUTDOWN_TIMEOUT_S = 60.0
 STOP_MESSAGE = "finishing the micro-batch, then leaving"
 RELINK_EVERY_S = 60.0  # how often a peer re-checks its direct links to the members it already reached
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
+DHT_JOIN_ATTEMPTS = 6  # the bootstrap node is the coordinator's: tries (2, 4, ... 30 s apart) while it restarts
 
 
 class Peer:
@@ -90,9 +91,7 @@ class Peer:
         self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
-        self.dht = SwarmDHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
-                                announce_maddrs=list(self.config.dht_announce) or None,
-                                client_mode=self.config.client_mode, start=True)
+        resp = self._join_dht(resp)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval, micro_batch=self.config.micro_batch)
         if self.config.metrics_port:
@@ -102,6 +101,32 @@ class Peer:
         source = self.trainer.load_swarm_state(
             lambda: self.client.fetch_checkpoint(self.workdir / "checkpoint.pt", min_step=1))
         log.info("peer %s starts at step %d from %s", self.identity.peer_id, self.trainer.epoch, source)
+
+    def _join_dht(self, resp: pb.RegisterResponse) -> pb.RegisterResponse:
+        """Join the DHT through the coordinator's bootstrap node, set ``self.dht``; returns the latest Register answer.
+
+        If the coordinator went down between Register and now, its node does not answer: register again (that
+        waits until the coordinator is back, and it starts its node before it serves) and retry, instead of dying.
+        """
+        attempt = 1
+        while True:
+            try:
+                self.dht = join_dht(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
+                                    announce_maddrs=list(self.config.dht_announce) or None,
+                                    client_mode=self.config.client_mode)
+                return resp
+            except BootstrapFailed as e:
+                if attempt >= DHT_JOIN_ATTEMPTS:
+                    raise HivefoldError(f"could not join the swarm's DHT through {' '.join(resp.dht_maddrs)} "
+                                        f"({attempt} tries: {e}); check that this machine can reach it "
+                                        "(hivefold doctor tests it)") from None
+                delay = min(2.0 ** attempt, 30.0)
+                log.warning("peer %s: the swarm's bootstrap node did not answer (%s); the coordinator may be "
+                            "restarting: registering again in %.0fs", self.identity.peer_id, e, delay)
+                if self.stop.wait(delay):
+                    raise Stopped("stopped while joining the DHT") from None
+                resp = self.reregister()
+                attempt += 1
 
     def _start_metrics(self) -> None:
         from peer.metrics import start_metrics
@@ -113,12 +138,13 @@ class Peer:
                                 "port") from None
         log.info("metrics at http://%s:%d/metrics", self.metrics_server.server_address[0], port)
 
-    def reregister(self) -> None:
+    def reregister(self) -> pb.RegisterResponse:
         """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
         resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
                                     expected_spec_hash=self.spec.hash, team=self.config.team)
         if resp.spec_hash != self.spec.hash:
             raise HivefoldError("the coordinator now runs a different spec; restart the peer with a fresh --workdir")
+        return resp
 
     # --- heartbeats ---------------------------------------------------------------------------
 
