@@ -68,6 +68,7 @@ class Peer:
         self.metrics_server = None
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
+        self.bootstrap_maddrs: list[str] = []  # the coordinator's DHT node, from Register
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -92,6 +93,7 @@ class Peer:
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
         resp = self._join_dht(resp)
+        self.bootstrap_maddrs = list(resp.dht_maddrs)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval, micro_batch=self.config.micro_batch)
         if self.config.metrics_port:
@@ -162,13 +164,16 @@ class Peer:
                     samples_per_second=m.samples_per_second, dht_maddrs=own, compute_utilization=m.utilization,
                     micro_batch=self.trainer.micro_batch))
                 # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
-                book = set(addressbook.group_by_peer(resp.swarm_maddrs))
+                # The coordinator's bootstrap node too: newcomers join the DHT through it (see addressbook.connect).
+                members = [*resp.swarm_maddrs, *self.bootstrap_maddrs]
+                book = set(addressbook.group_by_peer(members))
                 if not book <= linked or time.monotonic() - checked_at > RELINK_EVERY_S:
                     others = book - {str(self.dht.peer_id)}
-                    if addressbook.connect(self.dht, resp.swarm_maddrs) >= len(others):
+                    if addressbook.connect(self.dht, members) >= len(others):
                         linked, checked_at = book, time.monotonic()
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", describe_rpc_error(e))
+                linked = set()  # the coordinator may be restarting: relink once it answers again
             if self.left.wait(self.heartbeat_interval):
                 return
 
