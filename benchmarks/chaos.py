@@ -1,6 +1,6 @@
 """The chaos run: a tiny swarm under random faults must still train every shard of a pass exactly once.
 
-    python benchmarks/chaos.py [--faults 100] [--seed 0] [--time-limit 900] [--json PATH] [--keep]
+    python benchmarks/chaos.py [--faults 100] [--seed 0] [--time-limit 1200] [--json PATH] [--keep]
 
 A coordinator (with its keeper) and ``--peers`` peers train a tiny model for one data pass with short
 leases. At random moments (a seeded RNG: the same ``--seed`` injects the same faults in the same
@@ -21,11 +21,14 @@ checked against the ledger (read-only) and every peer workdir ever used:
                            ledger lacks as accepted results (a receipt is the coordinator's proof)
     global_step_monotonic  the status API's global_step, sampled every second across restarts, never fell
     val_loss_first/last    the keeper's first and last evaluations (it must fall)
+    crashes                uncaught exceptions in any process's log (and processes that exited by themselves)
+    state_lost             the keeper could not checkpoint the swarm's newest state when the last peers left
 
 and a few figures on how the swarm coped: results rejected as late, expired leases, the longest
 stretch without a shard finishing, and how long after each coordinator restart the next result
-was accepted. Exit status 0 when every check holds. ``tests/integration/test_chaos.py`` runs the
-same engine with a handful of faults.
+was accepted. Exit status 0 when every check holds and the fault target was reached (the pass
+must outlast it: ``--max-corpus-mb``). ``tests/integration/test_chaos.py`` runs the same engine
+with a handful of faults.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class ChaosConfig:
     seed: int = 0  # the fault RNG: kinds, moments, victims, durations
     peers: int = 3  # peer processes kept running (each fault replaces or resumes the one it hit)
     faults: int = 100  # stop injecting after this many; the pass then finishes in peace
-    mean_interval: float = 4.0  # mean seconds between faults (exponentially distributed)
+    mean_interval: float = 3.5  # mean seconds between faults (exponentially distributed)
     time_limit: float = 1200.0  # give up on the pass after this many seconds (the checks still run)
     weights: dict[str, float] = field(default_factory=lambda: {
         "peer_kill_same": 2.0, "peer_kill_fresh": 1.0, "peer_stop": 2.0, "coordinator_kill": 1.0})
@@ -92,7 +95,7 @@ class ChaosConfig:
     min_peer_uptime: float = 2.0  # seconds a peer process lives before it may be hit
     lease_seconds: float = 8.0
     heartbeat_interval: float = 2.0
-    max_corpus_mb: float = 1.0
+    max_corpus_mb: float = 1.5  # ~690 shards of 32: the pass outlasts 100 faults
     shard_sequences: int = 32
     micro_batch: int = 8
     inner_steps: int = 16  # diloco: micro-batches the swarm trains per outer round (a swarm step)
@@ -438,6 +441,12 @@ class Chaos:
                 recovery.append(round(later[0] - t, 1))
         crashed = {log.name: found for log in sorted(self.root.glob("*.log"))
                    if (found := crashes(log.read_text(errors="replace")))}
+        # The swarm's newest state must reach a checkpoint when the pass is over: the last peers to leave wait
+        # for the keeper to download it. Either side saying it did not happen means that training was lost.
+        state_lost = [f"{log.name}: {line.strip()[:200]}" for log in sorted(self.root.glob("*.log"))
+                      for line in log.read_text(errors="replace").splitlines()
+                      if "final checkpoint NOT written" in line or "the keeper did not take this peer's state" in line]
+        ckpt = q("SELECT step FROM checkpoints ORDER BY step DESC LIMIT 1")
         report = {
             "seed": self.config.seed,
             "config": asdict(self.config),
@@ -445,6 +454,7 @@ class Chaos:
             "wall_s": round(wall, 1),
             "faults": dict(self.faults),
             "faults_total": sum(self.faults.values()),
+            "faults_target_reached": sum(self.faults.values()) >= self.config.faults,
             "shards_total": total,
             "shards_done": done,
             "missing": len(missing),
@@ -464,6 +474,8 @@ class Chaos:
             "val_loss_first": evals[0][1] if evals else None,
             "val_loss_last": evals[-1][1] if evals else None,
             "evaluations": len(evals),
+            "checkpoint_last": ckpt[0][0] if ckpt else None,
+            "state_lost": state_lost,
             "coordinator_restarts": len(self.restarts_serving),
             "recovery_after_restart_s": {"median": statistics.median(recovery) if recovery else None,
                                          "max": max(recovery) if recovery else None,
@@ -475,7 +487,8 @@ class Chaos:
             "fault_log": self.fault_log,
         }
         report["ok"] = bool(completed and not missing and not double and not lost and monotonic and not bad_receipts
-                            and evals and evals[-1][1] < evals[0][1] and not self.unexpected and not crashed)
+                            and evals and evals[-1][1] < evals[0][1] and not self.unexpected and not crashed
+                            and not state_lost)
         return report
 
 
@@ -491,6 +504,8 @@ def print_report(r: dict) -> None:
         ("global step monotonic", f"{r['global_step_monotonic']} ({r['global_step_samples']} samples, "
                                   f"last {r['global_step_last']})"),
         ("val loss first -> last", f"{r['val_loss_first']} -> {r['val_loss_last']} ({r['evaluations']} evaluations)"),
+        ("latest checkpoint", f"step {r['checkpoint_last']}; newest state lost at the end: "
+                              f"{r['state_lost'] or 'no'}"),
         ("coordinator restarts", r["coordinator_restarts"]),
         ("next accepted result after a restart", r["recovery_after_restart_s"]),
         ("longest gap between accepted results", f"{r['longest_gap_between_results_s']}s"),
@@ -501,6 +516,8 @@ def print_report(r: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if not r["faults_target_reached"]:
+        print(f"the pass ended after {r['faults_total']} of {r['config']['faults']} faults: raise --max-corpus-mb")
     print("OK" if r["ok"] else "FAILED")
 
 
@@ -545,7 +562,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(0 if report["ok"] and report["faults_target_reached"] else 1)
 
 
 if __name__ == "__main__":

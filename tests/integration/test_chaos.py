@@ -7,16 +7,35 @@ the global step never falling, the validation loss lower, and no process dead of
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import ACCEPTED_LINE, Chaos, ChaosConfig, crashes
+from benchmarks.chaos import ACCEPTED_LINE, KINDS, Chaos, ChaosConfig, crashes
 from tests.conftest import Processes, descendants, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def test_a_pass_under_faults_is_credited_once_and_loses_nothing(tmp_path: Path, processes: Processes):
+    # About 90 shards of 32 sequences: a pass takes about a minute undisturbed on 2 loaded cores.
+    config = ChaosConfig(seed=1, faults=8, mean_interval=6.0, time_limit=300.0, max_corpus_mb=0.2,
+                         min_coordinator_uptime=10.0,
+                         schedule=("peer_stop", "coordinator_kill", "peer_kill_same", "peer_kill_fresh"))
+    report = Chaos(tmp_path, processes, config).run()
+    summary = json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1)
+    assert report["completed"], summary + processes.tail()
+    assert all(report["faults"][kind] >= 1 for kind in KINDS), summary
+    assert report["double_credited"] == 0 and report["missing"] == 0, summary
+    assert report["lost"] == 0 and report["receipts_invalid"] == 0 and report["acknowledged"] > 0, summary
+    assert report["global_step_monotonic"] and report["global_step_samples"] > 10, summary
+    assert report["val_loss_last"] < report["val_loss_first"], summary
+    assert report["recovery_after_restart_s"]["never"] == 0, summary  # training resumed after every restart
+    assert not report["unexpected_exits"] and not report["crashes"], summary + processes.tail()
+    assert not report["state_lost"], summary  # the keeper checkpointed the swarm's newest state at the end
 
 
 def _cmdline(pid: int) -> str:
