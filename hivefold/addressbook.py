@@ -49,17 +49,20 @@ def connect(dht: hivemind.DHT, maddrs: Iterable[str], *, timeout: float = CONNEC
 
     Never raises and never blocks much longer than ``timeout``: it runs on the heartbeat thread, which
     must keep the peer's leases alive whatever the DHT process does (hivemind can lose a coroutine's
-    task, which then never answers, or answers with GeneratorExit).
+    task, which then never answers, or answers with GeneratorExit), and which may still be here while
+    the peer shuts its DHT down (the pipe to it is closed then).
     """
-    book = group_by_peer(maddrs)
-    book.pop(str(dht.peer_id), None)
-    if not book:
-        return 0
-    future = dht.run_coroutine(partial(_connect_all, book, timeout), return_future=True)
+    future = None
     try:
+        book = group_by_peer(maddrs)
+        book.pop(str(dht.peer_id), None)
+        if not book:
+            return 0
+        future = dht.run_coroutine(partial(_connect_all, book, timeout), return_future=True)
         return future.result(timeout=timeout + 5.0)
     except (Exception, GeneratorExit) as e:  # noqa: BLE001 - see the docstring
-        future.cancel()
+        if future is not None:
+            future.cancel()
         log.debug("connecting to the swarm's members failed: %r", e)
         return 0
 
