@@ -124,6 +124,11 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
                   or [str(m) for m in dht.get_visible_maddrs()])
         log.info("DHT bootstrap node at %s", " ".join(maddrs))
         ctx = Context(config=config, spec=spec, ledger=ledger, dht_maddrs=maddrs)
+        # The peers could not heartbeat while this coordinator was down: their leases start afresh from now.
+        resumed = ledger.resume_leases(lease_seconds=config.lease_seconds, now=time.time())
+        if resumed:
+            log.info("%d leases were active: each gets %.0fs from now to hear from its peer", resumed,
+                     config.lease_seconds)
         metrics = make_metrics(ctx)
         server, port = start_server(ctx, config.listen, interceptors=[metrics.interceptor()])
         stack.callback(lambda: server.stop(grace=2.0).wait())

@@ -44,21 +44,25 @@ def group_by_peer(maddrs: Iterable[str]) -> dict[str, list[str]]:
 
 
 def connect(dht: hivemind.DHT, maddrs: Iterable[str], *, timeout: float = CONNECT_TIMEOUT_S) -> int:
-    """Open connections to the members in ``maddrs`` not yet connected; returns how many are connected now.
+    """Open connections to the members in ``maddrs`` not yet connected and make sure this node's DHT routing
+    table holds them; returns how many are connected and in the table now.
 
     Never raises and never blocks much longer than ``timeout``: it runs on the heartbeat thread, which
     must keep the peer's leases alive whatever the DHT process does (hivemind can lose a coroutine's
-    task, which then never answers, or answers with GeneratorExit).
+    task, which then never answers, or answers with GeneratorExit), and which may still be here while
+    the peer shuts its DHT down (the pipe to it is closed then).
     """
-    book = group_by_peer(maddrs)
-    book.pop(str(dht.peer_id), None)
-    if not book:
-        return 0
-    future = dht.run_coroutine(partial(_connect_all, book, timeout), return_future=True)
+    future = None
     try:
+        book = group_by_peer(maddrs)
+        book.pop(str(dht.peer_id), None)
+        if not book:
+            return 0
+        future = dht.run_coroutine(partial(_connect_all, book, timeout), return_future=True)
         return future.result(timeout=timeout + 5.0)
     except (Exception, GeneratorExit) as e:  # noqa: BLE001 - see the docstring
-        future.cancel()
+        if future is not None:
+            future.cancel()
         log.debug("connecting to the swarm's members failed: %r", e)
         return 0
 
@@ -66,15 +70,23 @@ def connect(dht: hivemind.DHT, maddrs: Iterable[str], *, timeout: float = CONNEC
 async def _connect_all(book: dict[str, list[str]], timeout: float, _dht, node) -> int:
     connected = {str(p.peer_id) for p in await node.p2p.list_peers()}
 
+    async def link(peer: str, addrs: list[str]) -> bool:
+        peer_id = PeerID.from_base58(peer)
+        if peer not in connected:
+            await node.p2p._client.connect(peer_id, [Multiaddr(a) for a in addrs])
+        # hivemind's DHT drops a node from its routing table after one unanswered request and never bootstraps
+        # again: a member whose requests all failed while the coordinator restarted has an empty table and is
+        # cut off from the swarm for good (it trains alone, and nobody can download its state). A ping puts the
+        # member in this node's table and this node in the member's.
+        if node.protocol.routing_table.get(peer_id=peer_id) is not None:
+            return True
+        return await node.protocol.call_ping(peer_id) is not None
+
     async def one(peer: str, addrs: list[str]) -> bool:
         try:
-            await asyncio.wait_for(node.p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(a) for a in addrs]),
-                                   timeout)
-            return True
+            return await asyncio.wait_for(link(peer, addrs), timeout)
         except Exception as e:  # noqa: BLE001 - any failure to reach one member is logged, never fatal
-            log.debug("cannot connect to %s at %s: %r", peer, addrs, e)
+            log.debug("cannot link to %s at %s: %r", peer, addrs, e)
             return False
 
-    todo = {p: a for p, a in book.items() if p not in connected}
-    results = await asyncio.gather(*(one(p, a) for p, a in todo.items()))
-    return len(book) - len(todo) + sum(results)
+    return sum(await asyncio.gather(*(one(p, a) for p, a in book.items())))

@@ -9,8 +9,12 @@ import signal
 import sys
 
 import hivemind
+from hivemind.p2p import P2PDaemonError
+
+from hivefold.errors import HivefoldError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+REAP_TIMEOUT_S = 5.0  # a DHT process that failed to start exits by itself; wait this long before killing it
 
 
 class SwarmDHT(hivemind.DHT):
@@ -31,6 +35,32 @@ class SwarmDHT(hivemind.DHT):
         os.setpgid(0, 0)
         _die_with_parent()
         super().run()
+
+
+class BootstrapFailed(HivefoldError):
+    """None of the DHT's initial peers answered (for a peer: the coordinator's node, which may be restarting)."""
+
+
+def join_dht(**kwargs) -> SwarmDHT:
+    """A started ``SwarmDHT(**kwargs)``; :class:`BootstrapFailed` when none of its ``initial_peers`` answered.
+
+    hivemind reports that two ways, by where it failed: the libp2p daemon could not dial any of them
+    (``P2PDaemonError``), or it dialled but no DHT node answered its pings (``RuntimeError``). Both mean
+    "try again when the bootstrap node is back", which the caller decides; the failed attempt's DHT
+    process is reaped either way, so retries leave nothing behind.
+    """
+    dht = SwarmDHT(start=False, **kwargs)
+    try:
+        dht.run_in_background(await_ready=True)
+    except (P2PDaemonError, RuntimeError) as e:
+        dht.join(REAP_TIMEOUT_S)  # it returns once the start failed
+        if dht.is_alive():
+            dht.kill()
+            dht.join(REAP_TIMEOUT_S)
+        if "bootstrap" in str(e):
+            raise BootstrapFailed(str(e)) from None
+        raise
+    return dht
 
 
 def die_with_parent() -> None:

@@ -41,13 +41,16 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
                 compute_utilization=m.utilization, micro_batch=trainer.micro_batch, paused=paused,
                 pause_reason="; ".join(gate.reasons()) if paused else ""))
             # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
-            book = set(addressbook.group_by_peer(resp.swarm_maddrs))
+            # The coordinator's bootstrap node too: newcomers join the DHT through it (see addressbook.connect).
+            members = [*resp.swarm_maddrs, *session.bootstrap_maddrs]
+            book = set(addressbook.group_by_peer(members))
             if not book <= linked or time.monotonic() - checked_at > RELINK_EVERY_S:
                 others = book - {str(session.dht.peer_id)}
-                if addressbook.connect(session.dht, resp.swarm_maddrs) >= len(others):
+                if addressbook.connect(session.dht, members) >= len(others):
                     linked, checked_at = book, time.monotonic()
         except grpc.RpcError as e:
             log.warning("heartbeat failed: %s", describe_rpc_error(e))
+            linked = set()  # the coordinator may be restarting: relink once it answers again
         session.ask_for_time()
         if left.wait(session.heartbeat_interval):
             return

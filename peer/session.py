@@ -20,10 +20,11 @@ import hivemind
 
 from hivefold import addressbook
 from hivefold.client import CoordinatorClient, describe_rpc_error
-from hivefold.dht import SwarmDHT
+from hivefold.dht import BootstrapFailed, join_dht
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
 from hivefold.receipts import ReceiptBook
+from hivefold.retry import Stopped
 from hivefold.spec import RunSpec, verify_spec
 from peer.config import PeerConfig
 from peer.device import describe_device, limit_memory, resolve_device
@@ -36,6 +37,7 @@ log = logging.getLogger("hivefold.peer")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
+DHT_JOIN_ATTEMPTS = 6  # the bootstrap node is the coordinator's: tries (2, 4, ... 30 s apart) while it restarts
 LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its leases last: its default
 
 
@@ -59,6 +61,7 @@ class Session:
         self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
+        self.bootstrap_maddrs: list[str] = []  # the coordinator's DHT node, from Register
 
     @property
     def peer_id(self) -> str:
@@ -87,9 +90,8 @@ class Session:
         self.lease_seconds = resp.lease_seconds or LEASE_SECONDS_DEFAULT
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
-        self.dht = SwarmDHT(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
-                                announce_maddrs=list(self.config.dht_announce) or None,
-                                client_mode=self.config.client_mode, start=True)
+        resp = self._join_dht(resp)
+        self.bootstrap_maddrs = list(resp.dht_maddrs)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval, micro_batch=self.config.micro_batch,
                                memory_fraction=self.memory_fraction)
@@ -111,12 +113,39 @@ class Session:
                                 "port") from None
         log.info("metrics at http://%s:%d/metrics", self.metrics_server.server_address[0], port)
 
-    def reregister(self) -> None:
+    def _join_dht(self, resp: pb.RegisterResponse) -> pb.RegisterResponse:
+        """Join the DHT through the coordinator's bootstrap node, set ``self.dht``; returns the latest Register answer.
+
+        If the coordinator went down between Register and now, its node does not answer: register again (that
+        waits until the coordinator is back, and it starts its node before it serves) and retry, instead of dying.
+        """
+        attempt = 1
+        while True:
+            try:
+                self.dht = join_dht(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
+                                    announce_maddrs=list(self.config.dht_announce) or None,
+                                    client_mode=self.config.client_mode)
+                return resp
+            except BootstrapFailed as e:
+                if attempt >= DHT_JOIN_ATTEMPTS:
+                    raise HivefoldError(f"could not join the swarm's DHT through {' '.join(resp.dht_maddrs)} "
+                                        f"({attempt} tries: {e}); check that this machine can reach it "
+                                        "(hivefold doctor tests it)") from None
+                delay = min(2.0 ** attempt, 30.0)
+                log.warning("peer %s: the swarm's bootstrap node did not answer (%s); the coordinator may be "
+                            "restarting: registering again in %.0fs", self.peer_id, e, delay)
+                if self.stop.wait(delay):
+                    raise Stopped("stopped while joining the DHT") from None
+                resp = self.reregister()
+                attempt += 1
+
+    def reregister(self) -> pb.RegisterResponse:
         """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
         resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
                                     expected_spec_hash=self.spec.hash, team=self.config.team)
         if resp.spec_hash != self.spec.hash:
             raise HivefoldError("the coordinator now runs a different spec; restart the peer with a fresh --workdir")
+        return resp
 
     def authed(self, call):
         """Run ``call``; on UNAUTHENTICATED (token replaced, ledger restored) register again once and retry."""

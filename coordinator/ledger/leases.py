@@ -157,6 +157,22 @@ class ShardLeases(LedgerStore):
             _close_lease(c, lease, LeaseState.RELEASED, reason, now)
             return True
 
+    def resume_leases(self, *, lease_seconds: float, now: float) -> int:
+        """At the coordinator's start: every active lease gets a full lease from ``now`` (at least ``lease_seconds``).
+
+        Its holder could not heartbeat while the coordinator was down. Without this, each lease whose deadline
+        ran out during the outage expired on the first call after the restart, and its shard (first in the
+        pass's order) went to the next peer that asked while the holder was still training it, whose result
+        was then rejected. Returns how many leases were active.
+        """
+        with self._tx() as c:
+            # a full lease again: the time it was given at issue (sized to its work and peer), at least lease_seconds
+            n = c.execute("UPDATE leases SET deadline = MAX(deadline, ? + MAX(allotted_s, ?)) WHERE state = ?",
+                          (now, lease_seconds, LeaseState.ACTIVE.value)).rowcount
+            if n:
+                _event(c, now, "leases_resumed", detail=f"{n} active leases: {lease_seconds:.0f}s from the restart")
+            return n
+
     def expire_leases(self, now: float) -> int:
         with self._tx() as c:
             return _expire(c, now)

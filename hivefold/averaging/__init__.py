@@ -5,7 +5,10 @@ and the keeper (``trains=False``: follows the swarm and serves its state, never 
 
 - ``step(samples)``: after ``backward()`` on gradients summed over ``samples`` sequences;
 - ``epoch`` (this member's swarm step) and ``global_epoch`` (the swarm's, as far as it knows);
-- ``load_state_from_peers(timeout) -> bool``: one bounded attempt to take the newest state;
+- ``load_state_from_peers(timeout) -> bool``: one bounded attempt to take the newest state; a download that
+  outlasts ``timeout`` is no state (False), never an exception: hivemind gives every member it tries the whole
+  timeout and then raises from the future, which happens whenever dead or frozen members are still listed
+  in the DHT, or this process was itself suspended mid-download (a laptop lid, SIGSTOP);
 - ``state_dict()`` / ``load_state_dict()``: what a checkpoint holds besides the model;
 - ``settle(final=False)`` (land work in flight before leaving; ``final``: the run is over, average what is
   left), ``stats()`` and ``shutdown()``.

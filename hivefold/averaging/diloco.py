@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 import zlib
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import hivemind
@@ -153,7 +154,11 @@ class DiLoCo:
         if self._pending is not None:
             self._land_round(block=True)
         for attempt in range(CATCH_UP_TRIES):
-            loaded = self.averager.load_state_from_peers(timeout=timeout)
+            try:
+                loaded = self.averager.load_state_from_peers(timeout=timeout)
+            except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
+                log.info("no peer served the outer state within %ss; going on with this peer's", timeout)
+                return False
             if loaded is None:
                 return False
             metadata, tensors = loaded

@@ -8,6 +8,7 @@ links are fast.
 
 from __future__ import annotations
 
+from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 
 import hivemind
@@ -60,7 +61,10 @@ class SyncAveraging:
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """One bounded attempt (hivemind's own ``Optimizer.load_state_from_peers`` retries forever)."""
         before = self.opt.local_epoch
-        self.opt.state_averager.load_state_from_peers(timeout=timeout)
+        try:
+            self.opt.state_averager.load_state_from_peers(timeout=timeout)
+        except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
+            return False
         if self.opt.local_epoch <= before:
             return False
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)

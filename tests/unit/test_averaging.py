@@ -1,6 +1,8 @@
 """DiLoCo's pieces that need no swarm: the outer Nesterov step, the wire codecs, the spec's settings."""
 
+import concurrent.futures
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -60,3 +62,25 @@ def test_averaging_settings_are_validated_and_an_older_specs_hash_is_unchanged()
     for bad in (dict(mode="gossip"), dict(compression="int4"), dict(inner_steps=0), dict(outer_momentum=1.0)):
         with pytest.raises(ValueError):
             AveragingConfig(**bad)
+
+
+class _OutlastedAverager:
+    """hivemind's averager when the download outlasts its timeout: every member it tried was dead or frozen
+    (it gives each one the whole timeout), or this process was suspended mid-download. Its future raises."""
+
+    def load_state_from_peers(self, timeout=None):
+        raise concurrent.futures.TimeoutError()
+
+
+def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
+    """Found by benchmarks/chaos.py: a peer SIGSTOPped while DiLoCo reloaded the swarm's state died of the
+    TimeoutError on SIGCONT (the same call runs when a peer joins, and in sync mode)."""
+    from hivefold.averaging.diloco import DiLoCo
+    from hivefold.averaging.sync import SyncAveraging
+
+    diloco = DiLoCo.__new__(DiLoCo)  # only the download path: no DHT, no averager process
+    diloco._pending, diloco.averager = None, _OutlastedAverager()
+    assert diloco.load_state_from_peers(timeout=1.0, accept_equal=True) is False
+    sync = SyncAveraging.__new__(SyncAveraging)
+    sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager())
+    assert sync.load_state_from_peers(timeout=1.0) is False

@@ -137,7 +137,7 @@ function drawEvents(events, now) {
   const what = {
     run_created: "run created", peer_registered: "joined", peer_left: "left", lease_expired: "lease expired",
     lease_released: "handed a lease back", result_rejected_late: "result rejected (late)", checkpoint: "checkpoint",
-    data_pass_started: "data pass started", run_complete: "run complete",
+    data_pass_started: "data pass started", run_complete: "run complete", leases_resumed: "coordinator restarted, leases resumed",
   };
   $("events").innerHTML = events.map((e) => `<li>${e.peer ? `<b>${esc(e.peer)}</b> ` : ""}${esc(what[e.kind] || e.kind)}` +
     `${e.shard_id != null ? ` (shard ${esc(e.shard_id)})` : ""}${["checkpoint", "peer_left", "run_complete"].includes(e.kind) ? ` <span class="muted">${esc(e.detail)}</span>` : ""}` +

@@ -1,0 +1,569 @@
+"""The chaos run: a tiny swarm under random faults must still train every shard of a pass exactly once.
+
+    python benchmarks/chaos.py [--faults 100] [--seed 0] [--time-limit 1200] [--json PATH] [--keep]
+
+A coordinator (with its keeper) and ``--peers`` peers train a tiny model for one data pass with short
+leases. At random moments (a seeded RNG: the same ``--seed`` injects the same faults in the same
+order, though what they hit depends on timing) it injects faults:
+
+    peer_kill_same    SIGKILL a peer and its hivemind helpers, start it again on the same workdir
+    peer_kill_fresh   SIGKILL a peer, start a newcomer on a fresh workdir (a new identity) in its place
+    peer_stop         SIGSTOP a peer and its helpers until its leases are past their deadline, then SIGCONT
+    coordinator_kill  SIGKILL the coordinator's whole process tree (the keeper and the DHT included) and
+                      restart it on the same workdir and the same gRPC, HTTP and DHT ports
+
+When the pass is done (or at ``--time-limit``) the peers leave, the coordinator stops, and the run is
+checked against the ledger (read-only) and every peer workdir ever used:
+
+    double_credited        shards with more than one accepted result in a data pass
+    missing                shards of the pass without an accepted result (0 unless the time limit hit)
+    lost                   results a peer holds a signed receipt for, or logged as accepted, that the
+                           ledger lacks as accepted results (a receipt is the coordinator's proof)
+    global_step_monotonic  the status API's global_step, sampled every second across restarts, never fell
+    val_loss_first/last    the keeper's first and last evaluations (it must fall)
+    crashes                uncaught exceptions in any process's log (and processes that exited by themselves)
+    state_lost             the keeper could not checkpoint the swarm's newest state when the last peers left
+
+and a few figures on how the swarm coped: results rejected as late, expired leases, the longest
+stretch without a shard finishing, and how long after each coordinator restart the next result
+was accepted. Exit status 0 when every check holds and the fault target was reached (the pass
+must outlast it: ``--max-corpus-mb``). ``tests/integration/test_chaos.py`` runs the same engine
+with a handful of faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hivefold.errors import IntegrityError  # noqa: E402
+from hivefold.receipts import ReceiptBook, verify_receipt  # noqa: E402
+from tests.conftest import Processes, descendants  # noqa: E402
+
+KINDS = ("peer_kill_same", "peer_kill_fresh", "peer_stop", "coordinator_kill")
+ACCEPTED_LINE = re.compile(r"result for lease ([0-9a-f]+): (accepted[^(]*?) \(credit")
+PEER_ID_LINE = re.compile(r"peer (\w+) \((.+?)\) registering with")
+# A traceback through a main module (hivefold's entry point, the keeper's): an uncaught exception ended a process.
+ENTRY_POINT = re.compile(r'^  File "[^"]*", line \d+, in <module>$')
+# A thread of the peer's own that died (hivemind's threads die noisily when a killed peer's helpers go first).
+THREAD_CRASH = re.compile(r"^Exception in thread (heartbeat|prefetch|submit)\b", re.MULTILINE)
+
+
+def crashes(log: str) -> list[str]:
+    """The uncaught exceptions in a process's log: a traceback through a main module (hivemind's own tracebacks,
+    such as asyncio's "never retrieved" ones, are logged noise) or a peer thread that died of one."""
+    lines = log.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if ENTRY_POINT.match(line):
+            exc = next((x for x in lines[i + 1:] if x and not x[0].isspace()), "?")
+            out.append(exc[:300])
+    return out + [f"thread {m.group(1)} died" for m in THREAD_CRASH.finditer(log)]
+
+
+@dataclass
+class ChaosConfig:
+    """One chaos run. The defaults are the benchmark's (about 10-15 minutes on a loaded 2-core machine)."""
+
+    seed: int = 0  # the fault RNG: kinds, moments, victims, durations
+    peers: int = 3  # peer processes kept running (each fault replaces or resumes the one it hit)
+    faults: int = 100  # stop injecting after this many; the pass then finishes in peace
+    mean_interval: float = 3.5  # mean seconds between faults (exponentially distributed)
+    time_limit: float = 1200.0  # give up on the pass after this many seconds (the checks still run)
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "peer_kill_same": 2.0, "peer_kill_fresh": 1.0, "peer_stop": 2.0, "coordinator_kill": 1.0})
+    schedule: tuple[str, ...] = ()  # fault kinds in this order instead of drawn by weight (tests)
+    min_coordinator_uptime: float = 15.0  # seconds the coordinator serves before it may be killed again
+    min_peer_uptime: float = 2.0  # seconds a peer process lives before it may be hit
+    lease_seconds: float = 8.0
+    heartbeat_interval: float = 2.0
+    max_corpus_mb: float = 1.5  # ~690 shards of 32: the pass outlasts 100 faults
+    shard_sequences: int = 32
+    micro_batch: int = 8
+    inner_steps: int = 16  # diloco: micro-batches the swarm trains per outer round (a swarm step)
+    checkpoint_every: int = 2
+    settle_timeout: float = 180.0  # after the pass: how long the peers may take to leave
+
+    def run_flags(self) -> list[str]:
+        return ["--corpus", "stdlib", "--max-corpus-mb", str(self.max_corpus_mb), "--model", "tiny", "--seq-len", "64",
+                "--micro-batch", str(self.micro_batch), "--shard-sequences", str(self.shard_sequences),
+                "--data-passes", "1", "--averaging", "diloco", "--inner-steps", str(self.inner_steps),
+                "--outer-lr", "1.0", "--outer-momentum", "0.0", "--lr", "3e-3", "--warmup-steps", "2",
+                "--matchmaking-time", "1", "--averaging-timeout", "10"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process, its group and every descendant (hivemind's helpers run in groups of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class PeerProc:
+    slot: int
+    workdir: Path
+    name: str
+    proc: subprocess.Popen
+    started: float
+    stopped_until: float | None = None  # SIGSTOPped: when it gets SIGCONT
+    peer_id: str | None = None
+
+    def identify(self) -> str | None:
+        if self.peer_id is None:
+            m = PEER_ID_LINE.search(self.proc.log.read_text(errors="replace"))  # type: ignore[attr-defined]
+            self.peer_id = m.group(1) if m else None
+        return self.peer_id
+
+
+class Chaos:
+    """Starts the swarm, injects faults, and checks the outcome (``run()`` returns the report)."""
+
+    def __init__(self, root: Path, procs: Processes, config: ChaosConfig, say=print):
+        self.root, self.procs, self.config, self.say = root, procs, config, say
+        self.rng = random.Random(config.seed)
+        self.workdir = root / "coordinator"
+        self.grpc, self.http, self.dht = free_port(), free_port(), free_port()
+        self.address = f"127.0.0.1:{self.grpc}"
+        self.coordinator: subprocess.Popen | None = None
+        self.coordinator_started = 0.0
+        self.coordinator_serving: float | None = None  # when the current coordinator first answered
+        self.coordinator_incarnations = 0
+        self.restarts_serving: list[float] = []  # wall-clock times each restarted coordinator first answered
+        self.peers: list[PeerProc] = []
+        self.retired: list[PeerProc] = []  # killed incarnations (their workdirs and logs are checked at the end)
+        self.generation = 0
+        self.faults: dict[str, int] = {k: 0 for k in KINDS}
+        self.fault_log: list[dict] = []
+        self.steps: list[tuple[float, int]] = []  # (time, global_step) samples of the status API
+        self.last_status: dict | None = None
+        self.unexpected: list[str] = []  # processes that exited on their own before the pass was done
+        self.offline: dict[str, float] = {}  # peer name -> longest stretch a running peer was not online (s)
+        self._offline_since: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    # --- processes -------------------------------------------------------------------------------
+
+    def start_coordinator(self) -> None:
+        c = self.config
+        self.coordinator_incarnations += 1
+        self.coordinator = self.procs.start(
+            f"coordinator-{self.coordinator_incarnations}", "coordinator", "--workdir", str(self.workdir),
+            "--listen", self.address, "--http", f"127.0.0.1:{self.http}", "--dht-listen",
+            f"/ip4/127.0.0.1/tcp/{self.dht}", "--lease-seconds", str(c.lease_seconds), "--heartbeat-interval",
+            str(c.heartbeat_interval), "--checkpoint-every", str(c.checkpoint_every), "--keeper-poll", "1",
+            *c.run_flags())
+        self.coordinator_started = time.monotonic()
+        self.coordinator_serving = None
+
+    def start_peer(self, slot: int, workdir: Path | None = None, name: str | None = None) -> PeerProc:
+        self.generation += 1
+        if workdir is None:
+            name = f"p{slot}-g{self.generation}"
+            workdir = self.root / "peers" / name
+        proc = self.procs.start(f"peer-{name}-{self.generation}", "peer", "--coordinator", self.address,
+                                "--workdir", str(workdir), "--name", name, "--dht-listen", "/ip4/127.0.0.1/tcp/0",
+                                "--threads", "1", "--no-progress", "--retry-cap", "2")
+        return PeerProc(slot, workdir, name, proc, time.monotonic())
+
+    def kill_peer(self, peer: PeerProc) -> None:
+        if peer.proc.poll() not in (None, 0):  # it died by itself before the fault reached it
+            self.unexpected.append(f"{peer.proc.log.name} exited with {peer.proc.returncode}")  # type: ignore
+        Processes.kill_group(peer.proc)
+        peer.proc.wait()
+        self.retired.append(peer)
+
+    # --- faults ----------------------------------------------------------------------------------
+
+    def _eligible(self, kind: str, now: float) -> list:
+        c = self.config
+        if kind == "coordinator_kill":
+            ok = (self.coordinator_serving is not None and now - self.coordinator_serving >= c.min_coordinator_uptime)
+            return [self.coordinator] if ok else []
+        running = [p for p in self.peers if p.stopped_until is None and p.proc.poll() is None
+                   and now - p.started >= c.min_peer_uptime]
+        if kind == "peer_stop":  # keep at least one peer training
+            awake = sum(p.stopped_until is None for p in self.peers)
+            return running if awake >= 2 else []
+        return running
+
+    def _pick_kind(self) -> str:
+        c = self.config
+        if c.schedule:
+            return c.schedule[sum(self.faults.values()) % len(c.schedule)]
+        kinds = [k for k in KINDS if c.weights.get(k, 0) > 0]
+        return self.rng.choices(kinds, weights=[c.weights[k] for k in kinds])[0]
+
+    def inject(self, kind: str, now: float) -> bool:
+        """Inject one fault of ``kind``; False when nothing is eligible right now (try again soon)."""
+        c = self.config
+        targets = self._eligible(kind, now)
+        if not targets:
+            return False
+        at = round(now - self.t0, 1)
+        if kind == "coordinator_kill":
+            Processes.kill_group(self.coordinator)
+            self.coordinator.wait()
+            delay = self.rng.uniform(0.0, 3.0)
+            detail = f"restart after {delay:.1f}s"
+            time.sleep(delay)
+            self.start_coordinator()
+        else:
+            peer = self.rng.choice(targets)
+            if kind == "peer_stop":
+                # Past the deadline: heartbeats extend a lease to lease_seconds after the last one.
+                seconds = c.lease_seconds + c.heartbeat_interval + self.rng.uniform(1.0, 5.0)
+                signal_tree(peer.proc, signal.SIGSTOP)
+                peer.stopped_until = now + seconds
+                detail = f"{peer.name} for {seconds:.1f}s"
+            else:
+                self.kill_peer(peer)
+                self.peers.remove(peer)
+                if kind == "peer_kill_same":
+                    new = self.start_peer(peer.slot, peer.workdir, peer.name)
+                else:
+                    new = self.start_peer(peer.slot)
+                self.peers.append(new)
+                detail = f"{peer.name} -> {new.name}"
+        self.faults[kind] += 1
+        self.fault_log.append({"at": at, "kind": kind, "detail": detail})
+        self.say(f"[{at:7.1f}s] fault {sum(self.faults.values()):3d}: {kind} ({detail})")
+        return True
+
+    def resume_due(self, now: float, *, all_of_them: bool = False) -> None:
+        for p in self.peers:
+            if p.stopped_until is not None and (all_of_them or now >= p.stopped_until):
+                signal_tree(p.proc, signal.SIGCONT)
+                p.stopped_until = None
+                p.started = min(p.started, now)
+
+    # --- watching ---------------------------------------------------------------------------------
+
+    def status(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/api/status", timeout=3) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def sample(self, now: float) -> None:
+        doc = self.status()
+        if doc is None:
+            return
+        if self.coordinator_serving is None:
+            self.coordinator_serving = now
+            if self.coordinator_incarnations > 1:
+                self.restarts_serving.append(time.time())
+        self.last_status = doc
+        self.steps.append((round(now - self.t0, 1), int(doc["global_step"])))
+        # A running (not stopped) peer that registered should be online while the coordinator has been up a while.
+        online = {p["peer_id"]: p["online"] for p in doc["peers"]}
+        settled = now - self.coordinator_serving > 4 * self.config.heartbeat_interval
+        for p in self.peers:
+            pid = p.identify()
+            if pid is None or pid not in online:
+                continue
+            key = p.proc.log.name  # type: ignore[attr-defined]
+            if online[pid] or p.stopped_until is not None or not settled or now - p.started < 60:
+                self._offline_since.pop(key, None)
+                continue
+            since = self._offline_since.setdefault(key, now)
+            self.offline[key] = max(self.offline.get(key, 0.0), now - since)
+
+    def check_exits(self, now: float) -> None:
+        if self.coordinator.poll() is not None:
+            self.unexpected.append(f"coordinator-{self.coordinator_incarnations} exited with "
+                                   f"{self.coordinator.returncode} at {now - self.t0:.0f}s")
+            self.say(f"[{now - self.t0:7.1f}s] {self.unexpected[-1]}; restarting it")
+            self.start_coordinator()
+        for p in list(self.peers):
+            if p.proc.poll() is not None and not self.pass_done():
+                self.unexpected.append(f"{p.proc.log.name} exited with {p.proc.returncode} at "  # type: ignore
+                                       f"{now - self.t0:.0f}s")
+                self.say(f"[{now - self.t0:7.1f}s] {self.unexpected[-1]}; starting it again")
+                self.peers.remove(p)
+                self.retired.append(p)
+                self.peers.append(self.start_peer(p.slot, p.workdir, p.name))
+
+    def pass_done(self) -> bool:
+        s = self.last_status
+        return bool(s) and s["shards"]["done"] == s["shards"]["total"] > 0
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.config
+        self.say(f"chaos: seed {c.seed}, {c.peers} peers, {c.faults} faults every ~{c.mean_interval}s; "
+                 f"coordinator at {self.address}, http {self.http}, dht {self.dht}; logs in {self.root}")
+        self.start_coordinator()
+        while self.status() is None:
+            if self.coordinator.poll() is not None:
+                raise RuntimeError("the coordinator did not start:\n" + self.procs.tail())
+            if time.monotonic() - self.t0 > 300:
+                raise RuntimeError("the coordinator did not serve within 300 s:\n" + self.procs.tail())
+            time.sleep(0.5)
+        self.sample(time.monotonic())
+        self.peers = [self.start_peer(i) for i in range(c.peers)]
+        # The first fault waits until the swarm trains (a shard done), so every kind hits a working swarm.
+        next_fault = None
+        next_sample = 0.0
+        completed = False
+        while True:
+            now = time.monotonic()
+            if now - self.t0 > c.time_limit:
+                self.say(f"time limit of {c.time_limit:.0f}s reached")
+                break
+            self.resume_due(now)
+            if now >= next_sample:
+                next_sample = now + 1.0
+                self.sample(now)
+            if self.pass_done():
+                completed = True
+                self.say(f"[{now - self.t0:7.1f}s] every shard of the pass is done")
+                break
+            self.check_exits(now)
+            if next_fault is None and self.last_status and self.last_status["shards"]["done"] > 0:
+                next_fault = now + self.rng.expovariate(1.0 / c.mean_interval)
+            if next_fault is not None and now >= next_fault and sum(self.faults.values()) < c.faults:
+                if self.inject(self._pick_kind(), now):
+                    next_fault = time.monotonic() + self.rng.expovariate(1.0 / c.mean_interval)
+            time.sleep(0.2)
+        wall = time.monotonic() - self.t0
+        self.settle(completed)
+        report = self.check(completed, wall)
+        return report
+
+    def settle(self, completed: bool) -> None:
+        """Resume stopped peers; let them leave (the run is complete) or stop them; then stop the coordinator."""
+        self.resume_due(time.monotonic(), all_of_them=True)
+        deadline = time.monotonic() + (self.config.settle_timeout if completed else 5.0)
+        while any(p.proc.poll() is None for p in self.peers) and time.monotonic() < deadline:
+            if self.coordinator.poll() is not None:  # died meanwhile: the peers need it to leave
+                self.start_coordinator()
+            self.sample(time.monotonic())
+            time.sleep(1.0)
+        lingering = [p.name for p in self.peers if p.proc.poll() is None]
+        if lingering and completed:
+            self.unexpected.append(f"peers still running {self.config.settle_timeout:.0f}s after the pass: "
+                                   f"{lingering}")
+        for p in self.peers:
+            self.procs.stop(p.proc, timeout=60)
+        self.sample(time.monotonic())
+        self.procs.stop(self.coordinator, timeout=150)  # SIGTERM: the keeper's final checkpoint
+
+    # --- the checks -------------------------------------------------------------------------------
+
+    def check(self, completed: bool, wall: float) -> dict:
+        db = sqlite3.connect(f"file:{self.workdir / 'ledger.sqlite'}?mode=ro", uri=True)
+        try:
+            return self._check(db, completed, wall)
+        finally:
+            db.close()
+
+    def _check(self, db: sqlite3.Connection, completed: bool, wall: float) -> dict:
+        q = lambda sql, *args: db.execute(sql, args).fetchall()  # noqa: E731
+        total = q("SELECT COUNT(*) FROM shards")[0][0]
+        done = q("SELECT COUNT(*) FROM shards WHERE state = 'done'")[0][0]
+        accepted = dict(((r[0], r[1]), r[2]) for r in q(
+            "SELECT shard_id, data_pass, COUNT(*) FROM results WHERE verdict = 'accepted' "
+            "GROUP BY shard_id, data_pass"))
+        double = sorted(k for k, n in accepted.items() if n > 1)
+        passes = int(q("SELECT value FROM meta WHERE key = 'data_pass'")[0][0]) + 1
+        shard_ids = [r[0] for r in q("SELECT shard_id FROM shards")]
+        missing = [(s, dp) for dp in range(passes) for s in shard_ids if (s, dp) not in accepted]
+        ledger_accepted = {r[0]: r[1] for r in q("SELECT lease_id, peer_id FROM results WHERE verdict = 'accepted'")}
+
+        # Every acknowledgement a peer holds (a signed receipt, or an "accepted" log line) is in the ledger.
+        acked: dict[str, str] = {}  # lease id -> where the peer's claim comes from
+        receipts = bad_receipts = 0
+        key = bytes.fromhex(self.last_status["receipt_public_key"]) if self.last_status else None
+        workdirs = sorted({p.workdir for p in [*self.retired, *self.peers]})
+        for wd in workdirs:
+            path = wd / ReceiptBook.FILENAME
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    fields = verify_receipt(line, key)
+                except IntegrityError:
+                    bad_receipts += 1
+                    continue
+                receipts += 1
+                acked.setdefault(fields["lease_id"], f"receipt in {wd.name}")
+        for log in sorted(self.root.glob("peer-*.log")):
+            for m in ACCEPTED_LINE.finditer(log.read_text(errors="replace")):
+                acked.setdefault(m.group(1), f"log {log.name}")
+        lost = sorted(f"{lease} ({where})" for lease, where in acked.items() if lease not in ledger_accepted)
+        stranded = sum(len(list((wd / "outbox").glob("*.pb"))) for wd in workdirs)
+
+        steps = [s for _, s in self.steps]
+        monotonic = all(b >= a for a, b in zip(steps, steps[1:], strict=False))
+        evals = q("SELECT step, val_loss FROM evaluations ORDER BY step")
+        verdicts = dict(q("SELECT CASE verdict WHEN 'accepted' THEN detail ELSE verdict END AS kind, COUNT(*) "
+                          "FROM results GROUP BY kind"))
+        lease_states = dict(q("SELECT state, COUNT(*) FROM leases GROUP BY state"))
+        # How the swarm coped: the longest stretch without an accepted result, and for every coordinator
+        # restart, how long from serving again to the next accepted result.
+        times = [r[0] for r in q("SELECT submitted_at FROM results WHERE verdict = 'accepted' ORDER BY submitted_at")]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        recovery = []
+        for t in self.restarts_serving:
+            later = [x for x in times if x >= t]
+            if later:
+                recovery.append(round(later[0] - t, 1))
+        crashed = {log.name: found for log in sorted(self.root.glob("*.log"))
+                   if (found := crashes(log.read_text(errors="replace")))}
+        # The swarm's newest state must reach a checkpoint when the pass is over: the last peers to leave wait
+        # for the keeper to download it. Either side saying it did not happen means that training was lost.
+        state_lost = [f"{log.name}: {line.strip()[:200]}" for log in sorted(self.root.glob("*.log"))
+                      for line in log.read_text(errors="replace").splitlines()
+                      if "final checkpoint NOT written" in line or "the keeper did not take this peer's state" in line]
+        ckpt = q("SELECT step FROM checkpoints ORDER BY step DESC LIMIT 1")
+        report = {
+            "seed": self.config.seed,
+            "config": asdict(self.config),
+            "completed": completed,
+            "wall_s": round(wall, 1),
+            "faults": dict(self.faults),
+            "faults_total": sum(self.faults.values()),
+            "faults_target_reached": sum(self.faults.values()) >= self.config.faults,
+            "shards_total": total,
+            "shards_done": done,
+            "missing": len(missing),
+            "double_credited": len(double),
+            "double_credited_shards": [list(k) for k in double],
+            "lost": len(lost),
+            "lost_leases": lost,
+            "acknowledged": len(acked),
+            "receipts": receipts,
+            "receipts_invalid": bad_receipts,
+            "stranded_in_outboxes": stranded,
+            "results": verdicts,
+            "leases": lease_states,
+            "global_step_monotonic": monotonic,
+            "global_step_samples": len(steps),
+            "global_step_last": steps[-1] if steps else None,
+            "val_loss_first": evals[0][1] if evals else None,
+            "val_loss_last": evals[-1][1] if evals else None,
+            "evaluations": len(evals),
+            "checkpoint_last": ckpt[0][0] if ckpt else None,
+            "state_lost": state_lost,
+            "coordinator_restarts": len(self.restarts_serving),
+            "recovery_after_restart_s": {"median": statistics.median(recovery) if recovery else None,
+                                         "max": max(recovery) if recovery else None,
+                                         "never": len(self.restarts_serving) - len(recovery)},
+            "longest_gap_between_results_s": round(max(gaps), 1) if gaps else None,
+            "longest_offline_running_peer_s": round(max(self.offline.values()), 1) if self.offline else 0.0,
+            "unexpected_exits": self.unexpected,
+            "crashes": crashed,
+            "fault_log": self.fault_log,
+        }
+        report["ok"] = bool(completed and not missing and not double and not lost and monotonic and not bad_receipts
+                            and evals and evals[-1][1] < evals[0][1] and not self.unexpected and not crashed
+                            and not state_lost)
+        return report
+
+
+def print_report(r: dict) -> None:
+    rows = [
+        ("faults injected", f"{r['faults_total']} " + ", ".join(f"{k} {v}" for k, v in r["faults"].items())),
+        ("pass completed", f"{r['completed']} ({r['shards_done']}/{r['shards_total']} shards) in {r['wall_s']}s"),
+        ("lost", r["lost"]), ("double credited", r["double_credited"]), ("missing", r["missing"]),
+        ("acknowledged results (receipts)", f"{r['acknowledged']} ({r['receipts']}, {r['receipts_invalid']} invalid)"),
+        ("results by verdict", ", ".join(f"{k}: {v}" for k, v in r["results"].items())),
+        ("leases by state", ", ".join(f"{k}: {v}" for k, v in r["leases"].items())),
+        ("left unsent in abandoned outboxes", r["stranded_in_outboxes"]),
+        ("global step monotonic", f"{r['global_step_monotonic']} ({r['global_step_samples']} samples, "
+                                  f"last {r['global_step_last']})"),
+        ("val loss first -> last", f"{r['val_loss_first']} -> {r['val_loss_last']} ({r['evaluations']} evaluations)"),
+        ("latest checkpoint", f"step {r['checkpoint_last']}; newest state lost at the end: "
+                              f"{r['state_lost'] or 'no'}"),
+        ("coordinator restarts", r["coordinator_restarts"]),
+        ("next accepted result after a restart", r["recovery_after_restart_s"]),
+        ("longest gap between accepted results", f"{r['longest_gap_between_results_s']}s"),
+        ("longest a running peer was offline", f"{r['longest_offline_running_peer_s']}s"),
+        ("unexpected exits", r["unexpected_exits"] or "none"),
+        ("crashes (uncaught exceptions)", r["crashes"] or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if not r["faults_target_reached"]:
+        print(f"the pass ended after {r['faults_total']} of {r['config']['faults']} faults: raise --max-corpus-mb")
+    print("OK" if r["ok"] else "FAILED")
+
+
+def main() -> None:
+    d = ChaosConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--peers", type=int, default=d.peers)
+    parser.add_argument("--faults", type=int, default=d.faults, help="faults to inject (default %(default)s)")
+    parser.add_argument("--mean-interval", type=float, default=d.mean_interval,
+                        help="mean seconds between faults (default %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=d.time_limit,
+                        help="seconds before the pass is given up on (default %(default)s)")
+    parser.add_argument("--max-corpus-mb", type=float, default=d.max_corpus_mb,
+                        help="corpus size, i.e. the pass's length (default %(default)s)")
+    parser.add_argument("--shard-sequences", type=int, default=d.shard_sequences)
+    parser.add_argument("--lease-seconds", type=float, default=d.lease_seconds)
+    parser.add_argument("--heartbeat-interval", type=float, default=d.heartbeat_interval)
+    parser.add_argument("--weights", default=",".join(f"{k}={v:g}" for k, v in d.weights.items()),
+                        help="fault kinds' relative weights, KIND=W,... (default %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--keep", action="store_true", help="keep the workdirs and logs (always kept on failure)")
+    args = parser.parse_args()
+    weights = {k: float(v) for k, _, v in (w.partition("=") for w in args.weights.split(",") if w)}
+    if not set(weights) <= set(KINDS):
+        parser.error(f"--weights: kinds are {', '.join(KINDS)}")
+    config = ChaosConfig(seed=args.seed, peers=args.peers, faults=args.faults, mean_interval=args.mean_interval,
+                         time_limit=args.time_limit, max_corpus_mb=args.max_corpus_mb,
+                         shard_sequences=args.shard_sequences, lease_seconds=args.lease_seconds,
+                         heartbeat_interval=args.heartbeat_interval, weights=weights)
+    root = Path(tempfile.mkdtemp(prefix="hivefold-chaos-"))
+    procs = Processes(root)
+    try:
+        report = Chaos(root, procs, config).run()
+    finally:
+        procs.close()
+    report["logs"] = str(root)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if report["ok"] and not args.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    sys.exit(0 if report["ok"] and report["faults_target_reached"] else 1)
+
+
+if __name__ == "__main__":
+    main()
