@@ -168,7 +168,7 @@ class Chaos:
         self.steps: list[tuple[float, int]] = []  # (time, global_step) samples of the status API
         self.last_status: dict | None = None
         self.unexpected: list[str] = []  # processes that exited on their own before the pass was done
-        self.offline: dict[str, float] = {}  # peer name -> longest stretch a running peer was not online (s)
+        self.offline: dict[str, float] = {}  # peer log -> longest stretch a running peer was not online (s)
         self._offline_since: dict[str, float] = {}
         self.t0 = time.monotonic()
 
@@ -307,13 +307,16 @@ class Chaos:
             self.say(f"[{now - self.t0:7.1f}s] {self.unexpected[-1]}; restarting it")
             self.start_coordinator()
         for p in list(self.peers):
-            if p.proc.poll() is not None and not self.pass_done():
-                self.unexpected.append(f"{p.proc.log.name} exited with {p.proc.returncode} at "  # type: ignore
-                                       f"{now - self.t0:.0f}s")
-                self.say(f"[{now - self.t0:7.1f}s] {self.unexpected[-1]}; starting it again")
-                self.peers.remove(p)
-                self.retired.append(p)
-                self.peers.append(self.start_peer(p.slot, p.workdir, p.name))
+            if p.proc.poll() is None or self.pass_done():
+                continue
+            if p.proc.returncode == 0 and "the run is complete" in p.proc.log.read_text():  # type: ignore
+                continue  # the pass ended since the last sample; the loop notices at its next one
+            self.unexpected.append(f"{p.proc.log.name} exited with {p.proc.returncode} at "  # type: ignore
+                                   f"{now - self.t0:.0f}s")
+            self.say(f"[{now - self.t0:7.1f}s] {self.unexpected[-1]}; starting it again")
+            self.peers.remove(p)
+            self.retired.append(p)
+            self.peers.append(self.start_peer(p.slot, p.workdir, p.name))
 
     def pass_done(self) -> bool:
         s = self.last_status
