@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script: the repo's tests/ helpers
+from tests.conftest import descendants  # noqa: E402 - after the path is set
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -34,21 +36,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _tree_cpu(root: int) -> float:
-    total, todo = 0.0, [root]
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    while todo:
-        pid = todo.pop()
+    """CPU seconds of ``root`` and every living descendant (the coordinator's DHT process and p2pd)."""
+    total = 0.0
+    for pid in (root, *descendants(root)):
         try:
             total += _cpu_seconds(pid)
-        except OSError:
+        except OSError:  # exited meanwhile
             pass
-        todo += children.get(pid, [])
     return total
 
 
