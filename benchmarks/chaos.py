@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import signal
@@ -56,7 +55,7 @@ if str(REPO) not in sys.path:
 
 from hivefold.errors import IntegrityError  # noqa: E402
 from hivefold.receipts import ReceiptBook, verify_receipt  # noqa: E402
-from tests.conftest import Processes, descendants  # noqa: E402
+from tests.conftest import Processes  # noqa: E402
 
 KINDS = ("peer_kill_same", "peer_kill_fresh", "peer_stop", "coordinator_kill")
 ACCEPTED_LINE = re.compile(r"result for lease ([0-9a-f]+): (accepted[^(]*?) \(credit")
@@ -114,19 +113,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def signal_tree(proc: subprocess.Popen, sig: int) -> None:
-    """``sig`` to the process, its group and every descendant (hivemind's helpers run in groups of their own)."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass
@@ -243,7 +229,7 @@ class Chaos:
             if kind == "peer_stop":
                 # Past the deadline: heartbeats extend a lease to lease_seconds after the last one.
                 seconds = c.lease_seconds + c.heartbeat_interval + self.rng.uniform(1.0, 5.0)
-                signal_tree(peer.proc, signal.SIGSTOP)
+                Processes.kill_group(peer.proc, signal.SIGSTOP)
                 peer.stopped_until = now + seconds
                 detail = f"{peer.name} for {seconds:.1f}s"
             else:
@@ -263,7 +249,7 @@ class Chaos:
     def resume_due(self, now: float, *, all_of_them: bool = False) -> None:
         for p in self.peers:
             if p.stopped_until is not None and (all_of_them or now >= p.stopped_until):
-                signal_tree(p.proc, signal.SIGCONT)
+                Processes.kill_group(p.proc, signal.SIGCONT)
                 p.stopped_until = None
                 p.started = min(p.started, now)
 
