@@ -152,9 +152,11 @@ def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.L
     held = list(request.held_lease_ids)
     if len(held) > HELD_MAX or any(len(h) > 64 for h in held):
         raise InvalidArgument(f"held_lease_ids: at most {HELD_MAX} lease ids")
-    queued = ctx.ledger.active_lease_count(peer_id)  # leases this one waits behind on the peer
-    seconds = lease_seconds(ctx, ctx.shard_sequences * (queued + 1), ctx.ledger.peer_rate(peer_id))
-    outcome = ctx.ledger.lease_shard(peer_id, lease_seconds=seconds, now=now, held=held)
+    rate = ctx.ledger.peer_rate(peer_id)
+    # sized in the ledger's transaction, by how many leases this one waits behind on the peer
+    outcome = ctx.ledger.lease_shard(
+        peer_id, lease_seconds=lambda queued: lease_seconds(ctx, ctx.shard_sequences * (queued + 1), rate),
+        now=now, held=held)
     if outcome.run_complete:
         return pb.LeaseShardResponse(run_complete=True)
     if outcome.lease is None:

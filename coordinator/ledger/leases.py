@@ -46,7 +46,8 @@ class ShardLeases(LedgerStore):
             )
             _event(c, now, "run_created", detail=f"{len(shards)} shards")
 
-    def lease_shard(self, peer_id: str, *, lease_seconds: float, now: float, held: list[str] = ()) -> LeaseOutcome:
+    def lease_shard(self, peer_id: str, *, lease_seconds: float | Callable[[int], float], now: float,
+                    held: list[str] = ()) -> LeaseOutcome:
         """Lease the next pending shard to ``peer_id``.
 
         ``held``: the leases the peer knows it holds. An active lease of the peer not among them is from an
@@ -58,8 +59,10 @@ class ShardLeases(LedgerStore):
             active = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ? "
                                               "ORDER BY issued_at", (peer_id, LeaseState.ACTIVE.value))]
             orphans = [lease_id for lease_id in active if lease_id not in set(held)]
+            # a callable sizes the lease by how many of the peer's leases it waits behind
+            seconds = lease_seconds(len(active)) if callable(lease_seconds) else lease_seconds
             if orphans:
-                c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + lease_seconds, orphans[0]))
+                c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + seconds, orphans[0]))
                 return LeaseOutcome(_get_lease(c, orphans[0]))
             if len(active) >= MAX_ACTIVE_LEASES:
                 return LeaseOutcome(None)
@@ -94,8 +97,7 @@ class ShardLeases(LedgerStore):
             c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.LEASED.value, row[0]))
             c.execute("INSERT INTO leases (lease_id, shard_id, peer_id, data_pass, state, issued_at, deadline, "
                       "allotted_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + lease_seconds,
-                       lease_seconds))
+                      (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + seconds, seconds))
             _event(c, now, "lease_issued", peer_id=peer_id, shard_id=row[0], detail=lease_id)
             return LeaseOutcome(_get_lease(c, lease_id))
 
@@ -132,10 +134,6 @@ class ShardLeases(LedgerStore):
             c.execute("UPDATE leases SET deadline = ?, progress = ?, extensions = extensions + 1 WHERE lease_id = ?",
                       (deadline, max(progress, samples_done), lease_id))
             return True, deadline, f"extended by {deadline - lease.deadline:.0f}s"
-
-    def active_lease_count(self, peer_id: str) -> int:
-        return self._read("SELECT COUNT(*) FROM leases WHERE peer_id = ? AND state = ?",
-                          (peer_id, LeaseState.ACTIVE.value))[0][0]
 
     def get_lease(self, lease_id: str) -> Lease:
         with self._lock:
