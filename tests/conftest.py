@@ -108,6 +108,26 @@ def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n" + (procs.tail() if procs else ""))
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (skips, saying why, where none can be started)."""
+    from tests import pgserver
+
+    why = pgserver.unavailable()
+    if why:
+        pytest.skip(f"PostgreSQL tests skipped: {why}")
+    server = pgserver.PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres, request) -> str:
+    """A fresh schema of its own on the session's server, as a ``postgresql://`` URL."""
+    postgres_url.count = getattr(postgres_url, "count", 0) + 1
+    return postgres.create_schema(f"t{postgres_url.count}_{os.getpid()}")
+
+
 @pytest.fixture
 def processes(tmp_path: Path):
     procs = Processes(tmp_path)

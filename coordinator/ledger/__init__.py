@@ -1,7 +1,10 @@
-"""The ledger: the run's durable state in one SQLite file (peers, shards, leases, results, checkpoints).
+"""The ledger: the run's durable state (peers, shards, leases, results, checkpoints) in one SQLite file,
+the embedded default, or in a PostgreSQL database that several coordinators share (``backend.py``).
 
-Every state change of a shard or lease happens in one ``BEGIN IMMEDIATE`` transaction, so two
-peers racing for the last shard, or a submission racing its lease's expiry, can never both win.
+Every state change of a shard or lease happens in one write transaction, and write transactions run
+one at a time for the whole run (SQLite's ``BEGIN IMMEDIATE``; on PostgreSQL a transaction-scoped
+advisory lock), so two peers racing for the last shard, a submission racing its lease's expiry, or
+two coordinators serving one run can never both win.
 Time comes from an injected clock (``now`` arguments) so expiry is testable without sleeping.
 The keeper process writes to the same file (checkpoints, evaluations, the swarm's step, how its
 downloads of the swarm's state fare); WAL mode lets the dashboard and status readers run beside
@@ -29,7 +32,8 @@ A lease's deadline is sized at issue to the shard's work at the peer's reported 
 
 One module per concept, composed into ``Ledger`` below:
     schema.py    pragmas, migrations, the state enums and the value types the ledger returns
-    store.py     the connection, its lock, transactions, migrating, the meta and events tables
+    backend.py   SQLite or PostgreSQL: the connection, the transaction shapes, the schema's types
+    store.py     the connection's lock, transactions, migrating, the meta and events tables
     peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
     leases.py    the run's shards, leasing them, results
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
@@ -37,13 +41,13 @@ One module per concept, composed into ``Ledger`` below:
     history.py   the swarm over time (charts), recent events, totals (metrics)
 """
 
+from coordinator.ledger.backend import SqliteBackend, is_postgres, redact
 from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
 from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
 from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
 from coordinator.ledger.progress import KeeperProgress
 from coordinator.ledger.schema import (
     MIGRATIONS,
-    PRAGMAS,
     Lease,
     LeaseOutcome,
     LeaseState,
@@ -53,9 +57,11 @@ from coordinator.ledger.schema import (
 )
 from coordinator.ledger.status import StatusReport
 
+PRAGMAS = SqliteBackend.PRAGMAS
+
 __all__ = [
     "MAX_ACTIVE_LEASES", "MIGRATIONS", "NOTABLE_EVENTS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease", "LeaseOutcome",
-    "LeaseState", "Ledger", "ShardState", "SubmitOutcome", "Verdict",
+    "LeaseState", "Ledger", "ShardState", "SubmitOutcome", "Verdict", "is_postgres", "redact",
 ]
 
 

@@ -29,7 +29,10 @@ class SwarmHistory(LedgerStore):
             samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results "
                                 "WHERE verdict = 'accepted'").fetchone()[0]
             step = c.execute("SELECT value FROM meta WHERE key = 'global_step'").fetchone()
-            c.execute("INSERT OR REPLACE INTO swarm_history VALUES (?, ?, ?, ?, ?, ?)",
+            c.execute("INSERT INTO swarm_history VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (at) DO UPDATE SET "
+                      "peers_online = excluded.peers_online, samples_per_second = excluded.samples_per_second, "
+                      "utilization = excluded.utilization, samples_trained = excluded.samples_trained, "
+                      "global_step = excluded.global_step",
                       (now, count, rate, busy / rate if rate > 0 and busy is not None else None, int(samples),
                        int(step[0]) if step else 0))
 
@@ -40,20 +43,15 @@ class SwarmHistory(LedgerStore):
         ``train_loss``: ``[tokens, mean loss of the results up to there]``; ``val_loss``:
         ``[tokens accepted when the keeper took the state, loss, step]``.
         """
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN")  # one snapshot for all three
-            try:
-                swarm = _thin([[r[0], r[1], r[2], r[3], r[4] * seq_len] for r in c.execute(
-                    "SELECT at, peers_online, samples_per_second, utilization, samples_trained FROM swarm_history "
-                    "ORDER BY at")], max_points)
-                results = c.execute(
-                    "SELECT r.submitted_at, SUM(r.samples) OVER (ORDER BY r.submitted_at, r.lease_id), "
-                    "(SELECT AVG(loss) FROM losses l WHERE l.lease_id = r.lease_id) "
-                    "FROM results r WHERE r.verdict = 'accepted' ORDER BY r.submitted_at, r.lease_id").fetchall()
-                evals = c.execute("SELECT step, val_loss, created_at FROM evaluations ORDER BY created_at").fetchall()
-            finally:
-                c.execute("COMMIT")
+        with self._snapshot() as c:  # one snapshot for all three
+            swarm = _thin([[r[0], r[1], r[2], r[3], r[4] * seq_len] for r in c.execute(
+                "SELECT at, peers_online, samples_per_second, utilization, samples_trained FROM swarm_history "
+                "ORDER BY at")], max_points)
+            results = c.execute(
+                "SELECT r.submitted_at, SUM(r.samples) OVER (ORDER BY r.submitted_at, r.lease_id), "
+                "(SELECT AVG(loss) FROM losses l WHERE l.lease_id = r.lease_id) "
+                "FROM results r WHERE r.verdict = 'accepted' ORDER BY r.submitted_at, r.lease_id").fetchall()
+            evals = c.execute("SELECT step, val_loss, created_at FROM evaluations ORDER BY created_at").fetchall()
         train = _bucket_means([(cum * seq_len, loss) for _, cum, loss in results if loss is not None], max_points)
         val, i, tokens = [], 0, 0
         for step, loss, at in evals:  # tokens accepted by each evaluation's time: one merge over both lists
@@ -75,9 +73,9 @@ class SwarmHistory(LedgerStore):
 
     def counters(self) -> dict:
         """Totals since the run began, for Prometheus counters: leases by final state, results by verdict."""
-        with self._lock:
-            leases = dict(self._conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
-            verdicts = dict(self._conn.execute("SELECT verdict, COUNT(*) FROM results GROUP BY verdict").fetchall())
+        with self._snapshot() as c:
+            leases = dict(c.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+            verdicts = dict(c.execute("SELECT verdict, COUNT(*) FROM results GROUP BY verdict").fetchall())
         return {"leases": leases, "results": verdicts}
 
 

@@ -8,13 +8,13 @@ pool; a result is accepted once per shard and data pass, idempotently by lease i
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Callable
 
 import numpy as np
 
 from coordinator.credit import quick_return_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from coordinator.ledger.backend import Connection
 from coordinator.ledger.progress import _raise_global_step
 from coordinator.ledger.schema import Lease, LeaseOutcome, LeaseState, ShardState, SubmitOutcome, Verdict
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
@@ -136,8 +136,8 @@ class ShardLeases(LedgerStore):
             return True, deadline, f"extended by {deadline - lease.deadline:.0f}s"
 
     def get_lease(self, lease_id: str) -> Lease:
-        with self._lock:
-            return _get_lease(self._conn, lease_id)
+        with self._snapshot() as c:
+            return _get_lease(c, lease_id)
 
     def active_lease_for(self, peer_id: str, lease_id: str, *, now: float) -> Lease:
         """The lease, if it is active and held by ``peer_id``; raises otherwise (for FetchShard)."""
@@ -165,8 +165,12 @@ class ShardLeases(LedgerStore):
         """
         with self._tx() as c:
             # a full lease again: the time it was given at issue (sized to its work and peer), at least lease_seconds
-            n = c.execute("UPDATE leases SET deadline = MAX(deadline, ? + MAX(allotted_s, ?)) WHERE state = ?",
-                          (now, lease_seconds, LeaseState.ACTIVE.value)).rowcount
+            active = c.execute("SELECT lease_id, deadline, allotted_s FROM leases WHERE state = ?",
+                               (LeaseState.ACTIVE.value,)).fetchall()
+            c.executemany("UPDATE leases SET deadline = ? WHERE lease_id = ?",
+                          [(max(deadline, now + max(allotted, lease_seconds)), lease_id)
+                           for lease_id, deadline, allotted in active])
+            n = len(active)
             if n:
                 _event(c, now, "leases_resumed", detail=f"{n} active leases: {lease_seconds:.0f}s from the restart")
             return n
@@ -258,7 +262,7 @@ def _pass_order(n: int, seed: int, data_pass: int) -> np.ndarray:
     return order
 
 
-def _start_next_pass(c: sqlite3.Connection, data_pass: int, now: float) -> int:
+def _start_next_pass(c: Connection, data_pass: int, now: float) -> int:
     seed = int(_meta(c, "seed"))
     ids = [r[0] for r in c.execute("SELECT shard_id FROM shards ORDER BY shard_id")]
     order = _pass_order(len(ids), seed, data_pass)
@@ -269,7 +273,7 @@ def _start_next_pass(c: sqlite3.Connection, data_pass: int, now: float) -> int:
     return data_pass
 
 
-def _get_lease(c: sqlite3.Connection, lease_id: str) -> Lease:
+def _get_lease(c: Connection, lease_id: str) -> Lease:
     row = c.execute("SELECT l.*, s.sha256, s.byte_size, s.num_sequences FROM leases l "
                     "JOIN shards s USING (shard_id) WHERE lease_id = ?", (lease_id,)).fetchone()
     if row is None:
@@ -278,7 +282,7 @@ def _get_lease(c: sqlite3.Connection, lease_id: str) -> Lease:
                  row["deadline"], row["sha256"], row["byte_size"], row["num_sequences"])
 
 
-def _owned_lease(c: sqlite3.Connection, peer_id: str, lease_id: str, now: float) -> Lease:
+def _owned_lease(c: Connection, peer_id: str, lease_id: str, now: float) -> Lease:
     """Expire overdue leases, then return ``lease_id`` if ``peer_id`` holds it (in any state)."""
     _expire(c, now)
     lease = _get_lease(c, lease_id)
@@ -287,7 +291,7 @@ def _owned_lease(c: sqlite3.Connection, peer_id: str, lease_id: str, now: float)
     return lease
 
 
-def _close_lease(c: sqlite3.Connection, lease: Lease, state: LeaseState, reason: str, now: float) -> None:
+def _close_lease(c: Connection, lease: Lease, state: LeaseState, reason: str, now: float) -> None:
     c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = ? WHERE lease_id = ?",
               (state.value, now, reason, lease.lease_id))
     c.execute("UPDATE shards SET state = ? WHERE shard_id = ? AND state = ?",
@@ -295,7 +299,7 @@ def _close_lease(c: sqlite3.Connection, lease: Lease, state: LeaseState, reason:
     _event(c, now, "lease_" + state.value, peer_id=lease.peer_id, shard_id=lease.shard_id, detail=reason)
 
 
-def _expire(c: sqlite3.Connection, now: float) -> int:
+def _expire(c: Connection, now: float) -> int:
     rows = c.execute("SELECT lease_id FROM leases WHERE state = ? AND deadline < ?",
                      (LeaseState.ACTIVE.value, now)).fetchall()
     for row in rows:
@@ -303,12 +307,12 @@ def _expire(c: sqlite3.Connection, now: float) -> int:
     return len(rows)
 
 
-def _meta_or(c: sqlite3.Connection, key: str, default: str) -> str:
+def _meta_or(c: Connection, key: str, default: str) -> str:
     row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default
 
 
-def _complete(c: sqlite3.Connection, now: float, why: str) -> None:
+def _complete(c: Connection, now: float, why: str) -> None:
     """Mark the run complete (once): the status document and the dashboard say so, peers are told to finish."""
     if c.execute("SELECT 1 FROM meta WHERE key = 'completed_at'").fetchone() is None:
         _set_meta(c, "completed_at", repr(now))

@@ -93,15 +93,14 @@ class PeerRegistry(LedgerStore):
             for row in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
                                  (peer_id, LeaseState.ACTIVE.value)).fetchall():
                 _close_lease(c, _get_lease(c, row[0]), LeaseState.RELEASED, "peer left", now)
-            c.execute("UPDATE peers SET left_at = COALESCE(left_at, ?), leaving_epoch = ?, epoch = MAX(epoch, ?) "
-                      "WHERE peer_id = ?", (now, epoch, epoch, peer_id))
+            c.execute("UPDATE peers SET left_at = COALESCE(left_at, ?), leaving_epoch = ?, epoch = CASE WHEN epoch > ? "
+                      "THEN epoch ELSE ? END WHERE peer_id = ?", (now, epoch, epoch, epoch, peer_id))
             _raise_global_step(c, epoch)
             _event(c, now, "peer_left", peer_id=peer_id, detail=reason)
 
     def handover_needed(self, peer_id: str, *, online_seconds: float, now: float) -> bool:
         """True while ``peer_id`` (leaving) holds a state newer than the latest checkpoint that no online peer has."""
-        with self._lock:
-            c = self._conn
+        with self._snapshot() as c:
             row = c.execute("SELECT leaving_epoch FROM peers WHERE peer_id = ? AND left_at IS NOT NULL",
                             (peer_id,)).fetchone()
             if row is None or row[0] is None:
@@ -123,9 +122,9 @@ class PeerRegistry(LedgerStore):
 
     def swarm_maddrs(self, *, exclude_peer: str | None, online_seconds: float, now: float) -> list[str]:
         """hivemind maddrs of the keeper and of the most recently seen online peers (see SWARM_MADDRS_LIMIT)."""
-        rows = self._read("SELECT dht_maddrs FROM peers WHERE peer_id IS NOT ? AND left_at IS NULL AND last_seen >= ? "
+        rows = self._read("SELECT dht_maddrs FROM peers WHERE peer_id != ? AND left_at IS NULL AND last_seen >= ? "
                           "AND dht_maddrs != '[]' ORDER BY last_seen DESC LIMIT ?",
-                          (exclude_peer, now - online_seconds, SWARM_MADDRS_LIMIT))
+                          (exclude_peer or "", now - online_seconds, SWARM_MADDRS_LIMIT))
         keeper = json.loads(self.get_meta("keeper_maddrs", "[]"))
         return keeper + [m for r in rows for m in json.loads(r[0])]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from coordinator.ledger.backend import Connection
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 
 
@@ -60,7 +59,7 @@ class KeeperProgress(LedgerStore):
         return (rows[0]["step"], rows[0]["path"]) if rows else None
 
 
-def _raise_global_step(c: sqlite3.Connection, step: int) -> int:
+def _raise_global_step(c: Connection, step: int) -> int:
     """The swarm's step only moves forward; peers' reports can be stale or out of order."""
     current = int(_meta(c, "global_step"))
     if step > current:

@@ -1,16 +1,10 @@
-"""The ledger's schema: connection pragmas, ordered migrations, the state enums and the value types it returns."""
+"""The ledger's schema: ordered migrations (in SQLite's types; ``backend.postgres_ddl`` maps them to
+PostgreSQL's), the state enums and the value types the ledger returns."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-PRAGMAS = (
-    "PRAGMA journal_mode=WAL",  # readers (status, dashboard) never block the writer
-    "PRAGMA busy_timeout=10000",  # the keeper and the server share the file: wait, don't fail
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA synchronous=NORMAL",  # safe with WAL; a power cut loses at most the last transactions
-)
 
 
 class ShardState(str, enum.Enum):

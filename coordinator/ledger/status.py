@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from coordinator.ledger.backend import Connection
 from coordinator.ledger.schema import ShardState
 from coordinator.ledger.store import LedgerStore
 
@@ -25,13 +24,8 @@ class StatusReport(LedgerStore):
 
     def status(self, *, now: float, online_seconds: float, seq_len: int) -> dict:
         """The status document (see README); reads only."""
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN")  # one consistent snapshot
-            try:
-                return _status(c, now=now, online_seconds=online_seconds, seq_len=seq_len)
-            finally:
-                c.execute("COMMIT")
+        with self._snapshot() as c:
+            return _status(c, now=now, online_seconds=online_seconds, seq_len=seq_len)
 
 
 def _teams(peers: list[dict]) -> list[dict]:
@@ -78,7 +72,7 @@ def _keeper_health(meta: dict[str, str], global_step: int, checkpoint_step: int 
     }
 
 
-def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len: int) -> dict:
+def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -> dict:
     meta = {r[0]: r[1] for r in c.execute("SELECT key, value FROM meta")}
     counts = {s.value: 0 for s in ShardState}
     for row in c.execute("SELECT state, COUNT(*) FROM shards GROUP BY state"):
@@ -88,7 +82,7 @@ def _status(c: sqlite3.Connection, *, now: float, online_seconds: float, seq_len
     for p in c.execute(
         "SELECT p.*, COALESCE(r.shards_done, 0) AS shards_done, COALESCE(r.samples, 0) AS samples, "
         "COALESCE(r.credit, 0) AS credit FROM peers p LEFT JOIN ("
-        "SELECT peer_id, SUM(verdict = 'accepted') AS shards_done, "
+        "SELECT peer_id, SUM(CASE WHEN verdict = 'accepted' THEN 1 ELSE 0 END) AS shards_done, "
         "SUM(CASE WHEN verdict = 'accepted' THEN samples ELSE 0 END) AS samples, SUM(credit) AS credit "
         "FROM results GROUP BY peer_id) r ON r.peer_id = p.peer_id ORDER BY p.registered_at"
     ):

@@ -1,13 +1,12 @@
 """The ledger's plumbing: one connection behind a lock, write transactions, migrations, meta and events.
 
 Every concept module (peers, leases, progress, status) subclasses ``LedgerStore`` and builds on
-``_tx`` (one ``BEGIN IMMEDIATE`` transaction) and ``_read``; the helpers at the bottom run inside
-a transaction.
+``_tx`` (one write transaction: one writer at a time for the whole run, see ``backend.py``),
+``_snapshot`` (one consistent read) and ``_read``; the helpers at the bottom run inside a transaction.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,39 +14,57 @@ from pathlib import Path
 
 from coordinator.errors import FailedPrecondition
 from coordinator.ledger import schema
+from coordinator.ledger.backend import Connection, open_backend, redact
 
 
 class LedgerStore:
-    """The connection to the ledger file (or ``:memory:``) and its lock; ``Ledger`` adds the concepts."""
+    """The connection to the ledger (an SQLite path or ``:memory:``, or a ``postgresql://`` URL) and its
+    lock; ``Ledger`` adds the concepts."""
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        self._conn.row_factory = sqlite3.Row
+    def __init__(self, location: str | Path):
+        self.path = str(location)  # the location as given (a URL keeps its password: log ``where`` instead)
+        self.where = redact(location)
+        self._backend = open_backend(location)
+        self.backend = self._backend.name
         self._lock = threading.RLock()
         self._token_cache: dict[str, tuple[str, bool, float]] = {}  # peers.py: check_token
-        for pragma in schema.PRAGMAS:
-            self._conn.execute(pragma)
         self._migrate()
+
+    @property
+    def _conn(self) -> Connection:
+        return self._backend.conn
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._backend.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; rolls back on any exception."""
+    def _tx(self) -> Iterator[Connection]:
+        """One write transaction (the run's only writer while it lasts); rolls back on any exception."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._backend.ensure_open()
+            self._backend.begin_write()
             committed = False
             try:
                 yield self._conn
                 committed = True
             finally:
-                self._conn.execute("COMMIT" if committed else "ROLLBACK")
+                self._backend.commit() if committed else self._backend.rollback()
 
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """Several reads that see one consistent state of the ledger."""
         with self._lock:
+            self._backend.ensure_open()
+            self._backend.begin_snapshot()
+            try:
+                yield self._conn
+            finally:
+                self._backend.commit()
+
+    def _read(self, sql: str, args: tuple = ()) -> list:
+        with self._lock:
+            self._backend.ensure_open()
             return self._conn.execute(sql, args).fetchall()
 
     def _migrate(self) -> None:
@@ -56,12 +73,12 @@ class LedgerStore:
             row = c.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
             if version > len(schema.MIGRATIONS):
-                raise FailedPrecondition(f"ledger {self.path} has schema version {version}, newer than this "
+                raise FailedPrecondition(f"ledger {self.where} has schema version {version}, newer than this "
                                          f"hivefold ({len(schema.MIGRATIONS)}); upgrade hivefold")
             for script in schema.MIGRATIONS[version:]:
                 for statement in script.split(";"):
                     if statement.strip():
-                        c.execute(statement)
+                        c.execute(self._backend.ddl(statement))
             if row is None:
                 c.execute("INSERT INTO schema_version VALUES (?)", (len(schema.MIGRATIONS),))
             else:
@@ -82,15 +99,15 @@ class LedgerStore:
 # --- helpers that run inside a transaction -------------------------------------------------------
 
 
-def _meta(c: sqlite3.Connection, key: str) -> str:
+def _meta(c: Connection, key: str) -> str:
     return c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
 
 
-def _set_meta(c: sqlite3.Connection, key: str, value: str) -> None:
+def _set_meta(c: Connection, key: str, value: str) -> None:
     c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
-def _event(c: sqlite3.Connection, now: float, kind: str, *, peer_id: str | None = None,
+def _event(c: Connection, now: float, kind: str, *, peer_id: str | None = None,
            shard_id: int | None = None, detail: str = "") -> None:
     c.execute("INSERT INTO events (at, kind, peer_id, shard_id, detail) VALUES (?, ?, ?, ?, ?)",
               (now, kind, peer_id, shard_id, detail))

@@ -1,6 +1,5 @@
-"""The ledger contract, run against ``:memory:`` and a real file."""
+"""The ledger contract, run against SQLite ``:memory:``, an SQLite file and a real PostgreSQL server."""
 
-import sqlite3
 import threading
 
 import pytest
@@ -15,10 +14,15 @@ LEASE_S = 60.0
 SHARDS = [ShardInfo(i, f"{i:064x}", 100, 8) for i in range(4)]
 
 
-@pytest.fixture(params=["memory", "file"])
+def location(kind: str, request, tmp_path):
+    if kind == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return ":memory:" if kind == "memory" else tmp_path / "ledger.sqlite"
+
+
+@pytest.fixture(params=["memory", "file", "postgresql"])
 def ledger(request, tmp_path):
-    path = ":memory:" if request.param == "memory" else tmp_path / "ledger.sqlite"
-    led = Ledger(path)
+    led = Ledger(location(request.param, request, tmp_path))
     led.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
     for name in ("a", "b"):
         led.register_peer(peer_id=name, name=name, public_key=name.encode() * 32, device_kind="cpu",
@@ -38,11 +42,22 @@ def submit(led, peer, lease_obj, now=2.0, samples=8):
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
     assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 7
-    assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
+    if ledger.backend == "sqlite":
+        assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
+    else:  # SQLite's 64-bit INTEGER and double REAL keep their range: GPU memory sizes, timestamps to the µs
+        types = dict(ledger._read("SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+                                  "WHERE table_schema = current_schema()"))
+        assert types["peers.memory_bytes"] == "bigint" and types["leases.deadline"] == "double precision"
+        assert types["peers.public_key"] == "bytea" and types["events.id"] == "bigint"
+    assert ledger.register_peer(peer_id="big", name="big", public_key=b"g" * 32, device_kind="cuda", device_name="",
+                                memory_bytes=80 * 2**30, now=1234567890.123456)
+    row = ledger._read("SELECT memory_bytes, registered_at FROM peers WHERE peer_id = 'big'")[0]
+    assert (row["memory_bytes"], row["registered_at"]) == (80 * 2**30, 1234567890.123456)
 
 
-def test_an_older_ledger_file_is_migrated_in_place(tmp_path, monkeypatch):
-    path = tmp_path / "ledger.sqlite"
+@pytest.mark.parametrize("kind", ["file", "postgresql"])
+def test_an_older_ledger_is_migrated_in_place(kind, request, tmp_path, monkeypatch):
+    path = location(kind, request, tmp_path)
     with monkeypatch.context() as m:
         m.setattr(ledger_schema, "MIGRATIONS", ledger_schema.MIGRATIONS[:1])  # the store reads it when it opens a file
         old = Ledger(path)
@@ -264,9 +279,10 @@ def test_register_refuses_a_different_key_for_an_id(ledger):
     assert ledger.check_token("a", token) and not ledger.check_token("a", "wrong")
 
 
-def test_racing_peers_never_share_a_shard(tmp_path):
-    """Two connections (as the server's threads and the keeper have) lease concurrently."""
-    path = tmp_path / "l.sqlite"
+@pytest.mark.parametrize("kind", ["file", "postgresql"])
+def test_racing_peers_never_share_a_shard(kind, request, tmp_path):
+    """Eight connections (as the server's threads, the keeper, or several coordinators have) lease concurrently."""
+    path = location(kind, request, tmp_path)
     setup = Ledger(path)
     setup.init_run(run_id="r", spec_hash="x", shards=[ShardInfo(i, "0" * 64, 1, 8) for i in range(40)], seed=0,
                    data_passes=1, now=0.0)
@@ -295,8 +311,8 @@ def test_racing_peers_never_share_a_shard(tmp_path):
     for t in threads:
         t.join()
     assert sorted(got) == list(range(40))
-    with sqlite3.connect(path) as c:
-        assert c.execute("SELECT COUNT(*) FROM shards WHERE state = ?", (ShardState.DONE.value,)).fetchone()[0] == 40
+    assert setup.shard_counts()[ShardState.DONE.value] == 40
+    assert setup.accepted_results_per_shard(0) == {i: 1 for i in range(40)}
     setup.close()
 
 
