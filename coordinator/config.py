@@ -128,6 +128,7 @@ class CoordinatorConfig:
     keeper_poll: float = 2.0  # seconds between the keeper's looks at the swarm's step
     token_budget: int = 0  # the run is complete once this many tokens are trained (accepted); 0 = no budget
     qrb_k: float = 0.75  # quick-return bonus: points = base x max(1, sqrt(k x deadline / elapsed)); 0 = off
+    ledger: str = ""  # an SQLite file path or a postgresql:// URL; '' = ledger.sqlite in the workdir
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
@@ -149,6 +150,9 @@ class CoordinatorConfig:
                 raise ConfigError(f"DHT address {maddr!r} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7601)")
         if self.token_budget < 0:
             raise ConfigError(f"--token-budget must be >= 0 tokens (0 = none), got {self.token_budget}")
+        if "://" in self.ledger and not self.ledger.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"--ledger takes an SQLite file path or a postgresql:// URL, got "
+                              f"{self.ledger.split('://')[0]}://...")
         if not 0 <= self.qrb_k <= 100 or self.qrb_k != self.qrb_k:
             raise ConfigError(f"--qrb-k must be between 0 (no bonus) and 100, got {self.qrb_k}")
 
@@ -175,6 +179,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm steps between the keeper's checkpoints (default %(default)s)")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="checkpoints kept on disk (default %(default)s)")
+    p.add_argument("--ledger", default=d.ledger, metavar="PATH|URL",
+                   help="where the run's ledger lives: an SQLite file (default: ledger.sqlite in the workdir) or "
+                        "postgresql://USER@HOST/DB, which several coordinators (each with its own --workdir, the "
+                        "same --corpus and run flags, --no-keeper on all but one) can serve at once; a password "
+                        "is better given in PGPASSWORD or ~/.pgpass than in the URL")
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
@@ -220,4 +229,4 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         lease_max_seconds=args.lease_max_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
-        qrb_k=args.qrb_k, token_budget=args.token_budget, run=run)
+        qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, run=run)

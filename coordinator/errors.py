@@ -25,3 +25,7 @@ class PermissionDenied(DomainError):
 
 class Unauthenticated(DomainError):
     """The peer id / token pair is unknown: register again."""
+
+
+class Unavailable(DomainError):
+    """A transient failure on the coordinator's side (its ledger database cannot be reached): retry."""

@@ -289,9 +289,9 @@ def status_document(ctx: Context, now: float) -> dict:
     return doc
 
 
-def record_history(ctx: Context, now: float) -> None:
+def record_history(ctx: Context, now: float, min_interval: float = 0.0) -> None:
     """One sample of the swarm for the dashboard's charts (the coordinator calls this every few seconds)."""
-    ctx.ledger.record_history(now=now, online_seconds=_online_seconds(ctx))
+    ctx.ledger.record_history(now=now, online_seconds=_online_seconds(ctx), min_interval=min_interval)
 
 
 def get_status(request: pb.GetStatusRequest, ctx: Context, now: float) -> pb.GetStatusResponse:
@@ -299,9 +299,9 @@ def get_status(request: pb.GetStatusRequest, ctx: Context, now: float) -> pb.Get
 
 
 def fetch_checkpoint(request: pb.FetchCheckpointRequest, ctx: Context, now: float) -> Iterator[pb.DataChunk]:
-    latest = ctx.ledger.latest_checkpoint()
+    latest = ctx.ledger.latest_checkpoint(on_disk=True)
     if latest is None:
-        raise NotFound("no checkpoint has been written yet")
+        raise NotFound("no checkpoint has been written yet (on this coordinator's disk)")
     step, path = latest
     if step < request.min_step:
         raise NotFound(f"the latest checkpoint is at step {step}, older than the requested {request.min_step}")

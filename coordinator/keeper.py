@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from coordinator.ledger import Ledger
-from coordinator.run import CHECKPOINT_DIR, LEDGER_FILE, SHARD_DIR, SPEC_FILE
+from coordinator.run import CHECKPOINT_DIR, LEDGER_ENV, LEDGER_FILE, SHARD_DIR, SPEC_FILE
 from hivefold import addressbook
 from hivefold.averaging import make_averaging
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
@@ -52,14 +52,15 @@ class Keeper:
                  announce_maddrs: list[str], checkpoint_every: int, keep_checkpoints: int, online_seconds: float):
         self.workdir = workdir
         self.spec = RunSpec.from_json((workdir / SPEC_FILE).read_text())
-        self.ledger = Ledger(workdir / LEDGER_FILE)
+        # the coordinator says where the ledger is (its --ledger); run by hand, the workdir's file
+        self.ledger = Ledger(os.environ.get(LEDGER_ENV) or workdir / LEDGER_FILE)
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
         self.online_seconds = online_seconds  # a peer silent for longer is offline (the coordinator's rule)
         val = self.spec.validation
         self.val = decode_shard((workdir / SHARD_DIR / VAL_FILENAME).read_bytes(), sha256=val.sha256,
                                 seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
         self.model = build_model(self.spec.model, self.spec.seed)
-        latest = self.ledger.latest_checkpoint()
+        latest = self.ledger.latest_checkpoint(on_disk=True)
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt.model)

@@ -19,7 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.handlers import Context
 from coordinator.http import make_metrics, start_http
 from coordinator.lock import WorkdirLock
-from coordinator.run import SPEC_FILE, open_run
+from coordinator.run import LEDGER_ENV, SPEC_FILE, ledger_location, open_run
 from coordinator.server import start_server
 from hivefold.dht import SwarmDHT
 from hivefold.netaddr import with_peer_id
@@ -53,8 +53,8 @@ class KeeperProcess:
     workdir lock's descriptor, so a second coordinator is refused while it lives.
     """
 
-    def __init__(self, cmd: list[str], lock_fd: int):
-        self.cmd, self.lock_fd = cmd, lock_fd
+    def __init__(self, cmd: list[str], lock_fd: int, ledger: str):
+        self.cmd, self.lock_fd, self.ledger = cmd, lock_fd, ledger
         self.proc: subprocess.Popen | None = None
         self.started = -float("inf")
 
@@ -65,7 +65,9 @@ class KeeperProcess:
             return
         if self.proc is not None:
             log.error("keeper exited with code %s; restarting it", self.proc.returncode)
-        self.proc = subprocess.Popen(self.cmd, pass_fds=(self.lock_fd,), start_new_session=True)
+        # the ledger's location goes in the environment: a URL may carry a password, and argv is public
+        self.proc = subprocess.Popen(self.cmd, pass_fds=(self.lock_fd,), start_new_session=True,
+                                     env={**os.environ, LEDGER_ENV: self.ledger})
         self.started = time.monotonic()
 
     def stop(self) -> None:
@@ -109,9 +111,10 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
     with contextlib.ExitStack() as stack:
         lock = WorkdirLock(config.workdir).acquire(listen=config.listen)
         stack.callback(lock.release)
-        spec, ledger = open_run(config.workdir, config.run)
+        spec, ledger = open_run(config.workdir, config.run, config.ledger)
         stack.callback(ledger.close)
-        ledger.set_keeper_maddrs([])  # a keeper of an earlier session is gone; this one's announces itself
+        if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
+            ledger.set_keeper_maddrs([])
         ledger.set_checkpoint_every(config.checkpoint_every)
         ledger.set_meta("averaging", spec.averaging.mode)
         ledger.set_sample_budget(-(-config.token_budget // spec.seq_len))  # whole sequences, rounded up
@@ -144,7 +147,8 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         os.replace(tmp, endpoints)
         stack.callback(endpoints.unlink, missing_ok=True)
         lock.describe(grpc=info["grpc"], http=info.get("http"))
-        keeper = KeeperProcess(_keeper_cmd(config, maddrs), lock.fd) if config.keeper else None
+        keeper = (KeeperProcess(_keeper_cmd(config, maddrs), lock.fd, ledger_location(config.workdir, config.ledger))
+                  if config.keeper else None)
         if keeper is not None:
             stack.callback(keeper.stop)  # first thing on the way out: the final checkpoint needs the DHT
         log.info("run %s serving %d shards on %s", spec.run_id, len(spec.shards), info["grpc"])
@@ -154,6 +158,6 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
                 keeper.supervise()
             if time.monotonic() >= next_sample:  # the dashboard's charts of the swarm over time
                 next_sample = time.monotonic() + HISTORY_EVERY_S
-                handlers.record_history(ctx, time.time())
+                handlers.record_history(ctx, time.time(), min_interval=HISTORY_EVERY_S - 1)
             stop.wait(1.0)
     log.info("coordinator stopped")

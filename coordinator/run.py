@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from coordinator.config import RunOptions
+from coordinator.errors import FailedPrecondition
 from coordinator.ledger import Ledger
 from hivefold.corpus import STDLIB, read_documents
 from hivefold.errors import ConfigError
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "spec.json"
 LEDGER_FILE = "ledger.sqlite"
+LEDGER_ENV = "HIVEFOLD_LEDGER"  # how the coordinator tells its keeper where the ledger is
 SHARD_DIR = "shards"
 CHECKPOINT_DIR = "checkpoints"
 MAX_VAL_SEQUENCES = 128  # enough for a stable loss estimate, cheap enough to evaluate on a CPU
@@ -128,8 +130,13 @@ def _same_shard_sequences(given: int | None, spec: RunSpec) -> bool | None:
     return None  # a lone, short shard: the corpus may simply have been smaller than --shard-sequences
 
 
-def open_run(workdir: Path, options: RunOptions) -> tuple[RunSpec, Ledger]:
-    """Reopen the run in ``workdir`` or create one; returns its spec and an open ledger."""
+def ledger_location(workdir: Path, ledger: str = "") -> str:
+    """``--ledger`` as given, else the SQLite file in the workdir."""
+    return ledger or str(workdir / LEDGER_FILE)
+
+
+def open_run(workdir: Path, options: RunOptions, ledger: str = "") -> tuple[RunSpec, Ledger]:
+    """Reopen the run in ``workdir`` or create one; returns its spec and its open ledger (``--ledger``)."""
     spec_path = workdir / SPEC_FILE
     if not spec_path.exists():
         options = options.with_defaults()  # a new run: check the options together before writing anything
@@ -148,7 +155,15 @@ def open_run(workdir: Path, options: RunOptions) -> tuple[RunSpec, Ledger]:
         tmp.write_text(spec.to_json())
         os.replace(tmp, spec_path)
         log.info("created run %s (spec %s) in %s", spec.run_id, spec.hash[:12], workdir)
-    ledger = Ledger(workdir / LEDGER_FILE)
-    ledger.init_run(run_id=spec.run_id, spec_hash=spec.hash, shards=list(spec.shards), seed=spec.seed,
-                    data_passes=spec.data_passes, now=time.time())
-    return spec, ledger
+    led = Ledger(ledger_location(workdir, ledger))
+    try:
+        led.init_run(run_id=spec.run_id, spec_hash=spec.hash, shards=list(spec.shards), seed=spec.seed,
+                     data_passes=spec.data_passes, now=time.time())
+    except FailedPrecondition as e:
+        led.close()
+        if not ledger:
+            raise
+        raise ConfigError(f"the ledger at {led.where} holds another run than {spec.run_id} ({e}): a coordinator "
+                          "sharing a ledger needs the same --corpus and run flags as the first one") from None
+    log.info("ledger: %s (%s)", led.where, led.backend)
+    return spec, led

@@ -17,6 +17,7 @@ from coordinator.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
 from hivefold.client import CHANNEL_OPTIONS
 from protos import coordinator_pb2_grpc as pb_grpc
@@ -29,6 +30,7 @@ STATUS_OF = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -56,6 +56,7 @@ def open_backend(location: str | Path) -> SqliteBackend | PostgresBackend:
 
 class SqliteBackend:
     name = "sqlite"
+    transient: tuple[type[Exception], ...] = ()  # a locked file waits busy_timeout; anything else is a bug
     PRAGMAS = (
         "PRAGMA journal_mode=WAL",  # readers (status, dashboard) never block the writer
         "PRAGMA busy_timeout=10000",  # the keeper and the server share the file: wait, don't fail
@@ -103,6 +104,7 @@ class PostgresBackend:
             raise FailedPrecondition("a postgresql:// ledger needs psycopg: pip install 'hivefold[postgresql]'"
                                      ) from None
         self._psycopg = psycopg
+        self.transient = (psycopg.OperationalError,)  # the server went away, restarted, or the link dropped
         self.location = url
         self.conn = _PgConnection(self._connect())
 

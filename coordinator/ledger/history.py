@@ -18,9 +18,13 @@ NOTABLE_EVENTS = ("run_created", "peer_registered", "peer_left", "lease_expired"
 
 
 class SwarmHistory(LedgerStore):
-    def record_history(self, *, now: float, online_seconds: float) -> None:
-        """Append one sample of the swarm as the ledger sees it at ``now``."""
+    def record_history(self, *, now: float, online_seconds: float, min_interval: float = 0.0) -> None:
+        """Append one sample of the swarm as the ledger sees it at ``now``, unless one was taken less than
+        ``min_interval`` seconds before (by this or another coordinator sharing the ledger)."""
         with self._tx() as c:
+            last = c.execute("SELECT MAX(at) FROM swarm_history").fetchone()[0]
+            if min_interval and last is not None and now - last < min_interval:
+                return
             online = c.execute(
                 "SELECT COUNT(*), COALESCE(SUM(samples_per_second), 0), "
                 "SUM(utilization * samples_per_second) FROM peers WHERE left_at IS NULL AND last_seen >= ?",

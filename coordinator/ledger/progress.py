@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from coordinator.ledger.backend import Connection
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 
@@ -54,9 +56,13 @@ class KeeperProgress(LedgerStore):
         with self._tx() as c:
             c.execute("DELETE FROM checkpoints WHERE step = ?", (step,))
 
-    def latest_checkpoint(self) -> tuple[int, str] | None:
-        rows = self._read("SELECT step, path FROM checkpoints ORDER BY step DESC LIMIT 1")
-        return (rows[0]["step"], rows[0]["path"]) if rows else None
+    def latest_checkpoint(self, *, on_disk: bool = False) -> tuple[int, str] | None:
+        """(step, path) of the newest checkpoint; ``on_disk``: the newest whose file this machine has (with a
+        shared ledger, another coordinator's keeper may have written the newest on its own disk)."""
+        for step, path in self._read("SELECT step, path FROM checkpoints ORDER BY step DESC"):
+            if not on_disk or Path(path).is_file():
+                return step, path
+        return None
 
 
 def _raise_global_step(c: Connection, step: int) -> int:

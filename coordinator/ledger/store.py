@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from coordinator.errors import FailedPrecondition
+from coordinator.errors import FailedPrecondition, Unavailable
 from coordinator.ledger import schema
 from coordinator.ledger.backend import Connection, open_backend, redact
 
@@ -41,7 +41,7 @@ class LedgerStore:
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         """One write transaction (the run's only writer while it lasts); rolls back on any exception."""
-        with self._lock:
+        with self._lock, self._transient_is_unavailable():
             self._backend.ensure_open()
             self._backend.begin_write()
             committed = False
@@ -54,7 +54,7 @@ class LedgerStore:
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:
         """Several reads that see one consistent state of the ledger."""
-        with self._lock:
+        with self._lock, self._transient_is_unavailable():
             self._backend.ensure_open()
             self._backend.begin_snapshot()
             try:
@@ -63,9 +63,19 @@ class LedgerStore:
                 self._backend.commit()
 
     def _read(self, sql: str, args: tuple = ()) -> list:
-        with self._lock:
+        with self._lock, self._transient_is_unavailable():
             self._backend.ensure_open()
             return self._conn.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _transient_is_unavailable(self) -> Iterator[None]:
+        """A lost database connection fails the call in flight as ``Unavailable`` (peers retry it; the
+        next call reconnects), not as an internal error."""
+        try:
+            yield
+        except self._backend.transient as e:
+            raise Unavailable(f"the ledger at {self.where} cannot be reached ({str(e).strip()[:200]}); "
+                              "retry shortly") from e
 
     def _migrate(self) -> None:
         with self._tx() as c:

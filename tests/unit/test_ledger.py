@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from coordinator import ledger as ledger_module
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from coordinator.ledger import LeaseState, Ledger, ShardState, Verdict
 from coordinator.ledger import schema as ledger_schema
 from hivefold.spec import ShardInfo
@@ -402,3 +402,29 @@ def test_a_peer_may_lease_ahead_and_a_restarted_peer_gets_its_orphans_back(ledge
     again = ledger.lease_shard("a", lease_seconds=LEASE_S, now=2.0, held=[])
     assert again.lease.lease_id == a.lease_id
     assert ledger.lease_shard("a", lease_seconds=LEASE_S, now=2.0, held=[a.lease_id]).lease.lease_id == b.lease_id
+
+
+def test_a_ledger_location_that_cannot_work_says_why(tmp_path):
+    from pathlib import Path
+
+    from coordinator.config import CoordinatorConfig
+    from hivefold.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--ledger takes an SQLite file path or a postgresql:// URL, got mysql://"):
+        CoordinatorConfig(workdir=Path("w"), ledger="mysql://u:pw@host/db")
+    # nothing listens on port 1: refused at once, and the password stays out of the message
+    with pytest.raises(FailedPrecondition, match=r"cannot reach the PostgreSQL ledger at "
+                                                 r"postgresql://hive:\*\*\*@127.0.0.1:1/run") as e:
+        Ledger("postgresql://hive:s3cret@127.0.0.1:1/run")
+    assert "s3cret" not in str(e.value)
+
+
+def test_a_broken_postgresql_connection_is_reopened(postgres_url, postgres):
+    led = Ledger(postgres_url)
+    led.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
+    pid = led._read("SELECT pg_backend_pid()")[0][0]
+    postgres.sql(f"SELECT pg_terminate_backend({pid})")  # as a server restart or a dropped link would
+    with pytest.raises(Unavailable, match="the ledger at postgresql://.* cannot be reached"):
+        led.shard_counts()  # the call in flight fails as UNAVAILABLE, which peers retry
+    assert led.shard_counts()[ShardState.PENDING.value] == 4  # the next one reconnects
+    led.close()
