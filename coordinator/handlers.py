@@ -26,6 +26,7 @@ from protos import coordinator_pb2 as pb
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
+INLINE_MAX_BYTES = 4 << 20  # the largest shard sent inline in a LeaseShard answer, whatever the peer accepts
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
 NAME_MAX = 64
 TEAM_MAX = 32
@@ -166,9 +167,15 @@ def lease_shard(request: pb.LeaseShardRequest, ctx: Context, now: float) -> pb.L
     lease = outcome.lease
     log.debug("peer %s leased shard %d (lease %s, pass %d)", peer_id, lease.shard_id, lease.lease_id,
              lease.data_pass)
+    data = b""
+    if lease.byte_size <= min(request.inline_max_bytes, INLINE_MAX_BYTES):
+        try:  # one round trip per work unit; a missing file is reported by the FetchShard the peer falls back to
+            data = (ctx.workdir / SHARD_DIR / shard_filename(lease.shard_id)).read_bytes()
+        except OSError:
+            data = b""
     return pb.LeaseShardResponse(work=pb.WorkUnit(
         shard_id=lease.shard_id, lease_id=lease.lease_id, deadline=lease.deadline, byte_size=lease.byte_size,
-        sha256=lease.sha256, num_sequences=lease.num_sequences, data_pass=lease.data_pass))
+        sha256=lease.sha256, num_sequences=lease.num_sequences, data_pass=lease.data_pass, data=data))
 
 
 def fetch_shard(request: pb.FetchShardRequest, ctx: Context, now: float) -> Iterator[pb.DataChunk]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ from hivefold.retry import call_with_retry
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+
 RPC_TIMEOUT_S = 30.0  # one unary call; streams get STREAM_TIMEOUT_S
+INLINE_MAX_BYTES = 1 << 20  # shards up to this size come with their lease (one round trip instead of two)
 STREAM_TIMEOUT_S = 600.0
 # Register's answer holds the run spec, and with it every shard's sha256 (~130 bytes each): a run of 100,000
 # shards needs ~13 MB, past gRPC's default 4 MiB. Shards and checkpoints are streamed in 1 MiB chunks.
@@ -62,9 +66,21 @@ class CoordinatorClient:
         self.auth = pb.PeerAuth(peer_id=resp.peer_id, token=resp.token, spec_hash=resp.spec_hash)
         return resp
 
-    def lease(self, held: list[str] = ()) -> pb.LeaseShardResponse:
-        request = pb.LeaseShardRequest(auth=self.auth, held_lease_ids=list(held))
-        return self._retry(lambda: self.stub.LeaseShard(request, timeout=RPC_TIMEOUT_S), "LeaseShard")
+    def lease(self, held: list[str] = (), *, inline_max_bytes: int = INLINE_MAX_BYTES) -> pb.LeaseShardResponse:
+        """A work unit (its shard inline when it is at most ``inline_max_bytes``: see ``shard_bytes``)."""
+        request = pb.LeaseShardRequest(auth=self.auth, held_lease_ids=list(held), inline_max_bytes=inline_max_bytes)
+        resp = self._retry(lambda: self.stub.LeaseShard(request, timeout=RPC_TIMEOUT_S), "LeaseShard")
+        self.traffic["received"] += len(resp.work.data)
+        return resp
+
+    def shard_bytes(self, work: pb.WorkUnit) -> bytes:
+        """The work unit's shard, verified: the bytes that came inline with the lease, else (none came, or
+        they fail the sha256 check) from FetchShard."""
+        if work.data:
+            if hashlib.sha256(work.data).hexdigest() == work.sha256:
+                return bytes(work.data)
+            log.warning("shard %d came inline with a bad sha256; fetching it again", work.shard_id)
+        return self.fetch_shard(work.lease_id, work.sha256)
 
     def submit(self, request: pb.SubmitResultRequest) -> pb.SubmitResultResponse:
         request.auth.CopyFrom(self.auth)

@@ -116,7 +116,7 @@ class WorkLoop:
     def run(self, progress: Progress | None) -> None:
         """Train shard after shard; the next one is leased and fetched meanwhile, results are sent behind."""
         s, gate = self.session, self.gate
-        cache = ShardCache(s.workdir / "shards", lambda work: s.client.fetch_shard(work.lease_id, work.sha256))
+        cache = ShardCache(s.workdir / "shards", s.client.shard_bytes)
         prefetch: Prefetcher | None = None
         submitter = Submitter(self.flush_outbox, self.stop)
         gate.start()

@@ -77,15 +77,17 @@ class RegisterResponse(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
-    __slots__ = ("auth", "held_lease_ids")
+    __slots__ = ("auth", "held_lease_ids", "inline_max_bytes")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     HELD_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    INLINE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     held_lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., held_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    inline_max_bytes: int
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., held_lease_ids: _Optional[_Iterable[str]] = ..., inline_max_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkUnit(_message.Message):
-    __slots__ = ("shard_id", "lease_id", "deadline", "byte_size", "sha256", "num_sequences", "data_pass")
+    __slots__ = ("shard_id", "lease_id", "deadline", "byte_size", "sha256", "num_sequences", "data_pass", "data")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class WorkUnit(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     DATA_PASS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     lease_id: str
     deadline: float
@@ -100,7 +103,8 @@ class WorkUnit(_message.Message):
     sha256: str
     num_sequences: int
     data_pass: int
-    def __init__(self, shard_id: _Optional[int] = ..., lease_id: _Optional[str] = ..., deadline: _Optional[float] = ..., byte_size: _Optional[int] = ..., sha256: _Optional[str] = ..., num_sequences: _Optional[int] = ..., data_pass: _Optional[int] = ...) -> None: ...
+    data: bytes
+    def __init__(self, shard_id: _Optional[int] = ..., lease_id: _Optional[str] = ..., deadline: _Optional[float] = ..., byte_size: _Optional[int] = ..., sha256: _Optional[str] = ..., num_sequences: _Optional[int] = ..., data_pass: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LeaseShardResponse(_message.Message):
     __slots__ = ("work", "retry_after_s", "run_complete")

@@ -66,7 +66,9 @@ class ShardLeases(LedgerStore):
                 return LeaseOutcome(_get_lease(c, orphans[0]))
             if len(active) >= MAX_ACTIVE_LEASES:
                 return LeaseOutcome(None)
-            budget = int(_meta_or(c, "sample_budget", "0"))
+            meta = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('sample_budget', 'data_pass', "
+                                  "'data_passes')").fetchall())
+            budget = int(meta.get("sample_budget", "0"))
             if budget:
                 # Stop handing out work once what is done and what is out covers the budget; the run is
                 # complete when the accepted work alone does (an expired lease's shard goes out again).
@@ -79,27 +81,25 @@ class ShardLeases(LedgerStore):
                                 "(shard_id) WHERE l.state = ?", (LeaseState.ACTIVE.value,)).fetchone()[0]
                 if done + out >= budget:
                     return LeaseOutcome(None)
-            data_pass = int(_meta(c, "data_pass"))
-            row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
-                            (ShardState.PENDING.value,)).fetchone()
+            data_pass = int(meta["data_pass"])
+            row = _take_next_shard(c)
             if row is None:
                 busy = c.execute("SELECT COUNT(*) FROM shards WHERE state = ?", (ShardState.LEASED.value,)).fetchone()
                 if busy[0]:
                     return LeaseOutcome(None)  # every shard is out: wait for one to finish or expire
-                passes = int(_meta(c, "data_passes"))
+                passes = int(meta["data_passes"])
                 if passes and data_pass + 1 >= passes:
                     _complete(c, now, f"{passes} data passes done")
                     return LeaseOutcome(None, run_complete=True)
                 data_pass = _start_next_pass(c, data_pass + 1, now)
-                row = c.execute("SELECT shard_id FROM shards WHERE state = ? ORDER BY position LIMIT 1",
-                                (ShardState.PENDING.value,)).fetchone()
+                row = _take_next_shard(c)
+            # the leases table is the record of every issue (no event row: hundreds a second on a busy run)
             lease_id = secrets.token_hex(12)
-            c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.LEASED.value, row[0]))
             c.execute("INSERT INTO leases (lease_id, shard_id, peer_id, data_pass, state, issued_at, deadline, "
                       "allotted_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE.value, now, now + seconds, seconds))
-            _event(c, now, "lease_issued", peer_id=peer_id, shard_id=row[0], detail=lease_id)
-            return LeaseOutcome(_get_lease(c, lease_id))
+            return LeaseOutcome(Lease(lease_id, row[0], peer_id, data_pass, LeaseState.ACTIVE, now + seconds, row[1],
+                                      row[2], row[3]))
 
     def extend_lease(self, peer_id: str, lease_id: str, *, samples_done: int, seconds: float, max_life_s: float,
                      now: float) -> tuple[bool, float, str]:
@@ -140,11 +140,15 @@ class ShardLeases(LedgerStore):
             return _get_lease(c, lease_id)
 
     def active_lease_for(self, peer_id: str, lease_id: str, *, now: float) -> Lease:
-        """The lease, if it is active and held by ``peer_id``; raises otherwise (for FetchShard)."""
-        with self._tx() as c:
-            lease = _owned_lease(c, peer_id, lease_id, now)
-        if lease.state is not LeaseState.ACTIVE:
-            raise FailedPrecondition(f"lease {lease_id} is {lease.state.value}; lease a new shard")
+        """The lease, if it is active and held by ``peer_id``; raises otherwise (for FetchShard). A read: a
+        lease past its deadline counts as expired whether or not a write has marked it so yet."""
+        with self._snapshot() as c:
+            lease = _get_lease(c, lease_id)
+        if lease.peer_id != peer_id:
+            raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+        state = LeaseState.EXPIRED if lease.state is LeaseState.ACTIVE and lease.deadline < now else lease.state
+        if state is not LeaseState.ACTIVE:
+            raise FailedPrecondition(f"lease {lease_id} is {state.value}; lease a new shard")
         return lease
 
     def release(self, peer_id: str, lease_id: str, *, reason: str, now: float) -> bool:
@@ -189,22 +193,25 @@ class ShardLeases(LedgerStore):
         is stored with the result in the same transaction.
         """
         with self._tx() as c:
-            lease = _owned_lease(c, peer_id, lease_id, now)
-            prior = c.execute("SELECT verdict, credit, detail, receipt FROM results WHERE lease_id = ?",
-                              (lease_id,)).fetchone()
-            if prior is not None:
-                return SubmitOutcome(Verdict(prior["verdict"]), prior["credit"], prior["detail"], prior["receipt"])
+            _expire(c, now)
+            row = c.execute(
+                "SELECT l.*, s.sha256, s.byte_size, s.num_sequences, s.state AS shard_state, r.verdict, r.credit, "
+                "r.detail, r.receipt, (SELECT value FROM meta WHERE key = 'data_pass') AS current_pass FROM leases l "
+                "JOIN shards s USING (shard_id) LEFT JOIN results r USING (lease_id) WHERE l.lease_id = ?",
+                (lease_id,)).fetchone()
+            lease = _lease_of(row, lease_id)
+            if lease.peer_id != peer_id:
+                raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            if row["verdict"] is not None:  # submitted before: the first answer again
+                return SubmitOutcome(Verdict(row["verdict"]), row["credit"], row["detail"], row["receipt"])
             if samples != lease.num_sequences:
                 raise InvalidArgument(f"samples={samples} but shard {lease.shard_id} holds {lease.num_sequences} "
                                       "sequences; submit only whole shards and release unfinished ones")
-            shard_state = c.execute("SELECT state FROM shards WHERE shard_id = ?", (lease.shard_id,)).fetchone()[0]
-            current_pass = int(_meta(c, "data_pass"))
-            late_but_free = (lease.state is not LeaseState.ACTIVE and lease.data_pass == current_pass
-                             and shard_state == ShardState.PENDING.value)
+            late_but_free = (lease.state is not LeaseState.ACTIVE and lease.data_pass == int(row["current_pass"])
+                             and row["shard_state"] == ShardState.PENDING.value)
             receipt = ""
             if lease.state is LeaseState.ACTIVE or late_but_free:
-                issued_at, allotted = c.execute("SELECT issued_at, allotted_s FROM leases WHERE lease_id = ?",
-                                                (lease_id,)).fetchone()
+                issued_at, allotted = row["issued_at"], row["allotted_s"]
                 verdict = Verdict.ACCEPTED
                 # the deadline the lease was given at issue (sized to the work and this peer), else the default
                 credit = quick_return_points(samples * credit_per_sample, deadline_s=allotted or qrb_deadline_s,
@@ -230,7 +237,8 @@ class ShardLeases(LedgerStore):
                           [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
             if losses:
                 _raise_global_step(c, max(epoch for _, epoch in losses))
-            _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
+            if verdict is not Verdict.ACCEPTED:  # accepted ones: the results table is their record
+                _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
             return SubmitOutcome(verdict, credit, detail, receipt)
 
     def set_sample_budget(self, sequences: int) -> None:
@@ -273,9 +281,19 @@ def _start_next_pass(c: Connection, data_pass: int, now: float) -> int:
     return data_pass
 
 
+def _take_next_shard(c: Connection):
+    """Mark the first pending shard of the pass leased; its (shard_id, sha256, byte_size, num_sequences) or None."""
+    return c.execute("UPDATE shards SET state = ? WHERE shard_id = (SELECT shard_id FROM shards WHERE state = ? "
+                     "ORDER BY position LIMIT 1) RETURNING shard_id, sha256, byte_size, num_sequences",
+                     (ShardState.LEASED.value, ShardState.PENDING.value)).fetchone()
+
+
 def _get_lease(c: Connection, lease_id: str) -> Lease:
-    row = c.execute("SELECT l.*, s.sha256, s.byte_size, s.num_sequences FROM leases l "
-                    "JOIN shards s USING (shard_id) WHERE lease_id = ?", (lease_id,)).fetchone()
+    return _lease_of(c.execute("SELECT l.*, s.sha256, s.byte_size, s.num_sequences FROM leases l "
+                               "JOIN shards s USING (shard_id) WHERE lease_id = ?", (lease_id,)).fetchone(), lease_id)
+
+
+def _lease_of(row, lease_id: str) -> Lease:
     if row is None:
         raise NotFound(f"unknown lease id {lease_id!r}; lease a shard first")
     return Lease(row["lease_id"], row["shard_id"], row["peer_id"], row["data_pass"], LeaseState(row["state"]),

@@ -40,30 +40,38 @@ class PeerRegistry(LedgerStore):
                           " last_seen = ?, left_at = NULL, team = ? WHERE peer_id = ?",
                           (name, token, device_kind, device_name, memory_bytes, now, team, peer_id))
             _event(c, now, "peer_registered", peer_id=peer_id, detail=name)
-        self._token_cache.pop(peer_id, None)
+        self._peer_cache.pop(peer_id, None)
         return token
+
+    def _peer(self, peer_id: str) -> tuple[str, bool, float, int, float] | None:
+        """(token, banned, samples/s, micro-batch, when read): read at most ``TOKEN_CACHE_S`` ago. Every RPC
+        after Register needs the token, and leases and results the rest, so one read serves them all."""
+        now = time.monotonic()
+        hit = self._peer_cache.get(peer_id)
+        if hit is None or now - hit[4] > TOKEN_CACHE_S:
+            rows = self._read("SELECT token, banned, samples_per_second, micro_batch FROM peers WHERE peer_id = ?",
+                              (peer_id,))
+            if not rows:
+                return None
+            token, banned, rate, micro_batch = rows[0]
+            hit = self._peer_cache[peer_id] = (token, bool(banned), float(rate), int(micro_batch), now)
+        return hit
 
     def peer_micro_batch(self, peer_id: str) -> int:
         """The micro-batch the peer reported (0: not reported yet)."""
-        rows = self._read("SELECT micro_batch FROM peers WHERE peer_id = ?", (peer_id,))
-        return int(rows[0][0]) if rows else 0
+        hit = self._peer(peer_id)
+        return hit[3] if hit else 0
 
     def peer_rate(self, peer_id: str) -> float:
         """The peer's throughput from its heartbeats, sequences per second (0: not reported yet)."""
-        rows = self._read("SELECT samples_per_second FROM peers WHERE peer_id = ?", (peer_id,))
-        return float(rows[0][0]) if rows else 0.0
+        hit = self._peer(peer_id)
+        return hit[2] if hit else 0.0
 
     def check_token(self, peer_id: str, token: str) -> bool:
         """Every RPC after Register asks this: answered from memory for ``TOKEN_CACHE_S`` after a read, so a
         token replaced or a ban written by another process (``hivefold coordinator ban``) counts within that."""
-        now = time.monotonic()
-        hit = self._token_cache.get(peer_id)
-        if hit is None or now - hit[2] > TOKEN_CACHE_S:
-            rows = self._read("SELECT token, banned FROM peers WHERE peer_id = ?", (peer_id,))
-            if not rows:
-                return False
-            hit = self._token_cache[peer_id] = (rows[0]["token"], bool(rows[0]["banned"]), now)
-        return secrets.compare_digest(hit[0], token) and not hit[1]
+        hit = self._peer(peer_id)
+        return hit is not None and secrets.compare_digest(hit[0], token) and not hit[1]
 
     def heartbeat(self, peer_id: str, *, epoch: int, samples: int, recent_loss: float | None,
                   samples_per_second: float, now: float, dht_maddrs: list[str] | None = None,
@@ -85,6 +93,7 @@ class PeerRegistry(LedgerStore):
             ids = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
                                            (peer_id, LeaseState.ACTIVE.value))]
             step = _raise_global_step(c, epoch)
+        self._peer_cache.pop(peer_id, None)  # its rate and micro-batch as just reported
         return ids, step
 
     def leave(self, peer_id: str, *, epoch: int, reason: str, now: float) -> None:

@@ -27,7 +27,7 @@ class LedgerStore:
         self._backend = open_backend(location)
         self.backend = self._backend.name
         self._lock = threading.RLock()
-        self._token_cache: dict[str, tuple[str, bool, float]] = {}  # peers.py: check_token
+        self._peer_cache: dict[str, tuple[str, bool, float, int, float]] = {}  # peers.py: _peer
         self._migrate()
 
     @property

@@ -165,6 +165,22 @@ def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_pat
     peer.client.close()
 
 
+def test_a_small_shard_comes_inline_with_its_lease_and_bad_inline_bytes_are_fetched_again(service, tmp_path):
+    ctx, address, _ = service
+    client, _ = registered(address, tmp_path, "inline")
+    work = client.lease().work  # a peer takes shards up to INLINE_MAX_BYTES inline
+    good = (ctx.workdir / SHARD_DIR / shard_filename(work.shard_id)).read_bytes()
+    assert work.data == good and len(good) == work.byte_size
+    assert client.shard_bytes(work) == good
+    work.data = good[:-1] + bytes([good[-1] ^ 1])  # damaged on the way: FetchShard gets it again
+    assert client.shard_bytes(work) == good
+    old_peer = client.lease(held=[work.lease_id], inline_max_bytes=0).work
+    assert old_peer.lease_id and old_peer.data == b""  # an older peer asks for none: FetchShard
+    small = client.lease(held=[work.lease_id, old_peer.lease_id], inline_max_bytes=work.byte_size - 1).work
+    assert small.lease_id not in (work.lease_id, old_peer.lease_id) and small.data == b""  # larger than it takes
+    client.close()
+
+
 def test_checkpoint_not_found_before_the_keeper_writes_one(service, tmp_path):
     _, address, _ = service
     client = CoordinatorClient(address)
