@@ -93,8 +93,13 @@ class Prefetcher:
         with self._lock:
             return list(self._waiting)
 
-    def next(self, cancel: Callable[[], bool] = lambda: False) -> tuple[pb.WorkUnit, np.ndarray] | None:
-        """The next loaded work unit; None once the run is complete, the peer stops or ``cancel()`` says so."""
+    def next(self, cancel: Callable[[], bool] = lambda: False,
+             take: Callable[[pb.WorkUnit], None] = lambda work: None) -> tuple[pb.WorkUnit, np.ndarray] | None:
+        """The next loaded work unit; None once the run is complete, the peer stops or ``cancel()`` says so.
+
+        ``take(work)`` makes the caller hold it (``held`` lists it from then on): called in one step with
+        the prefetcher letting go of it, so the leases this peer reports as held never miss it, and the
+        coordinator never mistakes it for an orphan of an earlier run and issues it a second time."""
         while not self.stop.is_set() and not cancel():
             try:
                 item = self._queue.get(timeout=0.5)
@@ -104,6 +109,7 @@ class Prefetcher:
                 return None
             work, sequences = item
             with self._lock:
+                take(work)
                 self._waiting.pop(work.lease_id, None)
             self._ready.release()
             return work, sequences
@@ -145,7 +151,9 @@ class Prefetcher:
     def _fetch_one(self) -> bool:
         """Lease and load one work unit into the queue; False when the run is complete."""
         while True:
-            resp = self._lease(self._held() + self.held_ids())
+            with self._lock:  # each lease is either still here or taken by the caller: never in neither
+                held = self._held() + list(self._waiting)
+            resp = self._lease(held)
             if resp.run_complete:
                 self._queue.put(COMPLETE)
                 return False

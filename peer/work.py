@@ -137,15 +137,15 @@ class WorkLoop:
                     continue
                 if prefetch is None:
                     prefetch = self._prefetcher(cache)
-                item = prefetch.next(cancel=lambda: gate.finishing is not None or gate.holds(mid_shard=False))
+                item = prefetch.next(cancel=lambda: gate.finishing is not None or gate.holds(mid_shard=False),
+                                     take=self._take)
                 if item is None:
                     if self.stop.is_set() or gate.finishing is not None or gate.holds(mid_shard=False):
                         continue
                     log.info("the run is complete; peer %s leaves", self.peer_id)
                     self.session.run_complete = True
                     break
-                work, sequences = item
-                self.current = work.lease_id
+                work, sequences = item  # self.current is set: taken in one step with the prefetcher
                 outcome = self.train_one(work, sequences, progress)
                 self.current = None
                 if outcome == STOPPED:
@@ -168,6 +168,9 @@ class WorkLoop:
             if prefetch.held_ids():
                 log.info("peer %s %s: handing back the work fetched ahead", self.peer_id, self.paused_too_long)
             prefetch.close(f"{self.paused_too_long} (prefetched)")
+
+    def _take(self, work: pb.WorkUnit) -> None:
+        self.current = work.lease_id
 
     def _held_ids(self) -> list[str]:
         """Leases this peer still holds: the one training and those whose results wait in the outbox."""

@@ -36,3 +36,38 @@ def test_listing_while_the_submitter_removes_an_acknowledged_result(tmp_path, mo
 
     monkeypatch.setattr(outbox_module, "sorted", listing_then_ack, raising=False)
     assert [r.lease_id for r in box.pending()] == ["a", "c"]
+
+
+def test_a_lease_handed_out_by_the_prefetcher_is_always_reported_held():
+    """Between the prefetcher letting go of a work unit and the work loop taking it, a lease request must still
+    list it, or the coordinator takes it for an orphan of an earlier run and issues it again."""
+    import threading
+    import time
+
+    from peer.pipeline import Prefetcher
+
+    stop = threading.Event()
+    current: list[str] = []
+    seen: list[list[str]] = []
+    issued = iter(range(100))
+
+    def lease(held):
+        seen.append(list(held))
+        return pb.LeaseShardResponse(work=pb.WorkUnit(lease_id=f"l{next(issued)}", shard_id=0))
+
+    def take(work):
+        time.sleep(0.3)  # a slow hand-over: the prefetcher must not lease meanwhile as if nobody held it
+        current[:] = [work.lease_id]
+
+    prefetch = Prefetcher(lease=lease, load=lambda work: None, release=lambda work, reason: None,
+                          held=lambda: list(current), stop=stop, ahead=1)
+    try:
+        first, _ = prefetch.next(take=take)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first.lease_id == "l0" and len(seen) >= 2
+        assert "l0" in seen[1], seen  # the second request reports the first lease as held
+    finally:
+        stop.set()
+        prefetch.close()
