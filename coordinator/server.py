@@ -10,6 +10,7 @@ from concurrent import futures
 import grpc
 
 from coordinator import handlers
+from coordinator.auth import SignatureInterceptor
 from coordinator.errors import (
     DomainError,
     FailedPrecondition,
@@ -83,8 +84,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], float] = time.time,
                  max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
+    # the signature check is innermost: metrics interceptors time refused requests too
+    signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         interceptors=list(interceptors), options=CHANNEL_OPTIONS)
+                         interceptors=[*interceptors, signatures], options=CHANNEL_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
     try:
         port = server.add_insecure_port(listen)

@@ -15,6 +15,7 @@ from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity, register_message
 from hivefold.netaddr import parse_host_port
 from hivefold.retry import call_with_retry
+from hivefold.rpcsign import SigningInterceptor
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
 
@@ -42,12 +43,23 @@ class CoordinatorClient:
         self.give_up_after = give_up_after
         self.retry_cap = retry_cap
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0), *CHANNEL_OPTIONS])
-        self.stub = pb_grpc.CoordinatorStub(self._channel)
+        # every call after Register is signed with the peer's key (hivefold.rpcsign)
+        self.stub = pb_grpc.CoordinatorStub(grpc.intercept_channel(self._channel, SigningInterceptor(self._signer)))
         self.auth: pb.PeerAuth | None = None
+        self.identity: Identity | None = None
         self.traffic = {"sent": 0, "received": 0}  # protobuf payload bytes of results, heartbeats, shards, checkpoints
 
     def close(self) -> None:
         self._channel.close()
+
+    def _signer(self):
+        if self.auth is None or self.identity is None:
+            return None
+        return self.auth.peer_id, self.identity.sign
+
+    def adopt(self, other: CoordinatorClient) -> None:
+        """Act as the peer ``other`` registered (its session token and signing key)."""
+        self.auth, self.identity = other.auth, other.identity
 
     def _retry(self, fn, what: str, give_up_after: float | None = None):
         return call_with_retry(fn, what=f"{what} at {self.address}", stop=self.stop, cap=self.retry_cap,
@@ -64,6 +76,7 @@ class CoordinatorClient:
 
         resp = self._retry(attempt, "Register")
         self.auth = pb.PeerAuth(peer_id=resp.peer_id, token=resp.token, spec_hash=resp.spec_hash)
+        self.identity = identity
         return resp
 
     def lease(self, held: list[str] = (), *, inline_max_bytes: int = INLINE_MAX_BYTES) -> pb.LeaseShardResponse:

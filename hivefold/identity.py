@@ -2,7 +2,9 @@
 
 The peer id is derived from the public key, so a volunteer keeps its id (and its credit) across
 restarts, and nobody can register under someone else's id without their key. ``Register`` carries
-a signature over the display name and a timestamp, which the coordinator checks.
+a signature over the display name and a timestamp, which the coordinator checks; every later call is
+signed too (``hivefold.rpcsign``). The key file is created with mode 0600, and one that other users
+could read or change is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Identity:
     def load_or_create(cls, workdir: Path) -> "Identity":
         path = workdir / KEY_FILENAME
         if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ConfigError(f"{path} is this peer's private key but other users may read or change it "
+                                  f"(mode {mode:03o}); run: chmod 600 {path}")
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             except ValueError as e:

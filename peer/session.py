@@ -164,7 +164,7 @@ class Session:
     def quick_client(self):
         """A client that gives up after 5 s and ignores the stop event: for the last calls on the way out."""
         client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
-        client.auth = self.client.auth
+        client.adopt(self.client)
         client.traffic = self.client.traffic  # one count of what this peer sent (--upload-cap, metrics)
         try:
             yield client

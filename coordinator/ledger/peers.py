@@ -57,6 +57,16 @@ class PeerRegistry(LedgerStore):
             hit = self._peer_cache[peer_id] = (token, bool(banned), float(rate), int(micro_batch), now)
         return hit
 
+    def public_key_of(self, peer_id: str) -> bytes | None:
+        """The key ``peer_id`` registered (it never changes: the id is derived from it); None if unknown."""
+        key = self._public_keys.get(peer_id)
+        if key is None:
+            rows = self._read("SELECT public_key FROM peers WHERE peer_id = ?", (peer_id,))
+            if not rows:
+                return None
+            key = self._public_keys[peer_id] = bytes(rows[0][0])
+        return key
+
     def peer_micro_batch(self, peer_id: str) -> int:
         """The micro-batch the peer reported (0: not reported yet)."""
         hit = self._peer(peer_id)

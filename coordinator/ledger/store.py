@@ -28,6 +28,7 @@ class LedgerStore:
         self.backend = self._backend.name
         self._lock = threading.RLock()
         self._peer_cache: dict[str, tuple[str, bool, float, int, float]] = {}  # peers.py: _peer
+        self._public_keys: dict[str, bytes] = {}  # peers.py: public_key_of
         self._migrate()
 
     @property

@@ -37,7 +37,7 @@ def racer(addresses: list[str], threads: int, identity_dir: str, out) -> None:
         ident = Identity.load_or_create(Path(identity_dir) / f"{i}")
         clients[i % len(clients)].register(ident, name=f"racer-{i}", device=pb.DeviceReport(kind="cpu"))
         for c in clients:  # the session token lives in the shared ledger: every coordinator honours it
-            c.auth = clients[i % len(clients)].auth
+            c.adopt(clients[i % len(clients)])
         idle_since = None
         while True:
             k = rng.randrange(len(clients))

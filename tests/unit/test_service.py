@@ -18,7 +18,7 @@ from coordinator.http import start_http
 from coordinator.run import SHARD_DIR
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
-from hivefold.errors import IntegrityError
+from hivefold.errors import ConfigError, IntegrityError
 from hivefold.identity import Identity, register_message
 from hivefold.shards import shard_filename
 from hivefold.spec import ShardInfo, verify_spec
@@ -239,3 +239,59 @@ def test_a_run_of_100_000_shards_can_register(service, tmp_path):
         client.close()
     finally:
         server.stop(0)
+
+
+def test_every_call_after_register_is_signed_and_checked(service, tmp_path):
+    """A forged, altered, stale, replayed, missing or borrowed signature is refused, and says why."""
+    from hivefold import rpcsign
+    from protos import coordinator_pb2_grpc as pb_grpc
+
+    ctx, address, _ = service
+    client, identity = registered(address, tmp_path / "honest", "honest")
+    mallory, mallory_id = registered(address, tmp_path / "mallory", "mallory")
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.CoordinatorStub(channel)  # a raw stub: metadata exactly as the test writes it
+    method = "/hivefold.v1.Coordinator/Heartbeat"
+    assert method in rpcsign.SIGNED_METHODS and len(rpcsign.SIGNED_METHODS) == 7
+    request = pb.HeartbeatRequest(auth=client.auth, epoch=1)
+
+    def signed(req=request, *, who=identity, peer=identity.peer_id, method=method):
+        return rpcsign.sign_metadata(method, req.SerializeToString(), peer_id=peer, sign=who.sign)
+
+    good = signed()
+    stub.Heartbeat(request, metadata=good)  # accepted
+    assert code_of(lambda: stub.Heartbeat(request, metadata=good)) == (
+        grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
+    code, why = code_of(lambda: stub.Heartbeat(request))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and why.startswith("request not signed (no hf-peer")
+    code, why = code_of(lambda: stub.Heartbeat(request, metadata=signed(who=mallory_id)))  # someone else's key
+    assert code == grpc.StatusCode.UNAUTHENTICATED and why.startswith(f"bad signature: this request was not signed "
+                                                                      f"by peer {identity.peer_id}")
+    altered = pb.HeartbeatRequest(auth=client.auth, epoch=2)  # body changed after signing
+    code, why = code_of(lambda: stub.Heartbeat(altered, metadata=signed()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and why.startswith("bad signature")
+    code, why = code_of(lambda: stub.Heartbeat(request, metadata=signed(method=method.replace("Heartbeat", "Leave"))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED  # signed for another method
+    stale = [(k, f"{time.time() - 120:.3f}" if k == rpcsign.TIMESTAMP else v) for k, v in signed()]
+    code, why = code_of(lambda: stub.Heartbeat(request, metadata=stale))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "outside the 60s window" in why
+    # mallory signs properly with her own key, but the request names the honest peer (and its token)
+    code, why = code_of(lambda: stub.Heartbeat(request, metadata=signed(who=mallory_id, peer=mallory_id.peer_id)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "is signed by peer" in why
+    code, why = code_of(lambda: stub.Heartbeat(request, metadata=signed(peer="0123456789abcdef")))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and why.startswith("unknown peer")
+    assert client.heartbeat(pb.HeartbeatRequest(epoch=1)) is not None  # the client signs by itself
+    client.close()
+    mallory.close()
+    channel.close()
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path):
+    identity = Identity.load_or_create(tmp_path)
+    key = tmp_path / "identity.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"other users may read or change it \(mode 644\); run: chmod 600"):
+        Identity.load_or_create(tmp_path)
+    key.chmod(0o600)
+    assert Identity.load_or_create(tmp_path).peer_id == identity.peer_id
