@@ -129,6 +129,7 @@ class CoordinatorConfig:
     token_budget: int = 0  # the run is complete once this many tokens are trained (accepted); 0 = no budget
     qrb_k: float = 0.75  # quick-return bonus: points = base x max(1, sqrt(k x deadline / elapsed)); 0 = off
     ledger: str = ""  # an SQLite file path or a postgresql:// URL; '' = ledger.sqlite in the workdir
+    invite_only: bool = False  # new peers must redeem an invite (hivefold coordinator invite)
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
@@ -160,7 +161,8 @@ class CoordinatorConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``hivefold coordinator`` flags: one per field of ``CoordinatorConfig`` and ``RunOptions``."""
     d = CoordinatorConfig(workdir=Path("."))
-    p.add_argument("--workdir", type=Path, required=True, help="directory holding the run (created if missing)")
+    # required unless a subcommand (hivefold coordinator invite|ban|unban) takes its own
+    p.add_argument("--workdir", type=Path, help="directory holding the run (created if missing)")
     p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
     p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
     p.add_argument("--dht-listen", action="append",
@@ -184,6 +186,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "postgresql://USER@HOST/DB, which several coordinators (each with its own --workdir, the "
                         "same --corpus and run flags, --no-keeper on all but one) can serve at once; a password "
                         "is better given in PGPASSWORD or ~/.pgpass than in the URL")
+    p.add_argument("--invite-only", action="store_true",
+                   help="admit only new peers that bring an invite (hivefold coordinator invite --workdir DIR); "
+                        "peers admitted before keep their place")
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
@@ -229,4 +234,4 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         lease_max_seconds=args.lease_max_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
-        qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, run=run)
+        qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only, run=run)

@@ -77,6 +77,8 @@ class Context:
 
 def _auth(auth: pb.PeerAuth, ctx: Context) -> str:
     if not auth.peer_id or not ctx.ledger.check_token(auth.peer_id, auth.token):
+        if auth.peer_id and ctx.ledger.is_banned(auth.peer_id):
+            raise PermissionDenied(f"peer {auth.peer_id} is banned from this run")
         raise Unauthenticated("unknown peer id or session token; call Register again")
     if auth.spec_hash != ctx.spec_hash:
         raise FailedPrecondition(f"this coordinator runs spec {ctx.spec_hash[:12]}, the peer trains under "
@@ -105,9 +107,12 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
         raise InvalidArgument(f"team must be at most {TEAM_MAX} printable characters, got {request.team!r}")
     peer_id = peer_id_from_public_key(request.public_key)
     device = request.device
+    if len(request.invite) > 128:
+        raise InvalidArgument("invite must be at most 128 characters")
     token = ctx.ledger.register_peer(peer_id=peer_id, name=name, public_key=request.public_key,
                                      device_kind=device.kind[:16], device_name=device.name[:128],
-                                     memory_bytes=device.memory_bytes, team=team, now=now)
+                                     memory_bytes=device.memory_bytes, team=team, now=now,
+                                     invite_only=ctx.config.invite_only, invite=request.invite)
     log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
              device.memory_bytes / 2**30)
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,

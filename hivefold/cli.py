@@ -94,6 +94,12 @@ def _generate_cmd(args: argparse.Namespace) -> int:
 
 
 def _coordinator_cmd(args: argparse.Namespace) -> int:
+    if args.coordinator_command is not None:
+        from coordinator.admin import run_command
+
+        return run_command(args)
+    if args.workdir is None:
+        args.coordinator_parser.error("the following arguments are required: --workdir")
     from coordinator.config import config_from_args
 
     config = config_from_args(args)  # bad flags fail here, before hivemind loads or the workdir is touched
@@ -154,15 +160,20 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from coordinator.admin import add_arguments as coordinator_admin_arguments
     from coordinator.config import add_arguments as coordinator_arguments
     from peer.config import add_arguments as peer_arguments
     from peer.config import add_control_arguments as peer_control_arguments
 
     parser = argparse.ArgumentParser(prog="hivefold", description="Volunteer-computing training of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("coordinator", help="define a run and hand out work units")
+    p = sub.add_parser("coordinator", help="define a run and hand out work units; or invite, ban or unban peers",
+                       usage="%(prog)s --workdir DIR [options]\n       %(prog)s {invite,ban,unban} ... --workdir DIR",
+                       description="Run a coordinator (hivefold coordinator --workdir DIR ...), or manage who may take "
+                                   "part in its run from another terminal (hivefold coordinator invite --workdir DIR).")
     coordinator_arguments(p)
-    p.set_defaults(func=_coordinator_cmd)
+    p.set_defaults(func=_coordinator_cmd, coordinator_parser=p)
+    coordinator_admin_arguments(p)
     p = sub.add_parser("peer", help="contribute this machine to a run; or pause, resume or finish a running peer",
                        usage="%(prog)s --coordinator HOST:PORT [options]\n       %(prog)s {pause,resume,finish} "
                              "[--workdir DIR]",

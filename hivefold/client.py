@@ -66,12 +66,12 @@ class CoordinatorClient:
                                give_up_after=give_up_after if give_up_after is not None else self.give_up_after)
 
     def register(self, identity: Identity, *, name: str, device: pb.DeviceReport,
-                 expected_spec_hash: str = "", team: str = "") -> pb.RegisterResponse:
+                 expected_spec_hash: str = "", team: str = "", invite: str = "") -> pb.RegisterResponse:
         def attempt():
             ts = round(time.time(), 3)
             req = pb.RegisterRequest(public_key=identity.public_key, name=name, timestamp=ts,
                                      signature=identity.sign(register_message(name, ts)), device=device,
-                                     expected_spec_hash=expected_spec_hash, team=team)
+                                     expected_spec_hash=expected_spec_hash, team=team, invite=invite)
             return self.stub.Register(req, timeout=RPC_TIMEOUT_S)
 
         resp = self._retry(attempt, "Register")

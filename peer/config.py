@@ -39,6 +39,7 @@ class PeerConfig:
     step_interval: float = 1.0  # seconds of local gradient accumulation per hivemind step call (less DHT chatter)
     micro_batch: int = 0  # sequences per forward/backward; 0 = auto (the run's on CPU, sized to the GPU on CUDA)
     team: str = ""  # the team this volunteer's points count for on the leaderboard; "" = none
+    invite: str = ""  # an invite to an invite-only run (needed at the first registration only)
     metrics_port: str = ""  # PORT or HOST:PORT serving this peer's Prometheus /metrics; "" = off
     max_hours: float = 0.0  # finish the current shard and leave after this many hours of training; 0 = no limit
     gpu_memory_fraction: float | None = None  # share of the GPU's memory this process may take; None = no limit
@@ -97,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="public multiaddr to announce, repeatable (default: the visible ones)")
     p.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
     p.add_argument("--team", default=d.team, help="team your points count for on the leaderboard (default: none)")
+    p.add_argument("--invite", default=d.invite, metavar="TOKEN",
+                   help="the invite the run's operator gave you, for an invite-only run (needed once: the peer keeps "
+                        "its place afterwards) (default: none)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads; 0 = torch's default (default %(default)s)")
     p.add_argument("--max-shards", type=int, default=d.max_shards,
@@ -194,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> PeerConfig:
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,
                       retry_cap=args.retry_cap, step_interval=args.step_interval, micro_batch=args.micro_batch,
-                      metrics_port=args.metrics_port, team=args.team.strip(), max_hours=args.max_hours,
+                      metrics_port=args.metrics_port, team=args.team.strip(), invite=args.invite.strip(),
+                      max_hours=args.max_hours,
                       gpu_memory_fraction=args.gpu_memory_fraction, idle_only=args.idle_only,
                       upload_cap=args.upload_cap)

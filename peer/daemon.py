@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from hivefold.errors import HivefoldError
 from hivefold.retry import Stopped
 from hivefold.signals import install_stop_handlers
 from peer.config import PeerConfig
@@ -78,6 +79,8 @@ def _run(config: PeerConfig, stop: threading.Event, channel: ControlChannel) -> 
         watchdog.start()
         session.shutdown()
         watchdog.cancel()
+    if session.banned:
+        raise HivefoldError(f"{session.banned}; ask the run's operator why")
         log.info("peer %s left the swarm", session.peer_id)
 
 

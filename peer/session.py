@@ -44,6 +44,7 @@ LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its lease
 class Session:
     def __init__(self, config: PeerConfig, stop: threading.Event):
         self.config, self.stop = config, stop
+        self.banned: str | None = None  # why the coordinator banned this peer, once it said so
         self.workdir = config.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(self.workdir)
@@ -78,7 +79,8 @@ class Session:
         log.info("peer %s (%s) registering with %s", self.peer_id, self.config.name, self.config.coordinator)
         try:
             resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
-                                        expected_spec_hash=state.get("spec_hash", ""), team=self.config.team)
+                                        expected_spec_hash=state.get("spec_hash", ""), team=self.config.team,
+                                        invite=self.config.invite)
         except grpc.RpcError as e:
             raise HivefoldError(f"the coordinator refused to register this peer: {describe_rpc_error(e)}") from None
         self.spec = verify_spec(resp.spec_json, resp.spec_hash)
@@ -142,16 +144,23 @@ class Session:
     def reregister(self) -> pb.RegisterResponse:
         """After UNAUTHENTICATED (e.g. a token replaced by a second login): get a fresh token."""
         resp = self.client.register(self.identity, name=self.config.name, device=describe_device(self.device),
-                                    expected_spec_hash=self.spec.hash, team=self.config.team)
+                                    expected_spec_hash=self.spec.hash, team=self.config.team,
+                                    invite=self.config.invite)
         if resp.spec_hash != self.spec.hash:
             raise HivefoldError("the coordinator now runs a different spec; restart the peer with a fresh --workdir")
         return resp
 
     def authed(self, call):
-        """Run ``call``; on UNAUTHENTICATED (token replaced, ledger restored) register again once and retry."""
+        """Run ``call``; on UNAUTHENTICATED (token replaced, ledger restored) register again once and retry.
+        A ban (PERMISSION_DENIED saying so) stops the peer: ``banned`` says why, and the daemon exits 2."""
         try:
             return call()
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.PERMISSION_DENIED and "is banned from this run" in (e.details() or ""):
+                self.banned = e.details()
+                log.error("peer %s: %s; stopping", self.peer_id, self.banned)
+                self.stop.set()
+                raise Stopped(self.banned) from None
             if e.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise
             log.warning("peer %s: %s; registering again", self.peer_id, e.details())

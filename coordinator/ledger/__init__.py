@@ -35,12 +35,14 @@ One module per concept, composed into ``Ledger`` below:
     backend.py   SQLite or PostgreSQL: the connection, the transaction shapes, the schema's types
     store.py     the connection's lock, transactions, migrating, the meta and events tables
     peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
+    access.py    who may take part: invites (invite-only runs) and bans
     leases.py    the run's shards, leasing them, results
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
     status.py    the status document
     history.py   the swarm over time (charts), recent events, totals (metrics)
 """
 
+from coordinator.ledger.access import INVITE_PREFIX, PeerAccess
 from coordinator.ledger.backend import SqliteBackend, is_postgres, redact
 from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
 from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
@@ -60,10 +62,11 @@ from coordinator.ledger.status import StatusReport
 PRAGMAS = SqliteBackend.PRAGMAS
 
 __all__ = [
-    "MAX_ACTIVE_LEASES", "MIGRATIONS", "NOTABLE_EVENTS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease", "LeaseOutcome",
+    "INVITE_PREFIX", "MAX_ACTIVE_LEASES", "MIGRATIONS", "NOTABLE_EVENTS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease",
+    "LeaseOutcome",
     "LeaseState", "Ledger", "ShardState", "SubmitOutcome", "Verdict", "is_postgres", "redact",
 ]
 
 
-class Ledger(PeerRegistry, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
+class Ledger(PeerRegistry, PeerAccess, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

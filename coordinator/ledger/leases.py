@@ -56,6 +56,7 @@ class ShardLeases(LedgerStore):
         """
         with self._tx() as c:
             _expire(c, now)
+            _not_banned(c, peer_id)  # here, not only at the token check: a ban from another process is cached a while
             active = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ? "
                                               "ORDER BY issued_at", (peer_id, LeaseState.ACTIVE.value))]
             orphans = [lease_id for lease_id in active if lease_id not in set(held)]
@@ -196,12 +197,15 @@ class ShardLeases(LedgerStore):
             _expire(c, now)
             row = c.execute(
                 "SELECT l.*, s.sha256, s.byte_size, s.num_sequences, s.state AS shard_state, r.verdict, r.credit, "
-                "r.detail, r.receipt, (SELECT value FROM meta WHERE key = 'data_pass') AS current_pass FROM leases l "
+                "r.detail, r.receipt, (SELECT value FROM meta WHERE key = 'data_pass') AS current_pass, "
+                "(SELECT banned FROM peers p WHERE p.peer_id = l.peer_id) AS banned FROM leases l "
                 "JOIN shards s USING (shard_id) LEFT JOIN results r USING (lease_id) WHERE l.lease_id = ?",
                 (lease_id,)).fetchone()
             lease = _lease_of(row, lease_id)
             if lease.peer_id != peer_id:
                 raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            if row["banned"]:
+                raise PermissionDenied(f"peer {peer_id} is banned from this run; its results earn nothing")
             if row["verdict"] is not None:  # submitted before: the first answer again
                 return SubmitOutcome(Verdict(row["verdict"]), row["credit"], row["detail"], row["receipt"])
             if samples != lease.num_sequences:
@@ -279,6 +283,12 @@ def _start_next_pass(c: Connection, data_pass: int, now: float) -> int:
     c.execute("UPDATE meta SET value = ? WHERE key = 'data_pass'", (str(data_pass),))
     _event(c, now, "data_pass_started", detail=str(data_pass))
     return data_pass
+
+
+def _not_banned(c: Connection, peer_id: str) -> None:
+    row = c.execute("SELECT banned FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
+    if row is not None and row[0]:
+        raise PermissionDenied(f"peer {peer_id} is banned from this run")
 
 
 def _take_next_shard(c: Connection):

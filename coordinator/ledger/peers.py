@@ -7,6 +7,7 @@ import secrets
 import time
 
 from coordinator.errors import PermissionDenied
+from coordinator.ledger.access import redeem_invite
 from coordinator.ledger.leases import _close_lease, _expire, _get_lease
 from coordinator.ledger.progress import _raise_global_step
 from coordinator.ledger.schema import LeaseState
@@ -22,19 +23,27 @@ class PeerRegistry(LedgerStore):
     """Who takes part in the run, whether they are online, and where the swarm can reach them."""
 
     def register_peer(self, *, peer_id: str, name: str, public_key: bytes, device_kind: str, device_name: str,
-                      memory_bytes: int, now: float, team: str = "") -> str:
-        """Insert or refresh a peer; returns a new session token (older tokens stop working)."""
+                      memory_bytes: int, now: float, team: str = "", invite_only: bool = False,
+                      invite: str = "") -> str:
+        """Insert or refresh a peer; returns a new session token (older tokens stop working).
+
+        ``invite_only``: a peer not seen before must redeem ``invite`` (``access.py``)."""
         token = secrets.token_hex(16)
         with self._tx() as c:
-            row = c.execute("SELECT public_key, banned FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
+            row = c.execute("SELECT public_key, banned, ban_reason FROM peers WHERE peer_id = ?",
+                            (peer_id,)).fetchone()
             if row is not None and bytes(row["public_key"]) != public_key:
                 raise PermissionDenied(f"peer id {peer_id} belongs to another key")
             if row is not None and row["banned"]:
-                raise PermissionDenied(f"peer {peer_id} is banned from this run")
+                why = row["ban_reason"] or "no reason given"
+                raise PermissionDenied(f"peer {peer_id} is banned from this run ({why})")
             if row is None:
+                used = redeem_invite(c, invite, now) if invite_only else ""
                 c.execute("INSERT INTO peers (peer_id, name, public_key, token, device_kind, device_name, "
-                          "memory_bytes, registered_at, last_seen, team) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now, team))
+                          "memory_bytes, registered_at, last_seen, team, invite) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (peer_id, name, public_key, token, device_kind, device_name, memory_bytes, now, now, team,
+                           used))
             else:
                 c.execute("UPDATE peers SET name = ?, token = ?, device_kind = ?, device_name = ?, memory_bytes = ?,"
                           " last_seen = ?, left_at = NULL, team = ? WHERE peer_id = ?",

@@ -153,6 +153,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE leases ADD COLUMN progress INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE leases ADD COLUMN extensions INTEGER NOT NULL DEFAULT 0
     """,
+    # 8 (who may join): invites (only their sha256 is kept; uses_left counts down at each new peer's registration)
+    # and why a peer was banned; invite: the sha256 prefix of the invite a peer joined with ('' = an open run).
+    """
+    CREATE TABLE invites (
+        token_sha256 TEXT PRIMARY KEY,
+        uses_left INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        note TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE peers ADD COLUMN ban_reason TEXT;
+    ALTER TABLE peers ADD COLUMN invite TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 
