@@ -1,7 +1,8 @@
 """``hivefold coordinator invite|ban|unban``: the operator's say over who takes part, from another terminal.
 
 They write to the run's ledger (the workdir's, or ``--ledger``'s) beside a running coordinator, which
-sees a ban within ``TOKEN_CACHE_S``; an invite works at once. Nothing here imports torch or hivemind.
+sees a ban within ``TOKEN_CACHE_S``; an invite works at once. The CLI builds its parser from this module
+whatever the command, so it imports nothing heavy at module level.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import re
 import time
 from pathlib import Path
 
-from coordinator.run import SPEC_FILE, ledger_location
 from hivefold.errors import ConfigError
 
 COMMANDS = {
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from coordinator.ledger import Ledger
+    from coordinator.run import SPEC_FILE, ledger_location
 
     workdir = args.workdir.expanduser()
     ledger_arg = getattr(args, "ledger", "") or ""

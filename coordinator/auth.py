@@ -1,4 +1,4 @@
-"""Checks every signed request (``hivefold.rpcsign``) before a handler sees it.
+"""Checks every request before a handler sees it: its signature (``hivefold.rpcsign``) and its sender's rate.
 
 A request to a signed method must carry the peer's id, a timestamp within ``MAX_SKEW_S`` of the
 coordinator's clock, a nonce not seen before in that window, and an Ed25519 signature by the key the
@@ -6,6 +6,11 @@ peer registered over the method, the sha256 of the body exactly as received, the
 nonce; and the body must name the same peer as the signature. Anything else is refused with
 ``UNAUTHENTICATED`` (who you are cannot be established) or ``PERMISSION_DENIED`` (you are someone else
 than the request says), and a message that says which check failed.
+
+Each signed-in peer may send ``rate`` requests a second (bursts of ``2 x rate``), counted after its
+signature checks out so nobody can spend another peer's allowance; the public methods (Register,
+GetStatus, FetchCheckpoint) are counted per client address. Past it: ``RESOURCE_EXHAUSTED``, with the
+seconds to wait in the message and in the ``retry-after-s`` trailer (peers' clients back off and retry).
 """
 
 from __future__ import annotations
@@ -16,35 +21,65 @@ import time
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hivefold.identity import verify_signature
 from hivefold.rpcsign import MAX_SKEW_S, NONCE, PEER, SIGNATURE, SIGNED_METHODS, TIMESTAMP, signed_message
 
 NONCES_MAX = 1_000_000  # nonces remembered at once (a window's worth at ~16k requests/s); beyond it, refuse
+RATE_KEYS_MAX = 100_000  # senders tracked at once; idle ones are forgotten first
+
+
+class TokenBuckets:
+    """Per-sender token buckets: ``rate`` per second, up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float) -> float:
+        """0 if ``key`` may send now, else the seconds until it may."""
+        with self._lock:
+            tokens, when = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            if len(self._buckets) >= RATE_KEYS_MAX:
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self.burst / self.rate}
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                return (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
 
 
 class _Received:
-    """A request as deserialized, with the sha256 of its bytes on the wire (what the peer signed)."""
+    """A request as deserialized (None: it did not parse), with the sha256 of its bytes on the wire (what the
+    peer signed). Parsing here, not in gRPC, turns garbage into INVALID_ARGUMENT instead of a logged traceback."""
 
     __slots__ = ("digest", "message")
 
     def __init__(self, raw: bytes, deserialize: Callable[[bytes], object]):
         self.digest = hashlib.sha256(raw).digest()
-        self.message = deserialize(raw)
+        try:
+            self.message = deserialize(raw)
+        except DecodeError:
+            self.message = None
 
 
 class SignatureInterceptor(grpc.ServerInterceptor):
     """``public_key(peer_id)``: the raw key the peer registered, or None for an unknown peer."""
 
-    def __init__(self, public_key: Callable[[str], bytes | None], clock: Callable[[], float] = time.time):
+    def __init__(self, public_key: Callable[[str], bytes | None], clock: Callable[[], float] = time.time,
+                 rate: float = 100.0):
         self.public_key, self.clock = public_key, clock
+        self.buckets = TokenBuckets(rate, max(20.0, 2 * rate))
         self._nonces: dict[str, float] = {}  # nonce -> its timestamp, for MAX_SKEW_S
         self._lock = threading.Lock()
         self._next_prune = 0.0
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or details.method not in SIGNED_METHODS:
+        if handler is None:
             return handler
         metadata = dict(details.invocation_metadata or ())
         method, deserialize = details.method, handler.request_deserializer
@@ -73,6 +108,11 @@ class SignatureInterceptor(grpc.ServerInterceptor):
         return handler
 
     def _check(self, method: str, metadata: dict, received: _Received, context) -> None:
+        if received.message is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: not a {method.rsplit('/', 1)[1]} "
+                          "message")
+        if method not in SIGNED_METHODS:  # public: counted per client address
+            return self._limit("ip " + context.peer().rpartition(":")[0], context)
         deny = context.abort
         missing = [k for k in (PEER, TIMESTAMP, NONCE, SIGNATURE) if not metadata.get(k)]
         if missing:
@@ -101,6 +141,14 @@ class SignatureInterceptor(grpc.ServerInterceptor):
                  f"{peer_id}")
         if not self._first_use(nonce, float(timestamp)):
             deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
+        self._limit("peer " + peer_id, context)
+
+    def _limit(self, key: str, context) -> None:
+        wait = self.buckets.take(key, time.monotonic())
+        if wait > 0:
+            context.set_trailing_metadata([("retry-after-s", f"{wait:.3f}")])
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: at most {self.buckets.rate:.0f} requests "
+                          f"a second; retry in {wait:.2f}s")
 
     def _first_use(self, nonce: str, timestamp: float) -> bool:
         """Remember ``nonce``; False if it was seen within the window (or the memory is full)."""

@@ -130,6 +130,7 @@ class CoordinatorConfig:
     qrb_k: float = 0.75  # quick-return bonus: points = base x max(1, sqrt(k x deadline / elapsed)); 0 = off
     ledger: str = ""  # an SQLite file path or a postgresql:// URL; '' = ledger.sqlite in the workdir
     invite_only: bool = False  # new peers must redeem an invite (hivefold coordinator invite)
+    rpc_rate: float = 100.0  # requests a second each peer (or, before it signs in, each address) may send
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
@@ -154,6 +155,8 @@ class CoordinatorConfig:
         if "://" in self.ledger and not self.ledger.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"--ledger takes an SQLite file path or a postgresql:// URL, got "
                               f"{self.ledger.split('://')[0]}://...")
+        if not 0.1 <= self.rpc_rate <= 1e6:
+            raise ConfigError(f"--rpc-rate must be between 0.1 and 1e6 requests a second, got {self.rpc_rate}")
         if not 0 <= self.qrb_k <= 100 or self.qrb_k != self.qrb_k:
             raise ConfigError(f"--qrb-k must be between 0 (no bonus) and 100, got {self.qrb_k}")
 
@@ -162,7 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``hivefold coordinator`` flags: one per field of ``CoordinatorConfig`` and ``RunOptions``."""
     d = CoordinatorConfig(workdir=Path("."))
     # required unless a subcommand (hivefold coordinator invite|ban|unban) takes its own
-    p.add_argument("--workdir", type=Path, help="directory holding the run (created if missing)")
+    p.add_argument("--workdir", type=Path,
+                   help="directory holding the run, created if missing (default: none; required to run a coordinator)")
     p.add_argument("--listen", default=d.listen, help="gRPC HOST:PORT for peers (default %(default)s)")
     p.add_argument("--http", default=d.http, help="HOST:PORT for /api/status; '' disables (default %(default)s)")
     p.add_argument("--dht-listen", action="append",
@@ -189,6 +193,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invite-only", action="store_true",
                    help="admit only new peers that bring an invite (hivefold coordinator invite --workdir DIR); "
                         "peers admitted before keep their place")
+    p.add_argument("--rpc-rate", type=float, default=d.rpc_rate, metavar="PER_SECOND",
+                   help="requests a second each peer may send (bursts of twice that), and each address before it "
+                        "registers; past it peers are told to retry later (default %(default)s)")
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
@@ -234,4 +241,5 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         lease_max_seconds=args.lease_max_seconds,
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
-        qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only, run=run)
+        qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only,
+        rpc_rate=args.rpc_rate, run=run)

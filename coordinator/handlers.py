@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # stays well under gRPC's default 4 MiB message limit
 INLINE_MAX_BYTES = 4 << 20  # the largest shard sent inline in a LeaseShard answer, whatever the peer accepts
 MAX_CLOCK_SKEW_S = 300.0  # a signed Register older or newer than this is refused (replay protection)
+COUNT_MAX = 2**53  # counters and steps from peers: beyond this they are nonsense (and overflow SQL integers)
 NAME_MAX = 64
 TEAM_MAX = 32
 LEASE_SLACK = 3.0  # a lease lasts this many times the work's expected time (a busy machine, a hiccup)
@@ -75,6 +76,13 @@ class Context:
         return self.config.workdir
 
 
+def _epoch(value: int) -> int:
+    """A swarm step as a peer reports it: far beyond any real run's is refused (the ledger bounds jumps too)."""
+    if value > COUNT_MAX:
+        raise InvalidArgument(f"epoch {value} is out of range (at most {COUNT_MAX})")
+    return int(value)
+
+
 def _auth(auth: pb.PeerAuth, ctx: Context) -> str:
     if not auth.peer_id or not ctx.ledger.check_token(auth.peer_id, auth.token):
         if auth.peer_id and ctx.ledger.is_banned(auth.peer_id):
@@ -111,7 +119,7 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
         raise InvalidArgument("invite must be at most 128 characters")
     token = ctx.ledger.register_peer(peer_id=peer_id, name=name, public_key=request.public_key,
                                      device_kind=device.kind[:16], device_name=device.name[:128],
-                                     memory_bytes=device.memory_bytes, team=team, now=now,
+                                     memory_bytes=min(device.memory_bytes, COUNT_MAX), team=team, now=now,
                                      invite_only=ctx.config.invite_only, invite=request.invite)
     log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
              device.memory_bytes / 2**30)
@@ -217,7 +225,7 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
     if len(request.losses) > max_batches:
         raise InvalidArgument(f"{len(request.losses)} losses for {request.samples} samples; at most one per "
                               f"micro-batch of {micro_batch}")
-    losses = [(float(x.loss), int(x.epoch)) for x in request.losses]
+    losses = [(float(x.loss), _epoch(x.epoch)) for x in request.losses]
     if any(not math.isfinite(loss) or loss < 0 for loss, _ in losses):
         raise InvalidArgument("losses must be finite and non-negative")
     if not math.isfinite(request.compute_seconds) or request.compute_seconds < 0:
@@ -255,7 +263,7 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         raise InvalidArgument(f"dht_maddrs must be at most {MADDRS_MAX} multiaddrs of at most {MADDR_CHARS} "
                               "characters, each starting with '/'")
     ids, step = ctx.ledger.heartbeat(
-        peer_id, epoch=int(request.epoch), samples=int(request.samples_trained),
+        peer_id, epoch=_epoch(request.epoch), samples=min(int(request.samples_trained), COUNT_MAX),
         recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
         samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
         now=now, dht_maddrs=maddrs,
@@ -269,7 +277,7 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
 def leave(request: pb.LeaveRequest, ctx: Context, now: float) -> pb.LeaveResponse:
     """Mark the peer offline at once; ask it to stay reachable while only it holds state newer than the checkpoint."""
     peer_id = _auth(request.auth, ctx)
-    ctx.ledger.leave(peer_id, epoch=int(request.epoch), reason=request.reason[:200] or "left", now=now)
+    ctx.ledger.leave(peer_id, epoch=_epoch(request.epoch), reason=request.reason[:200] or "left", now=now)
     latest = ctx.ledger.latest_checkpoint()
     hold = ctx.config.keeper and ctx.ledger.handover_needed(peer_id, online_seconds=_online_seconds(ctx), now=now)
     if hold:

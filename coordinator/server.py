@@ -20,10 +20,12 @@ from coordinator.errors import (
     Unauthenticated,
     Unavailable,
 )
-from hivefold.client import CHANNEL_OPTIONS
+from hivefold.client import MAX_MESSAGE_BYTES
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1 << 20
 
 STATUS_OF = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -85,9 +87,12 @@ def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], floa
                  max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
     # the signature check is innermost: metrics interceptors time refused requests too
-    signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock)
+    signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock, rate=ctx.config.rpc_rate)
+    # requests are small (the largest, a result, is one loss per micro-batch): refuse big ones unread
+    options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         interceptors=[*interceptors, signatures], options=CHANNEL_OPTIONS)
+                         interceptors=[*interceptors, signatures], options=options)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
     try:
         port = server.add_insecure_port(listen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ from peer.trainer import Trainer
 from protos import coordinator_pb2 as pb
 
 log = logging.getLogger("hivefold.peer")
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
@@ -183,6 +186,10 @@ class Session:
     def lease(self, held: list[str]) -> pb.LeaseShardResponse:
         resp = self.authed(lambda: self.client.lease(held))
         if resp.HasField("work"):
+            # the lease id and sha256 name files in this workdir: a coordinator must not steer them elsewhere
+            if not SAFE_ID.fullmatch(resp.work.lease_id) or not SHA256_HEX.fullmatch(resp.work.sha256):
+                raise HivefoldError(f"the coordinator sent a malformed work unit (lease id {resp.work.lease_id[:80]!r},"
+                                    f" sha256 {resp.work.sha256[:80]!r})")
             self.leases.track(resp.work.lease_id, resp.work.deadline)
         return resp
 

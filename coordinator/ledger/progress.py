@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coordinator.errors import InvalidArgument
 from coordinator.ledger.backend import Connection
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 
@@ -21,7 +22,7 @@ class KeeperProgress(LedgerStore):
 
     def observe_global_step(self, step: int) -> int:
         with self._tx() as c:
-            return _raise_global_step(c, step)
+            return _raise_global_step(c, step, trusted=True)
 
     def record_keeper_download(self, *, step: int | None, error: str | None, now: float) -> None:
         """The keeper's latest attempt to download the swarm's state: a success at swarm ``step`` when
@@ -34,7 +35,7 @@ class KeeperProgress(LedgerStore):
                 _set_meta(c, "keeper_last_download_at", repr(now))
                 _set_meta(c, "keeper_last_download_step", str(step))
                 c.execute("DELETE FROM meta WHERE key IN ('keeper_last_error', 'keeper_last_error_at')")
-                _raise_global_step(c, step)
+                _raise_global_step(c, step, trusted=True)
             else:
                 _set_meta(c, "keeper_last_error", error)
                 _set_meta(c, "keeper_last_error_at", repr(now))
@@ -49,7 +50,7 @@ class KeeperProgress(LedgerStore):
             c.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?) ON CONFLICT (step) DO UPDATE SET "
                       "path = excluded.path, val_loss = excluded.val_loss, created_at = excluded.created_at",
                       (step, path, val_loss, now))
-            _raise_global_step(c, step)
+            _raise_global_step(c, step, trusted=True)
             _event(c, now, "checkpoint", detail=f"step {step}")
 
     def forget_checkpoint(self, step: int) -> None:
@@ -65,9 +66,16 @@ class KeeperProgress(LedgerStore):
         return None
 
 
-def _raise_global_step(c: Connection, step: int) -> int:
-    """The swarm's step only moves forward; peers' reports can be stale or out of order."""
+STEP_JUMP_MAX = 10_000  # a report this far ahead of the swarm's step is a lie or a bug, not progress
+
+
+def _raise_global_step(c: Connection, step: int, *, trusted: bool = False) -> int:
+    """The swarm's step only moves forward; peers' reports can be stale or out of order, and are refused when
+    implausibly far ahead (one report must not fling the swarm's step, the keeper's cadence and the charts).
+    ``trusted``: the keeper's, which follows the swarm's real state."""
     current = int(_meta(c, "global_step"))
+    if step > current + STEP_JUMP_MAX and not trusted:
+        raise InvalidArgument(f"step {step} is implausibly far ahead of the swarm's step {current}")
     if step > current:
         c.execute("UPDATE meta SET value = ? WHERE key = 'global_step'", (str(step),))
         return step

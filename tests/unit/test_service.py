@@ -295,3 +295,32 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
         Identity.load_or_create(tmp_path)
     key.chmod(0o600)
     assert Identity.load_or_create(tmp_path).peer_id == identity.peer_id
+
+
+def test_a_peer_past_its_rate_is_told_to_retry_later_and_others_are_not(service, tmp_path):
+    ctx, _, _ = service
+    slow = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, rpc_rate=5.0))
+    server, port = start_server(slow, "127.0.0.1:0")
+    try:
+        address = f"127.0.0.1:{port}"
+        eager, _ = registered(address, tmp_path / "eager", "eager")
+        calm, _ = registered(address, tmp_path / "calm", "calm")
+        codes = []
+        for _ in range(40):  # a burst of 20 is allowed, then 5 a second
+            try:
+                eager.stub.Heartbeat(pb.HeartbeatRequest(auth=eager.auth), timeout=5)
+                codes.append("ok")
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "rate limit: at most 5 requests" in e.details()
+                retry = dict(e.trailing_metadata())["retry-after-s"]
+                assert 0 < float(retry) <= 0.2
+        assert 20 <= codes.count("ok") <= 24 and codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        calm.stub.Heartbeat(pb.HeartbeatRequest(auth=calm.auth), timeout=5)  # its own allowance
+        time.sleep(0.25)
+        eager.stub.Heartbeat(pb.HeartbeatRequest(auth=eager.auth), timeout=5)  # and it refills
+        eager.close()
+        calm.close()
+    finally:
+        server.stop(0)

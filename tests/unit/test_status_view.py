@@ -19,6 +19,7 @@ def status():
     for i in range(3):
         led.register_peer(peer_id=f"{i}" * 40, name=f"{LONG_NAME}-{i}", public_key=bytes([i]) * 32,
                           device_kind="cpu", device_name="", memory_bytes=0, now=0.0)
+        led.observe_global_step(123456)  # the keeper's word: peers may not jump the step this far
         led.heartbeat(f"{i}" * 40, epoch=123456, samples=987654, recent_loss=2.345678, samples_per_second=1234.5,
                       now=900.0)
     led.set_checkpoint_every(10)
