@@ -94,7 +94,10 @@ def render(status: dict, *, clock: str = "") -> Group:
 
 
 def online_cell(peer: dict) -> str:
-    """``yes``, ``no`` or ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...)."""
+    """``yes``, ``no``, ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...) or
+    ``banned`` (by the operator)."""
+    if peer.get("banned"):
+        return "banned"
     if not peer["online"]:
         return "no"
     return "paused" if peer.get("paused") else "yes"

@@ -94,6 +94,7 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
             "last_seen": p["last_seen"], "device": p["device_kind"], "epoch": p["epoch"],
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],
             "utilization": p["utilization"], "micro_batch": p["micro_batch"], "team": p["team"],
+            "banned": bool(p["banned"]), "ban_reason": p["ban_reason"],
         })
     samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
     # Training loss: mean over the micro-batches of the latest swarm steps that have any.

@@ -502,3 +502,12 @@ def test_a_banned_peer_loses_its_leases_and_cannot_come_back_until_unbanned(ledg
     assert not ledger.is_banned("a")
     assert ledger.check_token("a", ledger.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="",
                                                         device_name="", memory_bytes=0, now=5.0))
+
+
+def test_status_shows_who_is_banned_and_why(ledger):
+    ledger.ban("b", reason="poisoned the average", now=5.0)
+    peers = {p["peer_id"]: p for p in ledger.status(now=6.0, online_seconds=30, seq_len=8)["peers"]}
+    assert peers["b"]["banned"] and peers["b"]["ban_reason"] == "poisoned the average"
+    assert not peers["a"]["banned"] and peers["a"]["ban_reason"] is None
+    from hivefold.status_view import online_cell
+    assert online_cell(peers["b"]) == "banned"
