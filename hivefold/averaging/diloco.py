@@ -33,6 +33,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from hivefold.averaging.guard import UpdateGuard
 from hivefold.averaging.outer import compression, nesterov_outer_step
 from hivefold.dht import die_with_parent
 from hivefold.model import GPT
@@ -71,6 +72,8 @@ class _Round:
     sent_local: list[torch.Tensor]  # the local parameters when the pseudo-gradient was taken (on the device)
     own: list[torch.Tensor]  # this peer's pseudo-gradient: applied alone if no group forms
     started: float
+    own_norm: float = 0.0
+    refused: bool = False  # the guard refused to send ``own`` (non-finite, far too large): restart from global
 
 
 class DiLoCo:
@@ -103,6 +106,7 @@ class DiLoCo:
         self._reported_at = -float("inf")
         self._resync = False  # set when this member's global parameters turned out to differ from its group's
         self._sent_fingerprint = 0.0
+        self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = _OuterStateAverager(
@@ -245,6 +249,12 @@ class DiLoCo:
         with torch.no_grad():
             sent_local = [p.detach().clone() for p in self.params]
             own = [torch.sub(g, p.float()) for g, p in zip(self.global_params, sent_local, strict=True)]
+            own_norm, refused = self.guard.check_outgoing(own)
+            if refused:
+                log.error("outer round %d: not sending this peer's pseudo-gradient: %s; it takes part with nothing "
+                          "and restarts from the global parameters", self.epoch, refused)
+                own = [torch.zeros_like(d) for d in own]
+                samples = 0
             if not alone:
                 with self.averager.get_tensors() as buffers:
                     for buf, d in zip(buffers, own, strict=True):
@@ -260,7 +270,7 @@ class DiLoCo:
             control = self.averager.step(gather=(self.epoch, self._sent_fingerprint), weight=float(samples) or 1e-6,
                                          wait=False,
                                          timeout=2 * a.matchmaking_time + 2 * a.averaging_timeout)
-        self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter())
+        self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter(), own_norm, bool(refused))
         if control is None:
             self._land_round()
 
@@ -271,18 +281,26 @@ class DiLoCo:
         except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
             log.debug("outer round %d failed: %r", r.epoch, e)
             gathered = None
+        update = None
         if gathered:
             with self.averager.get_tensors() as buffers:
                 update = [b.clone() for b in buffers]
+            poisoned = self.guard.check_incoming(update, r.own_norm)
+            if poisoned:
+                log.error("outer round %d: refusing the swarm's averaged update (%s): a member sent bad values; "
+                          "this peer applies its own update instead", r.epoch, poisoned)
+                gathered, update = None, r.own
+        if gathered:
             self.rounds_ok += 1
             n = len(gathered)
             self.bytes_sent += int(2 * self._payload_bytes * (n - 1) / n)
             self.bytes_received += int(2 * self._payload_bytes * (n - 1) / n)
             self._check_agreement(r, list(gathered.values()))
         else:
-            if r.control is not None:
+            if r.control is not None and update is None:
                 log.warning("outer round %d: no group formed; this peer applies its own update", r.epoch)
             update = r.own
+            self.guard.accept_own(r.own_norm)
             self.rounds_alone += 1
         self.last_round_seconds = time.perf_counter() - r.started
         a = self.spec.averaging
@@ -292,7 +310,10 @@ class DiLoCo:
             self.epoch = r.epoch + 1
             # Keep the inner steps taken since the pseudo-gradient was sent, on top of the new global parameters.
             for p, g, sent in zip(self.params, self.global_params, r.sent_local, strict=True):
-                p.sub_(sent).add_(g.to(dtype=p.dtype))
+                if r.refused:  # the local model went bad: start over from the global parameters
+                    p.copy_(g.to(dtype=p.dtype))
+                else:
+                    p.sub_(sent).add_(g.to(dtype=p.dtype))
         self._pending = None
         self._share_priority()
         if r.control is not None:

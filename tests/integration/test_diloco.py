@@ -87,3 +87,21 @@ def test_a_peer_killed_mid_round_does_not_stop_the_other(tmp_path):
         for w in (survivor, victim):
             Processes.kill_group(w)  # the worker and its hivemind helpers
             w.wait()
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+def test_a_poisoning_member_does_not_wreck_the_honest_one(tmp_path, poison):
+    """A member sends NaNs or a huge pseudo-gradient into every all-reduce: the honest member refuses the averaged
+    update each time, applies its own, and keeps learning with finite parameters."""
+    honest, hostile = start(tmp_path, 0, "--rounds", "4"), start(tmp_path, 1, "--rounds", "0", "--poison", poison)
+    try:
+        wait_for(lambda: (tmp_path / "w0-4.pt").exists(), timeout=180, what="the honest member's 4 outer steps")
+        first, last = saved(tmp_path, 0, 1), saved(tmp_path, 0, 4)
+        assert all(torch.isfinite(p).all() and p.abs().max() < 100 for p in last["params"]), logs(tmp_path)
+        assert last["refused_in"] >= 1, logs(tmp_path)  # it did average with the poisoner, and refused the result
+        assert "refusing the swarm's averaged update" in (tmp_path / "w0.log").read_text()
+        assert math.isfinite(last["loss"]) and last["loss"] < first["loss"], (first["loss"], last["loss"])
+    finally:
+        for w in (honest, hostile):
+            Processes.kill_group(w)
+            w.wait()

@@ -84,3 +84,23 @@ def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
     sync = SyncAveraging.__new__(SyncAveraging)
     sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager())
     assert sync.load_state_from_peers(timeout=1.0) is False
+
+
+def test_the_update_guard_refuses_non_finite_and_outsized_updates():
+    from hivefold.averaging.guard import UpdateGuard
+
+    guard = UpdateGuard(factor=10.0)
+    ones = [torch.ones(3, 4), torch.ones(5)]  # norm sqrt(17)
+    norm, why = guard.check_outgoing(ones)
+    assert why is None and abs(norm - 17 ** 0.5) < 1e-6
+    assert "non-finite" in guard.check_outgoing([torch.tensor([1.0, float("nan")])])[1]
+    # before a few accepted updates, the bound is relative to this peer's own pseudo-gradient
+    assert guard.check_incoming([t * 9 for t in ones], own_norm=norm) is None
+    assert "over the bound" in guard.check_incoming([t * 11 for t in ones], own_norm=norm)
+    assert "non-finite" in guard.check_incoming([torch.tensor([float("inf")])], own_norm=norm)
+    for _ in range(3):
+        guard.accept_own(norm)
+    # then by the recent median: an honest update of the usual size passes, a 20x one does not
+    assert guard.check_outgoing([t * 2 for t in ones])[1] is None
+    assert "over 10x the recent outer updates" in guard.check_outgoing([t * 20 for t in ones])[1]
+    assert (guard.refused_out, guard.refused_in) == (2, 2)

@@ -1,0 +1,71 @@
+"""Bounds on what enters and leaves each outer all-reduce, so one bad or hostile peer cannot wreck the model.
+
+Before this peer sends its pseudo-gradient, the guard refuses one with non-finite values or a norm far
+beyond the recent outer updates (a diverged local model, a bug): the peer then takes part with nothing
+and starts the next round from the global parameters. After the all-reduce, it refuses an averaged
+update with non-finite values or such a norm (a member sent NaNs or a huge tensor): the peer applies
+its own pseudo-gradient instead, as if no group had formed, and says so. The recent range is the
+median norm of the last accepted updates; until there are a few, a bound relative to this peer's own
+pseudo-gradient applies. Sign flips and subtler poison need the swarm-wide checks of issue 9.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+import torch
+
+NORM_FACTOR = 10.0  # an update more than this many times the recent median norm is refused
+HISTORY = 16  # accepted update norms remembered
+WARMUP = 3  # below this many, the bound is relative to this peer's own pseudo-gradient
+
+
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm over all tensors (inf or nan if any value is)."""
+    return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors))
+
+
+class UpdateGuard:
+    def __init__(self, factor: float = NORM_FACTOR):
+        self.factor = factor
+        self.norms: deque[float] = deque(maxlen=HISTORY)
+        self.refused_out = 0
+        self.refused_in = 0
+
+    def _limit(self, reference: float | None) -> float | None:
+        if len(self.norms) >= WARMUP:
+            return self.factor * statistics.median(self.norms)
+        return self.factor * reference if reference else None
+
+    def check_outgoing(self, own: list[torch.Tensor]) -> tuple[float, str | None]:
+        """(norm, None) if ``own`` may be sent, else (norm, why not)."""
+        norm = total_norm(own)
+        if not math.isfinite(norm):
+            self.refused_out += 1
+            return norm, "it has non-finite values"
+        limit = self._limit(None)
+        if limit is not None and norm > limit:
+            self.refused_out += 1
+            return norm, f"its norm {norm:.3g} is over {self.factor:.0f}x the recent outer updates' ({limit:.3g})"
+        return norm, None
+
+    def check_incoming(self, update: list[torch.Tensor], own_norm: float) -> str | None:
+        """None if the averaged ``update`` may be applied (and it is remembered), else why not."""
+        norm = total_norm(update)
+        limit = self._limit(own_norm if math.isfinite(own_norm) else None)
+        if not math.isfinite(norm):
+            why = "it has non-finite values"
+        elif limit is not None and norm > limit:
+            why = f"its norm {norm:.3g} is over the bound {limit:.3g}"
+        else:
+            self.norms.append(norm)
+            return None
+        self.refused_in += 1
+        return why
+
+    def accept_own(self, norm: float) -> None:
+        """This peer applied its own update (no group): its norm counts towards the recent range."""
+        if math.isfinite(norm):
+            self.norms.append(norm)
