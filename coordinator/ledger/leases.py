@@ -335,11 +335,6 @@ def _expire(c: Connection, now: float) -> int:
     return len(rows)
 
 
-def _meta_or(c: Connection, key: str, default: str) -> str:
-    row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    return row[0] if row else default
-
-
 def _complete(c: Connection, now: float, why: str) -> None:
     """Mark the run complete (once): the status document and the dashboard say so, peers are told to finish."""
     if c.execute("SELECT 1 FROM meta WHERE key = 'completed_at'").fetchone() is None:
