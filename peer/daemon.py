@@ -79,9 +79,9 @@ def _run(config: PeerConfig, stop: threading.Event, channel: ControlChannel) -> 
         watchdog.start()
         session.shutdown()
         watchdog.cancel()
+        log.info("peer %s left the swarm", session.peer_id)
     if session.banned:
         raise HivefoldError(f"{session.banned}; ask the run's operator why")
-        log.info("peer %s left the swarm", session.peer_id)
 
 
 def _force_exit() -> None:

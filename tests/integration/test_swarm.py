@@ -156,6 +156,12 @@ def test_killed_peer_loses_its_lease_and_the_other_trains_the_shard(swarm):
     assert state == "expired" and winner == bob
     status = swarm.status()
     assert {p["name"]: p["online"] for p in status["peers"]} == {"alice": False, "bob": True}
+    # Alice comes back (same workdir, same identity), so the next test's swarm is whole again: a sync step
+    # waits up to the averaging timeout (15 s, longer than a lease) for a killed peer the DHT still lists.
+    done = {p["name"]: p["shards_done"] for p in status["peers"]}["alice"]
+    swarm.peers["alice"] = swarm.start_peer("alice")
+    wait_for(lambda: (p := {q["name"]: q for q in swarm.status()["peers"]}["alice"])["online"]
+             and p["shards_done"] > done, timeout=240, interval=1, what="alice back, training", procs=swarm.procs)
 
 
 def test_ctrl_c_hands_the_lease_and_the_prefetched_one_back_and_leaves(swarm):
