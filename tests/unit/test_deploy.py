@@ -61,6 +61,8 @@ class Command:
     def listening(self) -> dict[int, str]:
         """TCP ports this command listens on (ephemeral ones left out) -> the host it binds each to."""
         ports: dict[int, str] = {}
+        if self.config is None:  # an operator's command (invite, ban, pause...): it listens on nothing
+            return ports
         if self.ns.command == "coordinator":
             for flag, value in (("--listen", self.config.listen), ("--http", self.config.http)):
                 if value:
@@ -85,11 +87,15 @@ def parse_hivefold(args: list[str], where: str) -> Command:
         pytest.fail(f"{where}: `hivefold {shlex.join(args)}` is refused by hivefold's argument parser "
                     f"(exit {e.code}; its message is in the captured stderr)")
     # Spelled out in full: argparse also takes a unique prefix (--no-prog), which a later flag can make ambiguous.
-    options = parser._subparsers._group_actions[0].choices[ns.command]._option_string_actions
+    command = parser._subparsers._group_actions[0].choices[ns.command]
+    nested = getattr(ns, f"{ns.command}_command", None)  # hivefold coordinator invite|ban, peer pause|resume...
+    if nested:
+        command = command._subparsers._group_actions[0].choices[nested]
+    options = command._option_string_actions
     for token in args:
         if token.startswith("--") and token.split("=")[0] not in options:
             pytest.fail(f"{where}: `hivefold {shlex.join(args)}`: {token} is not a flag of `hivefold {ns.command}`")
-    validate = {"coordinator": coordinator_config, "peer": peer_config}.get(ns.command)
+    validate = None if nested else {"coordinator": coordinator_config, "peer": peer_config}.get(ns.command)
     try:
         config = validate(ns) if validate else None
     except ConfigError as e:
