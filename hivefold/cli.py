@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -40,6 +41,9 @@ def _status_cmd(args: argparse.Namespace) -> int:
     client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
     try:
         if args.watch is not None:
+            # Ctrl-C ends --watch even when this process was started with SIGINT ignored (by a background job's
+            # shell, or a parent that runs hivemind, which ignores it): Python then keeps the inherited SIG_IGN.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             watch(lambda: _fetch_status(client, args.coordinator), every=args.watch, console=make_console())
             return 0
         status = _fetch_status(client, args.coordinator)

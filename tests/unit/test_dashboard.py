@@ -140,8 +140,11 @@ def test_status_watch_redraws_in_place_until_ctrl_c(served):
     """In a real terminal (a pty): the table is drawn, then redrawn over itself; Ctrl-C ends it cleanly."""
     ctx, address, _ = served
     main, child = pty.openpty()
+    # started with SIGINT ignored, as a parent running hivemind (the test suite, after its in-process averagers) or
+    # a background job's shell leaves it: Ctrl-C must still end --watch
     proc = subprocess.Popen([sys.executable, "-m", "hivefold", "status", "--coordinator", address, "--watch", "0.3"],
-                            stdin=child, stdout=child, stderr=child, env={**os.environ, "COLUMNS": "200"})
+                            stdin=child, stdout=child, stderr=child, env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     os.close(child)
     out, deadline = b"", time.monotonic() + 60
     while out.count(ctx.spec.run_id.encode()) < 3 and time.monotonic() < deadline:
