@@ -9,35 +9,7 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Pe
 from coordinator.ledger import LeaseState, Ledger, ShardState, Verdict
 from coordinator.ledger import schema as ledger_schema
 from hivefold.spec import ShardInfo
-
-LEASE_S = 60.0
-SHARDS = [ShardInfo(i, f"{i:064x}", 100, 8) for i in range(4)]
-
-
-def location(kind: str, request, tmp_path):
-    if kind == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return ":memory:" if kind == "memory" else tmp_path / "ledger.sqlite"
-
-
-@pytest.fixture(params=["memory", "file", "postgresql"])
-def ledger(request, tmp_path):
-    led = Ledger(location(request.param, request, tmp_path))
-    led.init_run(run_id="run", spec_hash="h" * 64, shards=SHARDS, seed=7, data_passes=0, now=0.0)
-    for name in ("a", "b"):
-        led.register_peer(peer_id=name, name=name, public_key=name.encode() * 32, device_kind="cpu",
-                          device_name="", memory_bytes=0, now=0.0)
-    yield led
-    led.close()
-
-
-def lease(led, peer, now=1.0):
-    return led.lease_shard(peer, lease_seconds=LEASE_S, now=now).lease
-
-
-def submit(led, peer, lease_obj, now=2.0, samples=8):
-    return led.submit(peer, lease_obj.lease_id, samples=samples, losses=[(2.0, 0), (1.5, 1)], compute_seconds=1.0,
-                      credit_per_sample=0.5, now=now)
+from tests.unit.ledger_cases import LEASE_S, SHARDS, lease, location, submit
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
@@ -333,64 +305,6 @@ def test_status_document(ledger):
     assert peer_a["shards_done"] == 1 and peer_a["samples"] == 8 and peer_a["online"]
 
 
-def keeper(led, now=1000.0):
-    return led.status(now=now, online_seconds=30.0, seq_len=16)["keeper"]
-
-
-def test_keeper_health_is_empty_before_the_keeper_reports(ledger):
-    assert keeper(ledger) == {"checkpoint_every": None, "last_download_at": None, "last_download_step": None,
-                              "last_error": None, "last_error_at": None, "checkpoint_step": None,
-                              "checkpoint_age_steps": None, "warning": None}
-
-
-def test_keeper_downloads_errors_and_the_lag_warning(ledger):
-    ledger.set_checkpoint_every(10)
-    ledger.record_checkpoint(0, "/x/step-0.pt", 5.0, now=1.0)
-    ledger.record_keeper_download(step=12, error=None, now=100.0)
-    k = keeper(ledger)
-    assert (k["checkpoint_every"], k["last_download_at"], k["last_download_step"]) == (10, 100.0, 12)
-    assert (k["checkpoint_step"], k["checkpoint_age_steps"], k["warning"]) == (0, 12, None)  # the download raised it
-
-    ledger.record_keeper_download(step=None, error="no peer answered within 30s", now=140.0)
-    k = keeper(ledger)
-    assert (k["last_error"], k["last_error_at"]) == ("no peer answered within 30s", 140.0)
-    assert (k["last_download_at"], k["last_download_step"]) == (100.0, 12)  # the last success stays
-
-    ledger.observe_global_step(20)
-    assert keeper(ledger)["warning"] is None  # two intervals behind is still normal
-    ledger.observe_global_step(21)
-    assert keeper(ledger)["warning"] == ("the latest checkpoint is 21 swarm steps behind (checkpoint every 10): the "
-                                         "keeper cannot download the swarm's state: no peer answered within 30s")
-
-    ledger.record_keeper_download(step=21, error=None, now=200.0)  # a success clears the error ...
-    k = keeper(ledger)
-    assert (k["last_error"], k["last_error_at"], k["last_download_step"]) == (None, None, 21)
-    assert "is the keeper running" in k["warning"]  # ... but the lag stays until a checkpoint is written
-    ledger.record_checkpoint(21, "/x/step-21.pt", 4.0, now=210.0)
-    k = keeper(ledger)
-    assert (k["checkpoint_step"], k["checkpoint_age_steps"], k["warning"]) == (21, 0, None)
-
-
-def test_keeper_warns_when_no_checkpoint_was_ever_written(ledger):
-    ledger.set_checkpoint_every(5)
-    ledger.observe_global_step(10)
-    assert keeper(ledger)["warning"] is None
-    ledger.observe_global_step(11)
-    ledger.record_keeper_download(step=None, error="DHT unreachable", now=50.0)
-    assert keeper(ledger)["warning"] == ("no checkpoint yet at swarm step 11 (checkpoint every 5): the keeper cannot "
-                                         "download the swarm's state: DHT unreachable")
-
-
-def test_keeper_recording_refuses_nonsense(ledger):
-    with pytest.raises(ValueError, match="needs the step"):
-        ledger.record_keeper_download(step=None, error=None, now=1.0)
-    with pytest.raises(ValueError, match="checkpoint_every"):
-        ledger.set_checkpoint_every(0)
-    ledger.set_checkpoint_every(3)
-    ledger.set_checkpoint_every(4)  # a restart with another --checkpoint-every replaces it
-    assert keeper(ledger)["checkpoint_every"] == 4
-
-
 def test_a_peer_may_lease_ahead_and_a_restarted_peer_gets_its_orphans_back(ledger):
     a = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0).lease
     b = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id]).lease
@@ -428,86 +342,3 @@ def test_a_broken_postgresql_connection_is_reopened(postgres_url, postgres):
         led.shard_counts()  # the call in flight fails as UNAVAILABLE, which peers retry
     assert led.shard_counts()[ShardState.PENDING.value] == 4  # the next one reconnects
     led.close()
-
-
-def test_invites_admit_new_peers_once_each_and_say_why_not(ledger):
-    token = ledger.create_invite(uses=2, expires_at=100.0, now=1.0, note="for carol")
-    assert token.startswith("hfinv-") and token not in str(ledger._read("SELECT * FROM invites"))  # only its hash
-
-    def join(name, invite, now=2.0):
-        return ledger.register_peer(peer_id=name, name=name, public_key=name.encode().ljust(32, b"."),
-                                    device_kind="", device_name="", memory_bytes=0, now=now, invite_only=True,
-                                    invite=invite)
-
-    for invite, why in (("", "this run is invite-only"), ("hfinv-nope", "unknown invite")):
-        with pytest.raises(PermissionDenied, match=why):
-            join("c", invite)
-    join("c", token)
-    join("c", "")  # admitted once: re-registering needs no invite
-    join("d", f"  {token}\n")  # pasted with whitespace
-    with pytest.raises(PermissionDenied, match="used up"):
-        join("e", token)
-    late = ledger.create_invite(uses=1, expires_at=10.0, now=1.0)
-    with pytest.raises(PermissionDenied, match="expired"):
-        join("e", late, now=11.0)
-    assert ledger.register_peer(peer_id="f", name="f", public_key=b"f" * 32, device_kind="", device_name="",
-                                memory_bytes=0, now=3.0)  # an open run asks for none
-
-
-@pytest.mark.parametrize("kind", ["file", "postgresql"])
-def test_a_one_use_invite_admits_exactly_one_of_racing_peers(kind, request, tmp_path):
-    path = location(kind, request, tmp_path)
-    setup = Ledger(path)
-    setup.init_run(run_id="r", spec_hash="x", shards=SHARDS, seed=0, data_passes=1, now=0.0)
-    token = setup.create_invite(uses=1, expires_at=1e12, now=0.0)
-    admitted, refused = [], []
-
-    def worker(i):
-        led = Ledger(path)
-        try:
-            led.register_peer(peer_id=f"p{i}", name=f"p{i}", public_key=bytes([i]) * 32, device_kind="",
-                              device_name="", memory_bytes=0, now=1.0, invite_only=True, invite=token)
-            admitted.append(i)
-        except PermissionDenied:
-            refused.append(i)
-        led.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(admitted) == 1 and len(refused) == 7
-    setup.close()
-
-
-def test_a_banned_peer_loses_its_leases_and_cannot_come_back_until_unbanned(ledger):
-    token = ledger.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="", device_name="",
-                                 memory_bytes=0, now=1.0)
-    held = lease(ledger, "a")
-    assert ledger.ban("a", reason="fake losses", now=2.0) == 1
-    assert ledger.get_lease(held.lease_id).state is LeaseState.RELEASED
-    assert ledger.is_banned("a") and not ledger.check_token("a", token)
-    # another process's ban reaches a coordinator's token cache within seconds; leasing and submitting check it now
-    with pytest.raises(PermissionDenied, match="banned"):
-        lease(ledger, "a")
-    with pytest.raises(PermissionDenied, match="its results earn nothing"):
-        submit(ledger, "a", held, now=2.5)
-    with pytest.raises(PermissionDenied, match=r"banned from this run \(fake losses\)"):
-        ledger.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="", device_name="",
-                             memory_bytes=0, now=3.0)
-    with pytest.raises(NotFound, match="no peer 'zz' in this run"):
-        ledger.ban("zz", reason="", now=3.0)
-    ledger.unban("a", now=4.0)
-    assert not ledger.is_banned("a")
-    assert ledger.check_token("a", ledger.register_peer(peer_id="a", name="a", public_key=b"a" * 32, device_kind="",
-                                                        device_name="", memory_bytes=0, now=5.0))
-
-
-def test_status_shows_who_is_banned_and_why(ledger):
-    ledger.ban("b", reason="poisoned the average", now=5.0)
-    peers = {p["peer_id"]: p for p in ledger.status(now=6.0, online_seconds=30, seq_len=8)["peers"]}
-    assert peers["b"]["banned"] and peers["b"]["ban_reason"] == "poisoned the average"
-    assert not peers["a"]["banned"] and peers["a"]["ban_reason"] is None
-    from hivefold.status_view import online_cell
-    assert online_cell(peers["b"]) == "banned"
