@@ -36,6 +36,9 @@ MADDRS_MAX, MADDR_CHARS = 16, 256  # bounds on the addresses a peer may announce
 HELD_MAX = 256  # lease ids a peer may list as held (its outbox can hold results from a long outage)
 NO_WORK_RETRY_S = 1.0  # when a peer may ask again for work after none was free
 MICRO_BATCH_MAX = 65536  # sequences per forward/backward a peer may report
+RATE_MAX = 1e7  # sequences per second a peer may report: far beyond any device; more is a lie that sizes leases
+COMPUTE_SECONDS_MAX = 1e7  # about four months on one work unit
+LOSS_MAX = 1e6  # a reported loss beyond this is nonsense (cross-entropy at init is ~ln(vocab))
 PAUSE_REASON_CHARS = 200  # of a paused peer's reason that the ledger keeps
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
@@ -226,10 +229,10 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
         raise InvalidArgument(f"{len(request.losses)} losses for {request.samples} samples; at most one per "
                               f"micro-batch of {micro_batch}")
     losses = [(float(x.loss), _epoch(x.epoch)) for x in request.losses]
-    if any(not math.isfinite(loss) or loss < 0 for loss, _ in losses):
-        raise InvalidArgument("losses must be finite and non-negative")
-    if not math.isfinite(request.compute_seconds) or request.compute_seconds < 0:
-        raise InvalidArgument("compute_seconds must be finite and >= 0")
+    if any(not math.isfinite(loss) or not 0 <= loss <= LOSS_MAX for loss, _ in losses):
+        raise InvalidArgument(f"losses must be finite, non-negative and at most {LOSS_MAX:g}")
+    if not math.isfinite(request.compute_seconds) or not 0 <= request.compute_seconds <= COMPUTE_SECONDS_MAX:
+        raise InvalidArgument(f"compute_seconds must be finite, >= 0 and at most {COMPUTE_SECONDS_MAX:g}")
     seq_len = ctx.spec.seq_len
 
     def sign(*, samples: int, **fields) -> str:
@@ -264,8 +267,8 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
                               "characters, each starting with '/'")
     ids, step = ctx.ledger.heartbeat(
         peer_id, epoch=_epoch(request.epoch), samples=min(int(request.samples_trained), COUNT_MAX),
-        recent_loss=loss if math.isfinite(loss) and loss > 0 else None,
-        samples_per_second=rate if math.isfinite(rate) and rate >= 0 else 0.0,
+        recent_loss=loss if math.isfinite(loss) and 0 < loss <= LOSS_MAX else None,
+        samples_per_second=min(rate, RATE_MAX) if math.isfinite(rate) and rate >= 0 else 0.0,
         now=now, dht_maddrs=maddrs,
         utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
         micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX),  # a heartbeat is never refused: leases live on it

@@ -145,6 +145,7 @@ def test_after_the_fuzzing_the_coordinator_serves_and_its_ledger_is_consistent(c
                           "GROUP BY shard_id, data_pass HAVING COUNT(*) > 1)").fetchone()[0] == 0
         # nothing non-finite or absurd was stored
         for sql in ("SELECT MAX(ABS(loss)) FROM losses", "SELECT MAX(ABS(credit)) FROM results",
+                    "SELECT MAX(compute_seconds) FROM results", "SELECT MAX(recent_loss) FROM peers",
                     "SELECT MAX(samples_per_second) FROM peers", "SELECT MAX(utilization) FROM peers",
                     "SELECT CAST(value AS REAL) FROM meta WHERE key = 'global_step'"):
             value = db.execute(sql).fetchone()[0]

@@ -112,6 +112,13 @@ def test_unknown_lease_and_bad_results(service, tmp_path):
     code, _ = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id,
                                                                    samples=work.num_sequences, losses=nan)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    absurd = [pb.MicroBatchLoss(loss=1e300, epoch=0)]
+    code, msg = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id,
+                                                                     samples=work.num_sequences, losses=absurd)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1e+06" in msg
+    code, msg = code_of(lambda: client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, compute_seconds=1e300,
+                                                                     samples=work.num_sequences)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "compute_seconds" in msg
     ok = client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences,
                                               losses=[pb.MicroBatchLoss(loss=2.0, epoch=0)]))
     assert ok.verdict == pb.RESULT_VERDICT_ACCEPTED and ok.credit > 0
@@ -134,8 +141,11 @@ def test_each_peer_reports_its_own_micro_batch(service, tmp_path):
     assert ok.verdict == pb.RESULT_VERDICT_ACCEPTED
     me = next(p for p in client.status()["peers"] if p["peer_id"] == identity.peer_id)
     assert me["micro_batch"] == 2
-    client.heartbeat(pb.HeartbeatRequest(epoch=0, micro_batch=1 << 20))  # clamped, never refused: leases live on it
+    # absurd reports are clamped or dropped, never refused: leases live on heartbeats
+    client.heartbeat(pb.HeartbeatRequest(epoch=0, micro_batch=1 << 20, samples_per_second=2.6e15, recent_loss=1e300))
     assert ctx.ledger.peer_micro_batch(identity.peer_id) == 65536
+    me = next(p for p in client.status()["peers"] if p["peer_id"] == identity.peer_id)
+    assert me["samples_per_second"] == 1e7 and me["recent_loss"] is None
 
 
 def test_corrupted_shard_download_is_refetched_then_handed_back(service, tmp_path):
