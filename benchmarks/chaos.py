@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import signal
@@ -55,6 +56,7 @@ if str(REPO) not in sys.path:
 
 from hivefold.errors import IntegrityError  # noqa: E402
 from hivefold.receipts import ReceiptBook, verify_receipt  # noqa: E402
+from hivefold.tls import KNOWN_ENV, client_ssl_context  # noqa: E402
 from tests.conftest import Processes  # noqa: E402
 
 KINDS = ("peer_kill_same", "peer_kill_fresh", "peer_stop", "coordinator_kill")
@@ -257,7 +259,8 @@ class Chaos:
 
     def status(self) -> dict | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/api/status", timeout=3) as r:
+            https = client_ssl_context((self.workdir / "tls" / "cert.pem").read_bytes())
+            with urllib.request.urlopen(f"https://127.0.0.1:{self.http}/api/status", timeout=3, context=https) as r:
                 return json.loads(r.read())
         except (OSError, ValueError):
             return None
@@ -538,6 +541,7 @@ def main() -> None:
                          shard_sequences=args.shard_sequences, lease_seconds=args.lease_seconds,
                          heartbeat_interval=args.heartbeat_interval, weights=weights)
     root = Path(tempfile.mkdtemp(prefix="hivefold-chaos-"))
+    os.environ[KNOWN_ENV] = str(root / "known_coordinators")  # this run's coordinators, trusted on first use
     procs = Processes(root)
     try:
         report = Chaos(root, procs, config).run()

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script: the repo's tests/ helpers
 from hivefold.client import INLINE_MAX_BYTES  # noqa: E402 - after the path is set
+from hivefold.tls import KNOWN_ENV  # noqa: E402
 from tests.conftest import descendants  # noqa: E402
 
 
@@ -123,26 +124,29 @@ def null_server(port_out: mp.Queue, stop_in: mp.Queue) -> None:
     import grpc
 
     from hivefold.client import CHANNEL_OPTIONS
+    from hivefold.tls import server_tls
 
     handler = grpc.method_handlers_generic_handler("hivefold.bench.Null", {
         "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), handlers=[handler], options=CHANNEL_OPTIONS)
-    port_out.put(server.add_insecure_port("127.0.0.1:0"))
+    with tempfile.TemporaryDirectory() as tmp:  # TLS, as the coordinator serves
+        tls, _ = server_tls(Path(tmp))
+    port_out.put((server.add_secure_port("127.0.0.1:0", tls.grpc_credentials()), tls.fingerprint))
     server.start()
     stop_in.get()
     server.stop(0)
 
 
-def null_client(address: str, peers: int, seconds: float, start_at: float, rpcs_per_cycle: int, out: mp.Queue) -> None:
+def null_client(address: str, fingerprint: str, peers: int, seconds: float, start_at: float, rpcs_per_cycle: int,
+                out: mp.Queue) -> None:
     """As ``client_process``, but each cycle is ``rpcs_per_cycle`` calls that carry nothing and do nothing."""
-    import grpc
-
     from hivefold.client import CHANNEL_OPTIONS
+    from hivefold.tls import Trust, open_channel
 
     counts = [0] * peers
 
     def peer(i: int) -> None:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = open_channel(address, Trust(fingerprint=fingerprint), CHANNEL_OPTIONS)
         call = channel.unary_unary(NULL_METHOD)
         while time.time() < start_at:
             time.sleep(0.01)
@@ -167,10 +171,11 @@ def grpc_ceiling(args: argparse.Namespace, rpcs_per_cycle: int) -> float:
     server = ctx.Process(target=null_server, args=(port_q, stop_q))
     server.start()
     try:
-        address = f"127.0.0.1:{port_q.get(timeout=60)}"
+        port, fingerprint = port_q.get(timeout=60)
+        address = f"127.0.0.1:{port}"
         start_at = time.time() + 3.0 + 0.3 * args.processes
-        procs = [ctx.Process(target=null_client, args=(address, args.peers_per_process, args.seconds, start_at,
-                                                        rpcs_per_cycle, out)) for _ in range(args.processes)]
+        procs = [ctx.Process(target=null_client, args=(address, fingerprint, args.peers_per_process, args.seconds,
+                                                        start_at, rpcs_per_cycle, out)) for _ in range(args.processes)]
         for p in procs:
             p.start()
         cycles = sum(out.get(timeout=args.seconds + 120) for _ in procs)
@@ -316,6 +321,7 @@ def main() -> int:
                 print(f"postgresql: skipped: {unavailable()}")
                 continue
         with tempfile.TemporaryDirectory(prefix="hivefold-load-") as tmp:
+            os.environ[KNOWN_ENV] = str(Path(tmp) / "known_coordinators")  # trusted on first use, this run only
             row = measure(backend, args, Path(tmp))
         row["grpc_ceiling_cycles_per_s"] = ceiling
         row["ratio_to_grpc_ceiling"] = row["cycles_per_s"] / ceiling if ceiling else None

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hivefold.client import CoordinatorClient  # noqa: E402
+from hivefold.tls import KNOWN_ENV  # noqa: E402
 
 CHECKPOINT_EVERY = 3
 RUN_FLAGS = ["--corpus", "stdlib", "--max-corpus-mb", "1", "--model", "tiny", "--seq-len", "64", "--micro-batch", "8",
@@ -95,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="keeper-reach-") as tmp:
+        os.environ[KNOWN_ENV] = str(Path(tmp) / "known_coordinators")  # this run's coordinators, trusted on first use
         for i in range(args.trials):
             root = Path(tempfile.mkdtemp(prefix=f"trial-{i:02d}-", dir=None if args.keep else tmp))
             row = trial(root, args.timeout)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from hivefold.tls import KNOWN_ENV  # noqa: E402 - after the path is set
 
 
 def alone(model: str, seq_len: int, micro_batch: int, seconds: float) -> float:
@@ -176,6 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     single = alone(args.model, args.seq_len, args.micro_batch, min(args.seconds, 30.0))
     tmp = Path(tempfile.mkdtemp(prefix="hivefold-bench-"))
+    os.environ[KNOWN_ENV] = str(tmp / "known_coordinators")  # this run's coordinators, trusted on first use
     result = swarm(args, tmp)  # on failure the logs stay in tmp for a look
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"model {args.model}, seq_len {args.seq_len}, micro-batch {args.micro_batch}, target batch "

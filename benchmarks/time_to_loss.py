@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
+from hivefold.tls import KNOWN_ENV  # noqa: E402 - after the path is set
 
 
 def build_run(workdir: Path, args) -> dict:
@@ -313,6 +313,7 @@ def main() -> None:
                       args.single_out, args.device)
         return
     root = Path(tempfile.mkdtemp(prefix="hivefold-ttl-"))
+    os.environ[KNOWN_ENV] = str(root / "known_coordinators")  # this run's coordinators, trusted on first use
     workdir = root / "coordinator"
     spec = build_run(workdir, args)
     single = run_single(workdir, args, root)

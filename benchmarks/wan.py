@@ -316,6 +316,7 @@ def main() -> int:
     if args.selftest_net:
         return selftest(args)
     root = Path(tempfile.mkdtemp(prefix="hivefold-wan-"))
+    os.environ[ttl.KNOWN_ENV] = str(root / "known_coordinators")  # this run's coordinators, trusted on first use
     rows: list[dict] = []
     ok = False
     try:

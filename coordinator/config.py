@@ -131,6 +131,9 @@ class CoordinatorConfig:
     ledger: str = ""  # an SQLite file path or a postgresql:// URL; '' = ledger.sqlite in the workdir
     invite_only: bool = False  # new peers must redeem an invite (hivefold coordinator invite)
     rpc_rate: float = 100.0  # requests a second each peer (or, before it signs in, each address) may send
+    insecure: bool = False  # plaintext gRPC and HTTP (loopback development); default TLS
+    tls_cert: Path | None = None  # the operator's certificate (PEM, chain included); None = self-signed in workdir
+    tls_key: Path | None = None  # its private key (PEM, unencrypted)
     run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
@@ -157,6 +160,11 @@ class CoordinatorConfig:
                               f"{self.ledger.split('://')[0]}://...")
         if not 0.1 <= self.rpc_rate <= 1e6:
             raise ConfigError(f"--rpc-rate must be between 0.1 and 1e6 requests a second, got {self.rpc_rate}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both, or neither for a self-signed "
+                              "certificate made in the workdir")
+        if self.insecure and self.tls_cert is not None:
+            raise ConfigError("--insecure and --tls-cert contradict each other: pick one")
         if not 0 <= self.qrb_k <= 100 or self.qrb_k != self.qrb_k:
             raise ConfigError(f"--qrb-k must be between 0 (no bonus) and 100, got {self.qrb_k}")
 
@@ -196,6 +204,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-rate", type=float, default=d.rpc_rate, metavar="PER_SECOND",
                    help="requests a second each peer may send (bursts of twice that), and each address before it "
                         "registers; past it peers are told to retry later (default %(default)s)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="serve gRPC and HTTP with this certificate (chain included); default: a self-signed one "
+                        "made in the workdir on first start, whose fingerprint is printed at every start")
+    p.add_argument("--tls-key", type=Path, metavar="PEM",
+                   help="the private key of --tls-cert (unencrypted PEM; default: the self-signed one's)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve plaintext gRPC and HTTP, unauthenticated (loopback development only)")
     p.add_argument("--no-keeper", action="store_true", help="run without the keeper (no checkpoints or val loss)")
     p.add_argument("--keeper-poll", type=float, default=d.keeper_poll,
                    help="seconds between the keeper's looks at the swarm's step (default %(default)s)")
@@ -242,4 +257,4 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
         qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only,
-        rpc_rate=args.rpc_rate, run=run)
+        rpc_rate=args.rpc_rate, insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key, run=run)

@@ -24,6 +24,7 @@ from coordinator.server import start_server
 from hivefold.dht import SwarmDHT
 from hivefold.netaddr import with_peer_id
 from hivefold.signals import install_stop_handlers
+from hivefold.tls import INSECURE_WARNING, server_tls
 
 log = logging.getLogger("hivefold.coordinator")
 
@@ -104,6 +105,18 @@ def _shutdown_dht(dht: hivemind.DHT) -> None:
         dht.join(DHT_KILL_AFTER_S)
 
 
+def _tls(config: CoordinatorConfig):
+    if config.insecure:
+        log.warning("%s", INSECURE_WARNING)
+        return None, None
+    hosts = tuple(h for h in (config.listen.rpartition(":")[0], config.http.rpartition(":")[0]) if h)
+    tls, key_file = server_tls(config.workdir, config.tls_cert, config.tls_key,
+                               hosts=tuple(h.strip("[]") for h in hosts))
+    log.info("TLS certificate %s (%s), SHA-256 fingerprint %s: peers pin it with --coordinator-fingerprint %s",
+             tls.cert_path, "self-signed" if tls.self_signed else "operator's", tls.fingerprint, tls.fingerprint)
+    return tls, key_file
+
+
 def run(config: CoordinatorConfig, stop: threading.Event) -> None:
     """Serve until ``stop`` is set; always releases everything it started, in reverse order."""
     if not (config.workdir / SPEC_FILE).exists():
@@ -111,6 +124,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
     with contextlib.ExitStack() as stack:
         lock = WorkdirLock(config.workdir).acquire(listen=config.listen)
         stack.callback(lock.release)
+        tls, key_file = _tls(config)  # bad certificate files are refused before the run is opened
         spec, ledger = open_run(config.workdir, config.run, config.ledger)
         stack.callback(ledger.close)
         if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
@@ -133,12 +147,14 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
             log.info("%d leases were active: each gets %.0fs from now to hear from its peer", resumed,
                      config.lease_seconds)
         metrics = make_metrics(ctx)
-        server, port = start_server(ctx, config.listen, interceptors=[metrics.interceptor()])
+        server, port = start_server(ctx, config.listen, interceptors=[metrics.interceptor()], tls=tls)
         stack.callback(lambda: server.stop(grace=2.0).wait())
         host = config.listen.rpartition(":")[0]
-        info = {"grpc": f"{host}:{port}", "pid": os.getpid(), "run_id": spec.run_id, "dht": maddrs}
+        info = {"grpc": f"{host}:{port}", "pid": os.getpid(), "run_id": spec.run_id, "dht": maddrs,
+                "tls": tls is not None, "fingerprint": tls.fingerprint if tls else None,
+                "cert": str(tls.cert_path) if tls else None}
         if config.http:
-            http, http_port = start_http(ctx, config.http, metrics)
+            http, http_port = start_http(ctx, config.http, metrics, tls=tls.ssl_context(key_file) if tls else None)
             stack.callback(http.shutdown)
             info["http"] = f"{config.http.rpartition(':')[0]}:{http_port}"
         endpoints = config.workdir / ENDPOINTS_FILE

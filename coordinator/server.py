@@ -21,6 +21,7 @@ from coordinator.errors import (
     Unavailable,
 )
 from hivefold.client import MAX_MESSAGE_BYTES
+from hivefold.tls import ServerTLS
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], float] = time.time,
-                 max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
-    """Start serving on ``listen`` (HOST:PORT, port 0 picks one); returns the server and its port."""
+                 max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 tls: ServerTLS | None = None) -> tuple[grpc.Server, int]:
+    """Start serving on ``listen`` (HOST:PORT, port 0 picks one), over TLS when given ``tls``, else in
+    plaintext; returns the server and its port."""
     # the signature check is innermost: metrics interceptors time refused requests too
     signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock, rate=ctx.config.rpc_rate)
     # requests are small (the largest, a result, is one loss per micro-batch): refuse big ones unread
@@ -95,11 +98,12 @@ def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], floa
                          interceptors=[*interceptors, signatures], options=options)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(ctx, clock), server)
     try:
-        port = server.add_insecure_port(listen)
+        port = (server.add_secure_port(listen, tls.grpc_credentials()) if tls is not None
+                else server.add_insecure_port(listen))
     except RuntimeError:  # grpc raises this when the address cannot be bound
         port = 0
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not available")
     server.start()
-    log.info("gRPC listening on %s (port %d)", listen, port)
+    log.info("gRPC listening on %s (port %d, %s)", listen, port, "TLS" if tls is not None else "PLAINTEXT")
     return server, port

@@ -16,15 +16,19 @@ import threading
 from pathlib import Path
 
 from hivefold.errors import HivefoldError
+from hivefold.tls import add_trust_arguments, trust_from_args
 
 
 def _fetch_status(client, address: str) -> dict:
     import grpc
 
     from hivefold.client import describe_rpc_error
+    from hivefold.tls import TrustError
 
     try:
         return client.status()
+    except TrustError:
+        raise
     except grpc.RpcError as e:
         raise HivefoldError(f"coordinator at {address} answered {describe_rpc_error(e)}") from None
     except HivefoldError as e:
@@ -38,7 +42,7 @@ def _status_cmd(args: argparse.Namespace) -> int:
 
     if args.watch is not None and args.json:
         raise HivefoldError("--watch redraws a table; use --json alone for scripts (or poll it)")
-    client = CoordinatorClient(args.coordinator, give_up_after=args.timeout)
+    client = CoordinatorClient(args.coordinator, trust=trust_from_args(args), give_up_after=args.timeout)
     try:
         if args.watch is not None:
             # Ctrl-C ends --watch even when this process was started with SIGINT ignored (by a background job's
@@ -149,7 +153,8 @@ def _peer_control_cmd(args: argparse.Namespace) -> int:
 def _doctor_cmd(args: argparse.Namespace) -> int:
     from peer.doctor import run_doctor
 
-    return run_doctor(coordinator=args.coordinator, device=args.device, as_json=args.json, timeout=args.timeout)
+    return run_doctor(coordinator=args.coordinator, device=args.device, as_json=args.json, timeout=args.timeout,
+                      trust=trust_from_args(args))
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check this machine before joining a run (versions, network, device)")
     p.add_argument("--coordinator", help="coordinator gRPC HOST:PORT (default: none; the coordinator and DHT "
                    "bootstrap checks are skipped)")
+    add_trust_arguments(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="the device to test, as for hivefold peer (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
@@ -197,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_doctor_cmd)
     p = sub.add_parser("status", help="show a run's progress")
     p.add_argument("--coordinator", required=True, help="coordinator gRPC HOST:PORT")
+    add_trust_arguments(p)
     p.add_argument("--json", action="store_true", help="print the status document as JSON")
     p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
                    help="redraw in place every SECONDS (default 2) until Ctrl-C")

@@ -16,6 +16,7 @@ from hivefold.identity import Identity, register_message
 from hivefold.netaddr import parse_host_port
 from hivefold.retry import call_with_retry
 from hivefold.rpcsign import SigningInterceptor
+from hivefold.tls import Trust, open_channel
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
 
@@ -35,22 +36,46 @@ class CoordinatorClient:
     """Talks to one coordinator. Transient failures are retried with backoff until ``give_up_after``
     seconds pass (``None``: forever, for daemons) or ``stop`` is set."""
 
-    def __init__(self, address: str, *, stop: threading.Event | None = None, give_up_after: float | None = None,
-                 retry_cap: float = 30.0):
+    def __init__(self, address: str, *, trust: Trust | None = None, stop: threading.Event | None = None,
+                 give_up_after: float | None = None, retry_cap: float = 30.0):
         parse_host_port(address, flag="--coordinator")
         self.address = address
+        self.trust = trust or Trust()
         self.stop = stop
         self.give_up_after = give_up_after
         self.retry_cap = retry_cap
-        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0), *CHANNEL_OPTIONS])
-        # every call after Register is signed with the peer's key (hivefold.rpcsign)
-        self.stub = pb_grpc.CoordinatorStub(grpc.intercept_channel(self._channel, SigningInterceptor(self._signer)))
+        self._channel: grpc.Channel | None = None
+        self._stub = None
+        self._lock = threading.Lock()
         self.auth: pb.PeerAuth | None = None
         self.identity: Identity | None = None
         self.traffic = {"sent": 0, "received": 0}  # protobuf payload bytes of results, heartbeats, shards, checkpoints
 
+    @property
+    def stub(self) -> pb_grpc.CoordinatorStub:
+        """Made on first use: deciding to trust the coordinator's certificate needs it up (until then this
+        raises a retryable UNAVAILABLE error)."""
+        with self._lock:
+            if self._stub is None:
+                self._channel = open_channel(self.address, self.trust,
+                                             [("grpc.enable_retries", 0), *CHANNEL_OPTIONS])
+                # every call after Register is signed with the peer's key (hivefold.rpcsign)
+                self._stub = pb_grpc.CoordinatorStub(grpc.intercept_channel(self._channel,
+                                                                            SigningInterceptor(self._signer)))
+            return self._stub
+
+    def _recheck_certificate(self, e: grpc.RpcError) -> None:
+        """A failed TLS handshake may mean the coordinator's certificate changed: decide afresh next time
+        (a certificate that must not be trusted then raises TrustError rather than retrying forever)."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE and any(
+                s in (e.details() or "") for s in ("andshake", "CERTIFICATE_VERIFY_FAILED")):
+            with self._lock:
+                self._stub = None  # the old channel is closed when its last call ends
+
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
 
     def _signer(self):
         if self.auth is None or self.identity is None:
@@ -62,7 +87,14 @@ class CoordinatorClient:
         self.auth, self.identity = other.auth, other.identity
 
     def _retry(self, fn, what: str, give_up_after: float | None = None):
-        return call_with_retry(fn, what=f"{what} at {self.address}", stop=self.stop, cap=self.retry_cap,
+        def attempt():
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                self._recheck_certificate(e)
+                raise
+
+        return call_with_retry(attempt, what=f"{what} at {self.address}", stop=self.stop, cap=self.retry_cap,
                                give_up_after=give_up_after if give_up_after is not None else self.give_up_after)
 
     def register(self, identity: Identity, *, name: str, device: pb.DeviceReport,

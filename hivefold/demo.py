@@ -27,6 +27,7 @@ from hivefold.errors import ConfigError, HivefoldError
 from hivefold.generate import generate_text
 from hivefold.retry import Unreachable
 from hivefold.status_view import fmt, render
+from hivefold.tls import Trust
 
 # Settings tuned so a 2-core CPU machine shows a clearly falling validation loss in ~3 minutes: DiLoCo with
 # short rounds (64 micro-batches of 8 across the swarm, about 3 s) and a plain averaging outer step (lr 1,
@@ -93,17 +94,20 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
     peer_procs: list[subprocess.Popen] = []
     try:
         endpoints = _wait_for_endpoints(workdir / "coordinator" / "coordinator.json", coord, coord_log)
-        address = endpoints["grpc"]
-        console.print(f"coordinator at {address}; watch it live at http://{endpoints.get('http')}/")
+        address, pin = endpoints["grpc"], endpoints["fingerprint"]
+        console.print(f"coordinator at {address} (TLS, certificate fingerprint {pin}); watch it live at "
+                      f"https://{endpoints.get('http')}/ (the browser warns about the self-signed certificate: "
+                      "it is the one above)")
         for i in range(peers):
             with (workdir / f"peer-{i}.log").open("wb") as out:
                 peer_procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "hivefold", "peer", "--coordinator", address, "--workdir",
+                    [sys.executable, "-m", "hivefold", "peer", "--coordinator", address,
+                     "--coordinator-fingerprint", pin, "--workdir",
                      str(workdir / f"peer-{i}"), "--name", f"demo-peer-{i}", "--dht-listen", "/ip4/127.0.0.1/tcp/0",
                      "--threads", str(threads), "--no-progress"],
                     stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         procs = [coord, *peer_procs]
-        client = CoordinatorClient(address, give_up_after=10.0)
+        client = CoordinatorClient(address, trust=Trust(fingerprint=pin), give_up_after=10.0)
         total = minutes * 60
         start = time.monotonic()
         status = client.status()

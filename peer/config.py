@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
+from hivefold.tls import add_trust_arguments, trust_from_args
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MICRO_BATCH_MAX = 65536  # the largest micro-batch a coordinator records (coordinator.handlers)
@@ -26,6 +27,8 @@ class PeerConfig:
     """A volunteer peer process."""
 
     coordinator: str  # HOST:PORT of the coordinator's gRPC service
+    coordinator_fingerprint: str | None = None  # pin the coordinator's certificate (SHA-256); None: system / TOFU
+    insecure: bool = False  # plaintext gRPC to the coordinator (loopback development)
     workdir: Path = Path("~/.hivefold/peer").expanduser()  # identity key, shard cache, unsent results
     name: str = socket.gethostname()[:64] or "peer"  # display name shown to watchers
     device: str = "auto"  # auto picks cuda, then mps, then cpu
@@ -46,8 +49,14 @@ class PeerConfig:
     idle_only: float | None = None  # pause while other processes use more than this share of the CPU; None = off
     upload_cap: int = 0  # bytes this peer may send per UTC day, then it pauses until the next; 0 = no cap
 
+    @property
+    def trust(self):
+        from hivefold.tls import Trust
+        return Trust(fingerprint=self.coordinator_fingerprint, insecure=self.insecure)
+
     def __post_init__(self) -> None:
         parse_host_port(self.coordinator, flag="--coordinator")
+        _ = self.trust  # checks the trust flags together
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not self.name.strip() or len(self.name) > 64 or not self.name.isprintable():
@@ -86,6 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``hivefold peer`` flags: one per ``PeerConfig`` field."""
     d = PeerConfig(coordinator="localhost:7600")
     p.add_argument("--coordinator", help="coordinator gRPC HOST:PORT; required to run a peer (no default)")
+    add_trust_arguments(p)
     p.add_argument("--workdir", type=Path, default=d.workdir,
                    help="identity, shard cache, unsent results (default %(default)s)")
     p.add_argument("--name", default=d.name, help="display name shown to watchers (default: this host's name, "
@@ -193,7 +203,9 @@ def _byte_size(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:
     """Validate the parsed flags; raises ConfigError (exit 2)."""
-    return PeerConfig(coordinator=args.coordinator, workdir=args.workdir.expanduser(), name=args.name,
+    trust = trust_from_args(args)
+    return PeerConfig(coordinator=args.coordinator, coordinator_fingerprint=trust.fingerprint,
+                      insecure=trust.insecure, workdir=args.workdir.expanduser(), name=args.name,
                       device=args.device, dht_listen=tuple(args.dht_listen or PeerConfig.dht_listen),
                       dht_announce=tuple(args.dht_announce or ()), client_mode=args.client_mode,
                       threads=args.threads, max_shards=args.max_shards, progress=not args.no_progress,

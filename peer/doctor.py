@@ -175,19 +175,20 @@ def check_versions(coordinator_software: dict | None) -> Check:
 # --- the coordinator --------------------------------------------------------------------------------
 
 
-def check_coordinator(address: str, timeout: float) -> tuple[Check, dict | None]:
+def check_coordinator(address: str, timeout: float, trust=None) -> tuple[Check, dict | None]:
     """One GetStatus (retried until ``timeout`` while the coordinator is unreachable); no Register."""
     import grpc
 
     try:
         from hivefold.client import CoordinatorClient, describe_rpc_error
         from hivefold.retry import call_with_retry
+        from hivefold.tls import TrustError
         from protos import coordinator_pb2 as pb
     except Exception as e:  # noqa: BLE001 - e.g. stubs that refuse the installed protobuf or grpcio
         return Check("coordinator", FAIL, f"cannot load the gRPC stubs: {e}", "see the versions check"), None
 
     host, port = parse_host_port(address, flag="--coordinator")
-    client = CoordinatorClient(address, give_up_after=timeout)
+    client = CoordinatorClient(address, trust=trust, give_up_after=timeout)
     deadline, took = time.monotonic() + timeout, [0.0]
 
     def attempt():
@@ -200,6 +201,8 @@ def check_coordinator(address: str, timeout: float) -> tuple[Check, dict | None]
     try:
         status = json.loads(call_with_retry(attempt, what=f"GetStatus at {address}", cap=2.0,
                                             give_up_after=timeout).status_json)
+    except TrustError as e:
+        return Check("coordinator", FAIL, str(e), "the certificate decides whom this peer talks to"), None
     except grpc.RpcError as e:
         return Check("coordinator", FAIL, f"{address} answered {describe_rpc_error(e)}",
                      "is this the coordinator's gRPC address (its --listen), not its HTTP one?"), None
@@ -227,7 +230,7 @@ def _guarded(name: str, fn, *args):
         return Check(name, FAIL, f"{type(e).__name__}: {e}", UNEXPECTED)
 
 
-def run_doctor(*, coordinator: str | None, device: str, as_json: bool, timeout: float) -> int:
+def run_doctor(*, coordinator: str | None, device: str, as_json: bool, timeout: float, trust=None) -> int:
     """Run every check, print them, return the exit status (0: no FAIL, 1: a FAIL)."""
     if coordinator:
         parse_host_port(coordinator, flag="--coordinator")
@@ -245,7 +248,7 @@ def run_doctor(*, coordinator: str | None, device: str, as_json: bool, timeout: 
             print(check.line(), flush=True)
 
     if coordinator:
-        found = _guarded("coordinator", check_coordinator, coordinator, timeout)
+        found = _guarded("coordinator", check_coordinator, coordinator, timeout, trust)
         reached, status = found if isinstance(found, tuple) else (found, None)
     else:
         reached, status = Check("coordinator", SKIP, "no --coordinator given: the coordinator and DHT bootstrap "

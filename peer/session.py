@@ -51,7 +51,8 @@ class Session:
         self.workdir = config.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(self.workdir)
-        self.client = CoordinatorClient(config.coordinator, stop=stop, retry_cap=config.retry_cap)
+        self.client = CoordinatorClient(config.coordinator, trust=config.trust, stop=stop,
+                                        retry_cap=config.retry_cap)
         self.outbox = Outbox(self.workdir / "outbox")
         self.device = resolve_device(config.device)
         self.memory_fraction = limit_memory(config.gpu_memory_fraction, self.device)
@@ -175,7 +176,7 @@ class Session:
     @contextmanager
     def quick_client(self):
         """A client that gives up after 5 s and ignores the stop event: for the last calls on the way out."""
-        client = CoordinatorClient(self.config.coordinator, give_up_after=5.0)
+        client = CoordinatorClient(self.config.coordinator, trust=self.config.trust, give_up_after=5.0)
         client.adopt(self.client)
         client.traffic = self.client.traffic  # one count of what this peer sent (--upload-cap, metrics)
         try:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+KNOWN_ENV = "HIVEFOLD_KNOWN_COORDINATORS"  # hivefold.tls (not imported here: this module stays light)
+# Clients made by module-scoped fixtures trust on first use into a file of the session's, never the user's.
+os.environ[KNOWN_ENV] = str(Path(tempfile.mkdtemp(prefix="hivefold-trust-")) / "known_coordinators")
 
 
 class Processes:
@@ -126,6 +130,29 @@ def postgres_url(postgres, request) -> str:
     """A fresh schema of its own on the session's server, as a ``postgresql://`` URL."""
     postgres_url.count = getattr(postgres_url, "count", 0) + 1
     return postgres.create_schema(f"t{postgres_url.count}_{os.getpid()}")
+
+
+def hivefold(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``hivefold`` command to its end, capturing its output."""
+    return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def known_coordinators(tmp_path_factory, monkeypatch) -> Path:
+    """Each test trusts on first use into a file of its own: a port another test's coordinator (with another
+    certificate) used before is not taken for an impersonator. Peers a test starts inherit it."""
+    path = tmp_path_factory.mktemp("trust") / "known_coordinators"
+    monkeypatch.setenv(KNOWN_ENV, str(path))
+    return path
+
+
+def serve_tls(workdir: Path):
+    """The self-signed certificate a coordinator with this workdir serves, and a client trust pinned to it."""
+    from hivefold.tls import Trust, server_tls
+
+    tls, key_file = server_tls(workdir)
+    return tls, key_file, Trust(fingerprint=tls.fingerprint)
 
 
 @pytest.fixture

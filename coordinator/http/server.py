@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ CACHE_SECONDS = 1.0
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 MAX_EVENTS = 500
+CONNECTION_TIMEOUT_S = 30.0
 
 
 class _Cache:
@@ -61,12 +63,19 @@ def static_files() -> dict[str, Path]:
     return files
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # a client that fails the TLS handshake (plain HTTP, an untrusting browser) or hangs up is not news
+        log.debug("http: connection from %s failed", client_address[0], exc_info=True)
+
+
 def make_metrics(ctx: handlers.Context) -> CoordinatorMetrics:
     return CoordinatorMetrics(lambda: handlers.status_document(ctx, time.time()), ctx.ledger.counters)
 
 
-def start_http(ctx: handlers.Context, listen: str,
-               metrics: CoordinatorMetrics | None = None) -> tuple[ThreadingHTTPServer, int]:
+def start_http(ctx: handlers.Context, listen: str, metrics: CoordinatorMetrics | None = None,
+               tls: ssl.SSLContext | None = None) -> tuple[ThreadingHTTPServer, int]:
+    """Serve the dashboard, the JSON API and /metrics; over HTTPS when given ``tls`` (as gRPC is)."""
     host, port = parse_host_port(listen, flag="--http")
     metrics = metrics or make_metrics(ctx)
     cache = _Cache()
@@ -91,6 +100,8 @@ def start_http(ctx: handlers.Context, listen: str,
                               "/api/credit or /metrics"}
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S  # a client that stalls (mid-handshake, mid-request) frees its thread
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             url = urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
@@ -115,8 +126,11 @@ def start_http(ctx: handlers.Context, listen: str,
         def log_message(self, fmt: str, *args) -> None:
             log.debug("http: " + fmt, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _Server((host, port), Handler)
     server.daemon_threads = True
+    if tls is not None:  # the handshake happens in the connection's own thread, not in accept()
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    log.info("dashboard at http://%s:%d/ (JSON under /api/, Prometheus at /metrics)", host, server.server_address[1])
+    log.info("dashboard at %s://%s:%d/ (JSON under /api/, Prometheus at /metrics)", "https" if tls else "http",
+             host, server.server_address[1])
     return server, server.server_address[1]

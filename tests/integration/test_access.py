@@ -4,24 +4,17 @@ invite from ``hivefold coordinator invite`` (once), and ``hivefold coordinator b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from coordinator.ledger import Ledger
 from hivefold.identity import Identity
-from tests.conftest import REPO, Processes, wait_for
+from tests.conftest import Processes, hivefold, wait_for
 
 pytestmark = pytest.mark.integration
 
 RUN_FLAGS = ["--corpus", "stdlib", "--max-corpus-mb", "1", "--model", "tiny", "--seq-len", "64", "--micro-batch", "8",
              "--shard-sequences", "32", "--inner-steps", "8", "--warmup-steps", "2"]
-
-
-def hivefold(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_invite_only_run_and_a_ban(tmp_path):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from hivefold.tls import client_ssl_context
 from tests.conftest import Processes, wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,6 +34,7 @@ def test_a_token_budget_ends_the_run_with_a_final_checkpoint(tmp_path):
         path = workdir / "coordinator.json"
         info = wait_for(lambda: path.exists() and json.loads(path.read_text()), timeout=180,
                         what="the coordinator to serve", procs=procs)
+        https = client_ssl_context(Path(info["cert"]).read_bytes())
         peers = [procs.start(name, "peer", "--coordinator", info["grpc"], "--workdir", str(tmp_path / name),
                              "--name", name, "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
                              "--no-progress") for name in ("alice", "bob")]
@@ -43,7 +46,7 @@ def test_a_token_budget_ends_the_run_with_a_final_checkpoint(tmp_path):
         assert any("the run is over: a last outer round" in p.log.read_text() for p in peers), procs.tail()
 
         def status():
-            with urllib.request.urlopen(f"http://{info['http']}/api/status", timeout=10) as r:
+            with urllib.request.urlopen(f"https://{info['http']}/api/status", timeout=10, context=https) as r:
                 return json.load(r)
 
         # the keeper took the swarm's final state over from the last peer to leave
@@ -58,7 +61,7 @@ def test_a_token_budget_ends_the_run_with_a_final_checkpoint(tmp_path):
             late_leases = db.execute("SELECT COUNT(*) FROM leases WHERE issued_at > ?", (done_at[0][0],)).fetchone()[0]
         assert accepted == BUDGET_SHARDS  # exactly the shards the budget covers, none beyond
         assert len(done_at) == 1 and late_leases == 0
-        with urllib.request.urlopen(f"http://{info['http']}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"https://{info['http']}/metrics", timeout=10, context=https) as r:
             metrics = r.read().decode()
         assert "hivefold_run_complete 1.0" in metrics
         assert coordinator.poll() is None  # the coordinator stays up: status, dashboard and checkpoints stay served

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hivefold import rpcsign
 from hivefold.client import CHANNEL_OPTIONS, CoordinatorClient
 from hivefold.identity import Identity
+from hivefold.tls import Trust, open_channel
 from protos import coordinator_pb2 as pb
 from tests.conftest import Processes, wait_for
 
@@ -45,10 +46,11 @@ def coordinator(tmp_path_factory):
     path = workdir / "coordinator.json"
     address = wait_for(lambda: path.exists() and json.loads(path.read_text())["grpc"], timeout=180,
                        what="the coordinator to serve", procs=procs)
+    trust = Trust(fingerprint=json.loads(path.read_text())["fingerprint"])
     identity = Identity.load_or_create(root / "fuzzer")
-    client = CoordinatorClient(address, give_up_after=10)
+    client = CoordinatorClient(address, trust=trust, give_up_after=10)
     client.register(identity, name="fuzzer", device=pb.DeviceReport(kind="cpu"))
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = open_channel(address, trust, CHANNEL_OPTIONS)  # raw: the fuzzer writes every byte itself
     yield proc, workdir, client, channel
     channel.close()
     client.close()

@@ -39,11 +39,13 @@ class Run:
         path = self.workdir / "coordinator.json"
         self.address = wait_for(lambda: path.exists() and json.loads(path.read_text())["grpc"], timeout=180,
                                 what="the coordinator to serve", procs=procs)
+        self.pin = json.loads(path.read_text())["fingerprint"]  # peers outlive the test that starts them: pinned
 
     def peer(self, name: str, *extra: str):
         # The README's peer: default DHT listen address (all interfaces).
-        return self.procs.start(name, "peer", "--coordinator", self.address, "--workdir", str(self.root / name),
-                                "--name", name, "--threads", "1", "--no-progress", *extra)
+        return self.procs.start(name, "peer", "--coordinator", self.address, "--coordinator-fingerprint", self.pin,
+                                "--workdir", str(self.root / name), "--name", name, "--threads", "1",
+                                "--no-progress", *extra)
 
     def status(self) -> dict:
         client = CoordinatorClient(self.address, give_up_after=10)

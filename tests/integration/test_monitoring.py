@@ -9,6 +9,8 @@ tests are skipped with the command that installs them. The dashboard's screensho
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hivefold.receipts import ReceiptBook
+from hivefold.tls import SERVER_NAME, client_ssl_context
 from tests.conftest import REPO, Processes, wait_for
 
 pytestmark = pytest.mark.integration
@@ -49,10 +52,13 @@ class Swarm:
             return json.loads(path.read_text()) if path.exists() else None
 
         info = wait_for(endpoints, timeout=180, what="the coordinator to serve", procs=procs)
-        self.address, self.http = info["grpc"], "http://" + info["http"]
+        self.address, self.http = info["grpc"], "https://" + info["http"]
+        self.cert = Path(info["cert"])  # the dashboard and /metrics are served with the gRPC side's certificate
+        self.https = client_ssl_context(self.cert.read_bytes())
         self.peers = {}
         for name in ("alice", "bob"):
-            proc = procs.start(name, "peer", "--coordinator", self.address, "--workdir", str(root / name), "--name",
+            proc = procs.start(name, "peer", "--coordinator", self.address, "--coordinator-fingerprint",
+                               info["fingerprint"], "--workdir", str(root / name), "--name",
                                name, "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress",
                                "--metrics-port", "127.0.0.1:0", *(["--team", "hive <b>"] if name == "alice" else []))
             self.peers[name] = proc
@@ -60,7 +66,7 @@ class Swarm:
                                        what=f"{name}'s metrics endpoint") for name, proc in self.peers.items()}
 
     def api(self, path: str) -> dict:
-        with urllib.request.urlopen(self.http + path, timeout=10) as r:
+        with urllib.request.urlopen(self.http + path, timeout=10, context=self.https) as r:
             return json.load(r)
 
 
@@ -97,6 +103,8 @@ def test_dashboard_shows_both_peers_and_live_charts_in_chromium(swarm):
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1400,1300"):
         options.add_argument(flag)
+    # the page is served over HTTPS with the coordinator's self-signed certificate: trust that key, and only it
+    options.add_argument(f"--ignore-certificate-errors-spki-list={spki_sha256(swarm.cert.read_bytes())}")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(30)
@@ -132,6 +140,16 @@ def test_dashboard_shows_both_peers_and_live_charts_in_chromium(swarm):
         driver.quit()
 
 
+def spki_sha256(cert_pem: bytes) -> str:
+    """Chromium's pin for a certificate: base64 of the SHA-256 of its public key (SubjectPublicKeyInfo)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert_pem).public_key()
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +163,9 @@ def test_a_real_prometheus_scrapes_the_coordinator_and_the_peers(swarm, tmp_path
     config.write_text(
         "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
         "scrape_configs:\n"
-        f"  - job_name: coordinator\n    static_configs: [{{targets: ['{coordinator}']}}]\n"
+        f"  - job_name: coordinator\n    scheme: https\n"  # verified against the coordinator's own certificate
+        f"    tls_config: {{ca_file: '{swarm.cert}', server_name: {SERVER_NAME}}}\n"
+        f"    static_configs: [{{targets: ['{coordinator}']}}]\n"
         f"  - job_name: peers\n    static_configs: [{{targets: {json.dumps(list(swarm.metrics.values()))}}}]\n")
     port = _free_port()
     with (tmp_path / "prometheus.log").open("wb") as log:

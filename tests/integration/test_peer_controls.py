@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from hivefold.client import CoordinatorClient
-from tests.conftest import REPO, Processes, wait_for
+from tests.conftest import Processes, hivefold, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +25,6 @@ LEASE_SECONDS = 6
 RUN_FLAGS = ["--corpus", "stdlib", "--max-corpus-mb", "1", "--model", "tiny", "--seq-len", "64", "--micro-batch", "8",
              "--target-batch-size", "64", "--shard-sequences", "192", "--inner-steps", "20", "--warmup-steps", "2",
              "--matchmaking-time", "1", "--averaging-timeout", "5"]
-
-
-def hivefold(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 class Run:
@@ -47,11 +40,12 @@ class Run:
                  what="the coordinator to serve", procs=procs)
         assert self.coordinator.poll() is None, procs.tail()
         self.address = json.loads(path.read_text())["grpc"]
+        self.pin = json.loads(path.read_text())["fingerprint"]  # peers outlive the test that starts them: pinned
 
     def start_peer(self, name: str, *flags: str):
-        return self.procs.start(name, "peer", "--coordinator", self.address, "--workdir", str(self.root / name),
-                                "--name", name, "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-                                "--no-progress", *flags)
+        return self.procs.start(name, "peer", "--coordinator", self.address, "--coordinator-fingerprint", self.pin,
+                                "--workdir", str(self.root / name), "--name", name, "--dht-listen",
+                                "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress", *flags)
 
     def me(self, name: str) -> dict | None:
         client = CoordinatorClient(self.address, give_up_after=10)

@@ -41,6 +41,7 @@ class Swarm:
         endpoints = wait_for(lambda: self._endpoints(), timeout=180, what="the coordinator to serve", procs=procs)
         self.address = endpoints["grpc"]
         self.http = endpoints["http"]
+        self.pin = endpoints["fingerprint"]  # peers started here outlive the test that starts them: pinned
         self.peers = {name: self.start_peer(name) for name in ("alice", "bob")}
 
     def _endpoints(self):
@@ -50,9 +51,9 @@ class Swarm:
         return json.loads(path.read_text()) if path.exists() else None
 
     def start_peer(self, name: str) -> subprocess.Popen:
-        return self.procs.start(name, "peer", "--coordinator", self.address, "--workdir", str(self.root / name),
-                                "--name", name, "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-                                "--no-progress")
+        return self.procs.start(name, "peer", "--coordinator", self.address, "--coordinator-fingerprint", self.pin,
+                                "--workdir", str(self.root / name), "--name", name, "--dht-listen",
+                                "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress")
 
     def status(self) -> dict:
         client = CoordinatorClient(self.address, give_up_after=10)

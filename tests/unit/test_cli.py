@@ -11,12 +11,7 @@ import time
 import pytest
 
 from hivefold.cli import build_parser
-from tests.conftest import REPO, wait_for
-
-
-def hivefold(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+from tests.conftest import REPO, hivefold, wait_for
 
 
 def free_port() -> int:

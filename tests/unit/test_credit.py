@@ -21,8 +21,9 @@ from hivefold.errors import IntegrityError
 from hivefold.identity import Identity
 from hivefold.receipts import ReceiptBook, make_receipt, verify_receipt
 from hivefold.spec import ShardInfo
+from hivefold.tls import client_ssl_context
 from protos import coordinator_pb2 as pb
-from tests.conftest import small_run
+from tests.conftest import serve_tls, small_run
 
 
 def test_quick_return_bonus_matches_folding_at_home():
@@ -83,16 +84,17 @@ def test_ledger_credits_once_with_the_bonus_and_keeps_the_receipt(tmp_path):
 def served(tmp_path_factory):
     ctx = small_run(tmp_path_factory.mktemp("coordinator"), dht_maddrs=[])
     ledger = ctx.ledger
-    server, port = start_server(ctx, "127.0.0.1:0")
-    http, http_port = start_http(ctx, "127.0.0.1:0")
-    yield ctx, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+    tls, key_file, _ = serve_tls(ctx.config.workdir)
+    server, port = start_server(ctx, "127.0.0.1:0", tls=tls)
+    http, http_port = start_http(ctx, "127.0.0.1:0", tls=tls.ssl_context(key_file))
+    yield ctx, f"127.0.0.1:{port}", (f"https://127.0.0.1:{http_port}", client_ssl_context(tls.cert_pem))
     server.stop(0)
     http.shutdown()
     ledger.close()
 
 
 def test_an_accepted_result_comes_with_a_receipt_the_peer_can_check(served, tmp_path):
-    ctx, address, http = served
+    ctx, address, (http, https) = served
     client = CoordinatorClient(address, give_up_after=5.0)
     reg = client.register(Identity.load_or_create(tmp_path), name="carol", device=pb.DeviceReport(kind="cpu"),
                           team="blue")
@@ -110,7 +112,7 @@ def test_an_accepted_result_comes_with_a_receipt_the_peer_can_check(served, tmp_
     # a repeated submission returns the same receipt
     assert client.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences)).receipt == \
         resp.receipt
-    with urllib.request.urlopen(http + "/api/credit") as r:
+    with urllib.request.urlopen(http + "/api/credit", context=https) as r:
         board = json.load(r)
     assert board["receipt_public_key"] == reg.receipt_public_key.hex() and board["qrb_k"] == 0.75
     me = next(p for p in board["peers"] if p["peer_id"] == reg.peer_id)

@@ -25,8 +25,9 @@ from coordinator.ledger import Ledger
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.identity import Identity
+from hivefold.tls import client_ssl_context
 from protos import coordinator_pb2 as pb
-from tests.conftest import small_run
+from tests.conftest import serve_tls, small_run
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,13 @@ def served(tmp_path_factory):
     ctx = small_run(tmp_path_factory.mktemp("coordinator"))
     ledger = ctx.ledger
     metrics = make_metrics(ctx)
-    server, port = start_server(ctx, "127.0.0.1:0", interceptors=[metrics.interceptor()])
-    http, http_port = start_http(ctx, "127.0.0.1:0", metrics)
+    tls, key_file, trust = serve_tls(ctx.config.workdir)
+    server, port = start_server(ctx, "127.0.0.1:0", interceptors=[metrics.interceptor()], tls=tls)
+    http, http_port = start_http(ctx, "127.0.0.1:0", metrics, tls=tls.ssl_context(key_file))
+    HTTPS.append(client_ssl_context(tls.cert_pem))
     address = f"127.0.0.1:{port}"
     for i, name in enumerate(["alice", "<img src=x onerror=alert(1)>"]):
-        client = CoordinatorClient(address, give_up_after=5.0)
+        client = CoordinatorClient(address, trust=trust, give_up_after=5.0)
         client.register(Identity.load_or_create(ctx.config.workdir.parent / f"peer{i}"), name=name,
                         device=pb.DeviceReport(kind="cpu"))
         client.heartbeat(pb.HeartbeatRequest(epoch=0, samples_per_second=10.0 + i, compute_utilization=0.9))
@@ -49,15 +52,18 @@ def served(tmp_path_factory):
         record_history(ctx, now=time.time())
         client.close()
     ledger.record_evaluation(1, 2.5, now=time.time())
-    yield ctx, address, f"http://127.0.0.1:{http_port}"
+    yield ctx, address, f"https://127.0.0.1:{http_port}"
     server.stop(0)
     http.shutdown()
     ledger.close()
 
 
+HTTPS = []  # the served coordinator's certificate, pinned (set by the fixture)
+
+
 def get(url: str) -> tuple[int, str, bytes]:
     try:
-        with urllib.request.urlopen(url) as r:
+        with urllib.request.urlopen(url, context=HTTPS[-1]) as r:
             return r.status, r.headers["Content-Type"], r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers["Content-Type"], e.read()

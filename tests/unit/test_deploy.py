@@ -221,17 +221,22 @@ def image_stage(image: str, where: str) -> Stage:
     return stages[name[len("hivefold-"):]]
 
 
-def healthcheck_url(code: str, where: str) -> tuple[str, int, str]:
-    m = re.search(r"http://([^:/'\"]+):(\d+)(/[^'\"\s]*)", code)
-    assert m, f"{where}: the health check asks no http://HOST:PORT/PATH URL: {code}"
-    return m.group(1), int(m.group(2)), m.group(3)
+def healthcheck_url(code: str, where: str) -> tuple[str, str, int, str]:
+    m = re.search(r"(https?)://([^:/'\"]+):(\d+)(/[^'\"\s]*)", code)
+    assert m, f"{where}: the health check asks no http(s)://HOST:PORT/PATH URL: {code}"
+    return m.group(1), m.group(2), int(m.group(3)), m.group(4)
 
 
 def assert_health_check_asks_status(argv: list[str], cmd: Command, where: str) -> None:
     """A health check ``python -c CODE`` that compiles and asks the coordinator's own /api/status."""
     assert argv[:2] == ["python", "-c"] and len(argv) == 3, f"{where}: expected python -c CODE, got {argv}"
     compile(argv[2], where, "exec")
-    host, port, path = healthcheck_url(argv[2], where)
+    scheme, host, port, path = healthcheck_url(argv[2], where)
+    assert scheme == ("http" if cmd.config.insecure else "https"), \
+        f"{where}: the health check asks {scheme}:// of a coordinator with insecure={cmd.config.insecure}"
+    if not cmd.config.insecure:  # verified against the certificate the coordinator serves, not skipped
+        cert = cmd.config.tls_cert or cmd.config.workdir / "tls" / "cert.pem"
+        assert f"cafile='{cert}'" in argv[2], f"{where}: the health check does not trust {cert}: {argv[2]}"
     http_host, http_port = parse_host_port(cmd.config.http, flag="--http") if cmd.config.http else ("", 0)
     assert (port, path) == (http_port, STATUS_PATH), \
         f"{where}: the health check asks {host}:{port}{path}; the coordinator serves {STATUS_PATH} on " \
@@ -472,6 +477,8 @@ def test_k8s_coordinator_is_a_statefulset_with_a_persistent_workdir_and_status_p
         assert get, f"{where}: no {probe} over HTTP"
         assert get["path"] == STATUS_PATH and container_port(c, get["port"], where) == cmd.port_of("http"), \
             f"{where}: {probe} asks {get}; the coordinator serves {STATUS_PATH} on --http {cmd.config.http}"
+        assert get.get("scheme", "HTTP") == ("HTTP" if cmd.config.insecure else "HTTPS"), \
+            f"{where}: {probe} asks {get.get('scheme', 'HTTP')}; the coordinator serves TLS unless --insecure"
     labels = sts["spec"]["template"]["metadata"]["labels"]
     services = [s for s in objects("Service") if s["spec"].get("clusterIP") != "None"
                 and s["spec"].get("selector") and s["spec"]["selector"].items() <= labels.items()]

@@ -22,21 +22,23 @@ from hivefold.errors import ConfigError, IntegrityError
 from hivefold.identity import Identity, register_message
 from hivefold.shards import shard_filename
 from hivefold.spec import ShardInfo, verify_spec
+from hivefold.tls import Trust, client_ssl_context, open_channel
 from peer.config import PeerConfig
 from peer.pipeline import ShardCache
 from peer.session import Session
 from peer.work import WorkLoop
 from protos import coordinator_pb2 as pb
-from tests.conftest import FAKE_MADDR, small_run
+from tests.conftest import FAKE_MADDR, serve_tls, small_run
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     ctx = small_run(tmp_path_factory.mktemp("coordinator"))
     ledger = ctx.ledger
-    server, port = start_server(ctx, "127.0.0.1:0")
-    http, http_port = start_http(ctx, "127.0.0.1:0")
-    yield ctx, f"127.0.0.1:{port}", http_port
+    tls, key_file, _ = serve_tls(ctx.config.workdir)
+    server, port = start_server(ctx, "127.0.0.1:0", tls=tls)
+    http, http_port = start_http(ctx, "127.0.0.1:0", tls=tls.ssl_context(key_file))
+    yield ctx, f"127.0.0.1:{port}", (http_port, client_ssl_context(tls.cert_pem))
     server.stop(0)
     http.shutdown()
     ledger.close()
@@ -219,10 +221,10 @@ def test_checkpoint_download_roundtrips(service, tmp_path):
 
 
 def test_status_over_grpc_and_http_agree(service, tmp_path):
-    ctx, address, http_port = service
+    ctx, address, (http_port, https) = service
     registered(address, tmp_path, name="watcher")
     over_grpc = CoordinatorClient(address).status()
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/status") as r:
+    with urllib.request.urlopen(f"https://127.0.0.1:{http_port}/api/status", context=https) as r:
         over_http = json.load(r)
     for doc in (over_grpc, over_http):
         assert doc["run_id"] == ctx.spec.run_id
@@ -230,7 +232,7 @@ def test_status_over_grpc_and_http_agree(service, tmp_path):
         assert {"global_step", "peers", "train_loss", "val_loss", "tokens_trained", "checkpoint"} <= set(doc)
         assert any(p["name"] == "watcher" for p in doc["peers"])
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/nope")
+        urllib.request.urlopen(f"https://127.0.0.1:{http_port}/nope", context=https)
     assert info.value.code == 404
 
 
@@ -241,7 +243,7 @@ def test_a_run_of_100_000_shards_can_register(service, tmp_path):
     big = Context(config=ctx.config, spec=dataclasses.replace(ctx.spec, shards=many), ledger=ctx.ledger,
                   dht_maddrs=[FAKE_MADDR])
     assert len(big.spec_json) > 4 << 20
-    server, port = start_server(big, "127.0.0.1:0")
+    server, port = start_server(big, "127.0.0.1:0", tls=serve_tls(ctx.config.workdir)[0])
     try:
         client = CoordinatorClient(f"127.0.0.1:{port}", give_up_after=5.0)
         resp = client.register(Identity.load_or_create(tmp_path), name="big", device=pb.DeviceReport(kind="cpu"))
@@ -259,7 +261,7 @@ def test_every_call_after_register_is_signed_and_checked(service, tmp_path):
     ctx, address, _ = service
     client, identity = registered(address, tmp_path / "honest", "honest")
     mallory, mallory_id = registered(address, tmp_path / "mallory", "mallory")
-    channel = grpc.insecure_channel(address)
+    channel = open_channel(address, Trust(), [])
     stub = pb_grpc.CoordinatorStub(channel)  # a raw stub: metadata exactly as the test writes it
     method = "/hivefold.v1.Coordinator/Heartbeat"
     assert method in rpcsign.SIGNED_METHODS and len(rpcsign.SIGNED_METHODS) == 7
@@ -310,7 +312,7 @@ def test_a_key_file_others_can_read_is_refused(tmp_path):
 def test_a_peer_past_its_rate_is_told_to_retry_later_and_others_are_not(service, tmp_path):
     ctx, _, _ = service
     slow = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, rpc_rate=5.0))
-    server, port = start_server(slow, "127.0.0.1:0")
+    server, port = start_server(slow, "127.0.0.1:0", tls=serve_tls(ctx.config.workdir)[0])
     try:
         address = f"127.0.0.1:{port}"
         eager, _ = registered(address, tmp_path / "eager", "eager")
