@@ -39,6 +39,7 @@ MICRO_BATCH_MAX = 65536  # sequences per forward/backward a peer may report
 RATE_MAX = 1e7  # sequences per second a peer may report: far beyond any device; more is a lie that sizes leases
 COMPUTE_SECONDS_MAX = 1e7  # about four months on one work unit
 LOSS_MAX = 1e6  # a reported loss beyond this is nonsense (cross-entropy at init is ~ln(vocab))
+DHT_KEY_MAX_BYTES = 2048  # an RSA public key in OpenSSH format (hivemind's are 2048-bit: ~380 bytes)
 PAUSE_REASON_CHARS = 200  # of a paused peer's reason that the ledger keeps
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
@@ -275,6 +276,30 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         pause_reason=(request.pause_reason[:PAUSE_REASON_CHARS] or "paused") if request.paused else None)
     return pb.HeartbeatResponse(active_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
+
+
+def swarm_token(request: pb.SwarmTokenRequest, ctx: Context, now: float) -> pb.SwarmTokenResponse:
+    """Admit the peer's DHT node to the swarm for ``--swarm-token-seconds`` (hivefold.swarm_access)."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.crypto import RSAPublicKey
+
+    from hivefold.swarm_access import issue_token
+
+    peer_id = _auth(request.auth, ctx)
+    if ctx.ledger.is_banned(peer_id):  # read afresh: a ban must stop renewals at once, not after a cache expires
+        raise PermissionDenied(f"peer {peer_id} is banned from this run")
+    try:
+        libp2p_id = PeerID.from_base58(request.libp2p_peer_id).to_base58()
+        if len(request.dht_public_key) > DHT_KEY_MAX_BYTES:
+            raise ValueError("too long")
+        RSAPublicKey.from_bytes(request.dht_public_key)
+    except Exception:  # noqa: BLE001 - whatever fails to parse is the peer's mistake
+        raise InvalidArgument("libp2p_peer_id must be a base58 libp2p peer id and dht_public_key an RSA public key "
+                              f"in OpenSSH format of at most {DHT_KEY_MAX_BYTES} bytes") from None
+    expires = now + ctx.config.swarm_token_seconds
+    token = issue_token(ctx.signer.key, member=peer_id, libp2p_id=libp2p_id,
+                        dht_public_key=request.dht_public_key, expires_at=expires)
+    return pb.SwarmTokenResponse(token=token.SerializeToString(), expires_at=expires)
 
 
 def leave(request: pb.LeaveRequest, ctx: Context, now: float) -> pb.LeaveResponse:

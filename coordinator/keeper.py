@@ -28,23 +28,27 @@ from pathlib import Path
 
 import torch
 
+from coordinator.credit import KEY_DIR
 from coordinator.ledger import Ledger
 from coordinator.run import CHECKPOINT_DIR, LEDGER_ENV, LEDGER_FILE, SHARD_DIR, SPEC_FILE
 from hivefold import addressbook
 from hivefold.averaging import make_averaging
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
 from hivefold.dht import SwarmDHT
+from hivefold.identity import Identity
 from hivefold.logs import LastError, setup_logging
 from hivefold.model import build_model
 from hivefold.shards import VAL_FILENAME, decode_shard
 from hivefold.signals import install_stop_handlers
 from hivefold.spec import RunSpec
+from hivefold.swarm_access import OwnPass
 from hivefold.training import evaluate
 
 log = logging.getLogger("hivefold.keeper")
 
 DOWNLOAD_TIMEOUT_S = 30.0  # one attempt to download the swarm's state; the keeper's shutdown waits for at most one
 HANDOVER_WINDOW_S = 120.0  # how long after a clean leave the keeper still tries to take the peer's state
+KEEPER_DHT_IDENTITY = "keeper-dht.key"  # a fresh libp2p identity at every start (its swarm token names it)
 
 
 class Keeper:
@@ -64,9 +68,13 @@ class Keeper:
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:
             self.model.load_state_dict(ckpt.model)
+        # the keeper holds the coordinator's key: it signs its own swarm token (hivefold.swarm_access)
+        key = Identity.load_or_create(workdir / KEY_DIR)
+        self.swarm_pass = OwnPass(key, "keeper", workdir / KEEPER_DHT_IDENTITY, fresh=True)
         self.dht = SwarmDHT(initial_peers=initial_peers, host_maddrs=host_maddrs,
-                                announce_maddrs=announce_maddrs or None, start=True)
-        self.averaging = make_averaging(self.spec, self.model, self.dht, trains=False)
+                            announce_maddrs=announce_maddrs or None, start=True, **self.swarm_pass.dht_kwargs())
+        self.swarm_pass.announce_if_due(self.dht)
+        self.averaging = make_averaging(self.spec, self.model, self.dht, trains=False, swarm_key=key.public_key)
         if ckpt is not None and ckpt.optimizer is not None:
             self.averaging.load_state_dict(ckpt.optimizer)
             log.info("resumed from checkpoint at step %d", ckpt.step)
@@ -129,6 +137,7 @@ class Keeper:
             if not parent_alive():
                 log.error("the coordinator that started this keeper is gone; taking a final checkpoint and exiting")
                 break
+            self.swarm_pass.announce_if_due(self.dht)
             # The swarm's step: from hivemind's tracker (sync), and from what peers report to the coordinator.
             global_step = self.ledger.observe_global_step(self.averaging.global_epoch)
             now = time.time()

@@ -16,14 +16,18 @@ import hivemind
 
 from coordinator import handlers
 from coordinator.config import CoordinatorConfig
+from coordinator.credit import KEY_DIR
 from coordinator.handlers import Context
 from coordinator.http import make_metrics, start_http
 from coordinator.lock import WorkdirLock
 from coordinator.run import LEDGER_ENV, SPEC_FILE, ledger_location, open_run
 from coordinator.server import start_server
 from hivefold.dht import SwarmDHT
+from hivefold.errors import ConfigError
+from hivefold.identity import Identity
 from hivefold.netaddr import with_peer_id
 from hivefold.signals import install_stop_handlers
+from hivefold.swarm_access import OwnPass
 from hivefold.tls import INSECURE_WARNING, server_tls
 
 log = logging.getLogger("hivefold.coordinator")
@@ -117,6 +121,19 @@ def _tls(config: CoordinatorConfig):
     return tls, key_file
 
 
+def _signing_key(config: CoordinatorConfig, ledger) -> Identity:
+    """The key that signs receipts and swarm tokens; every coordinator of a run must hold the same one."""
+    key = Identity.load_or_create(config.workdir / KEY_DIR)
+    known = ledger.get_meta("signing_key")
+    if known is None:
+        ledger.set_meta("signing_key", key.public_key.hex())
+    elif known != key.public_key.hex():
+        raise ConfigError(f"this run's other coordinators sign with another key than {config.workdir / KEY_DIR}: "
+                          "coordinators of one run must share it (peers check swarm tokens and receipts against "
+                          "it); copy that directory from the first coordinator's workdir before starting this one")
+    return key
+
+
 def run(config: CoordinatorConfig, stop: threading.Event) -> None:
     """Serve until ``stop`` is set; always releases everything it started, in reverse order."""
     if not (config.workdir / SPEC_FILE).exists():
@@ -127,13 +144,17 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         tls, key_file = _tls(config)  # bad certificate files are refused before the run is opened
         spec, ledger = open_run(config.workdir, config.run, config.ledger)
         stack.callback(ledger.close)
+        key = _signing_key(config, ledger)
         if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
             ledger.set_keeper_maddrs([])
         ledger.set_checkpoint_every(config.checkpoint_every)
         ledger.set_meta("averaging", spec.averaging.mode)
         ledger.set_sample_budget(-(-config.token_budget // spec.seq_len))  # whole sequences, rounded up
+        # The bootstrap node keeps its libp2p identity (peers may have its address) and signs its own swarm
+        # token with the coordinator's key: it serves DHT requests of token holders only (hivefold.swarm_access).
+        swarm_pass = OwnPass(key, "coordinator", config.workdir / "dht.key", fresh=False)
         dht = SwarmDHT(host_maddrs=list(config.dht_listen), announce_maddrs=list(config.dht_announce) or None,
-                       identity_path=str(config.workdir / "dht.key"), start=True)
+                       start=True, **swarm_pass.dht_kwargs())
         stack.callback(_shutdown_dht, dht)
         install_stop_handlers(stop, what="stopping (the keeper takes a final checkpoint first)")
         # An announced address (a public IP, a forwarded port) is given to peers with this node's id appended.

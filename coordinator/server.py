@@ -83,6 +83,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def FetchCheckpoint(self, request, context):
         return self._stream(handlers.fetch_checkpoint, request, context)
 
+    def SwarmToken(self, request, context):
+        return self._call(handlers.swarm_token, request, context)
+
 
 def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], float] = time.time,
                  max_workers: int = 32, interceptors: Sequence[grpc.ServerInterceptor] = (),

@@ -152,6 +152,13 @@ class CoordinatorClient:
         """One attempt, no retry: used on the way out."""
         return self.stub.Leave(pb.LeaveRequest(auth=self.auth, epoch=epoch, reason=reason), timeout=timeout)
 
+    def swarm_token(self, libp2p_peer_id: str, dht_public_key: bytes, *, give_up_after: float | None = None):
+        """A token admitting this peer's DHT node to the swarm (hivefold.swarm_access), and when it expires."""
+        req = pb.SwarmTokenRequest(auth=self.auth, libp2p_peer_id=libp2p_peer_id, dht_public_key=dht_public_key)
+        resp = self._retry(lambda: self.stub.SwarmToken(req, timeout=RPC_TIMEOUT_S), "SwarmToken",
+                           give_up_after=give_up_after)
+        return resp.token, resp.expires_at
+
     def status(self) -> dict:
         resp = self._retry(lambda: self.stub.GetStatus(pb.GetStatusRequest(), timeout=RPC_TIMEOUT_S), "GetStatus")
         return json.loads(resp.status_json)

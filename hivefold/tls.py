@@ -219,12 +219,13 @@ def open_channel(address: str, trust: Trust, options: list) -> grpc.Channel:
     if trust.insecure:
         log.warning("%s (coordinator %s)", INSECURE_WARNING, address)
         try:
-            _peer_certificate(host, port, address)
+            _peer_certificate(host, port, address, verify=False)
         except (TrustError, _Unreachable):  # plaintext indeed, or down (the call retries)
             return grpc.insecure_channel(address, options=options)
         raise TrustError(f"the coordinator at {address} speaks TLS: drop --insecure (and pin its certificate with "
                          "--coordinator-fingerprint, or trust it on first use)")
-    der, system_ok = _peer_certificate(host, port, address)
+    der = _peer_certificate(host, port, address, verify=False)
+    system_ok = not _self_signed(der) and _system_trusts(host, port, address)
     pem = ssl.DER_cert_to_PEM_cert(der).encode()
     seen = fingerprint(der)
     if trust.fingerprint is not None:
@@ -265,28 +266,36 @@ def client_ssl_context(cert_pem: bytes | None) -> ssl.SSLContext:
     return ctx
 
 
-def _peer_certificate(host: str, port: int, address: str) -> tuple[bytes, bool]:
-    """The certificate the server presents, and whether the system's roots vouch for it under ``host``."""
-    verified = ssl.create_default_context()
-    verified.set_alpn_protocols(["h2"])
-    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
-    unverified.set_alpn_protocols(["h2"])
-    for ctx, system_ok in ((verified, True), (unverified, False)):
-        try:
-            with socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S) as raw:
-                with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                    return tls.getpeercert(binary_form=True), system_ok
-        except ssl.SSLCertVerificationError:
-            continue
-        except ssl.SSLError as e:
-            if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):
-                raise TrustError(f"the coordinator at {address} does not speak TLS (was it started with --insecure?); "
-                                 "pass --insecure to talk to it in plaintext") from None
-            raise _Unreachable(f"TLS handshake with {address} failed: {e}") from None
-        except OSError as e:
-            raise _Unreachable(f"cannot connect to {address}: {e}") from None
-    raise AssertionError("unreachable: the unverified handshake never fails verification")
+def _peer_certificate(host: str, port: int, address: str, *, verify: bool) -> bytes:
+    """The certificate the server presents; with ``verify``, only if the system's roots vouch for it under
+    ``host`` (else ssl.SSLCertVerificationError)."""
+    if verify:
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                return tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError:
+        raise
+    except ssl.SSLError as e:
+        if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):
+            raise TrustError(f"the coordinator at {address} does not speak TLS (was it started with --insecure?); "
+                             "pass --insecure to talk to it in plaintext") from None
+        raise _Unreachable(f"TLS handshake with {address} failed: {e}") from None
+    except OSError as e:
+        raise _Unreachable(f"cannot connect to {address}: {e}") from None
+
+
+def _system_trusts(host: str, port: int, address: str) -> bool:
+    try:
+        _peer_certificate(host, port, address, verify=True)
+    except ssl.SSLCertVerificationError:
+        return False
+    return True
 
 
 def _self_signed(der: bytes) -> bool:

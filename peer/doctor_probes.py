@@ -50,7 +50,6 @@ def network_checks(status: dict | None, timeout: float, report: Callable[[Check]
 
 
 async def _checks(status: dict | None, timeout: float, report: Callable[[Check], None], asked: bool) -> None:
-    from hivemind.dht.node import DHTNode
     from hivemind.p2p import P2P
 
     t0 = time.perf_counter()
@@ -77,12 +76,12 @@ async def _checks(status: dict | None, timeout: float, report: Callable[[Check],
                          "(an older hivefold)", "update the coordinator's hivefold to have this checked"))
         else:
             t0 = time.perf_counter()
-            try:  # as a client: nothing of this machine enters the swarm's routing tables
+            # As a client, and only as far as libp2p: the swarm's DHT answers token holders only (registered
+            # peers; hivefold.swarm_access), so connecting to the bootstrap node is what can be tested here.
+            try:
                 p2p = await P2P.create(initial_peers=initial, dht_mode="client", host_maddrs=[LISTEN],
                                        startup_timeout=timeout)
-                started.append(p2p)  # shut down by us, also when DHTNode.create fails
-                started.append(await DHTNode.create(p2p=p2p, initial_peers=initial, client_mode=True,
-                                                    wait_timeout=min(timeout, 5.0)))
+                started.append(p2p)
             except Exception as e:  # noqa: BLE001 - P2PDaemonError (bootstrap failed), RuntimeError (no answer)
                 why = "no bootstrap address accepted a connection" if "connect to bootstrap" in str(e) else str(e)
                 report(Check("dht-bootstrap", FAIL, f"cannot join the swarm's DHT at {' '.join(initial)}: {why}",
@@ -90,8 +89,8 @@ async def _checks(status: dict | None, timeout: float, report: Callable[[Check],
             else:
                 prober = p2p
                 took = time.perf_counter() - t0
-                report(Check("dht-bootstrap", PASS, f"joined the swarm's DHT as a client in {took:.1f} s via "
-                             f"{len(initial)} bootstrap address{'es' * (len(initial) != 1)}", seconds=took))
+                report(Check("dht-bootstrap", PASS, f"connected to the swarm's DHT bootstrap node in {took:.1f} s via "
+                             f"{len(initial)} address{'es' * (len(initial) != 1)}", seconds=took))
         if prober is None:  # a fresh daemon of its own to dial this machine with
             prober = await P2P.create(dht_mode="client", host_maddrs=[LISTEN], startup_timeout=timeout)
             started.append(prober)

@@ -48,6 +48,7 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
                 others = book - {str(session.dht.peer_id)}
                 if addressbook.connect(session.dht, members) >= len(others):
                     linked, checked_at = book, time.monotonic()
+            session.swarm_pass.renew_if_due(session.client, session.dht)
         except grpc.RpcError as e:
             log.warning("heartbeat failed: %s", describe_rpc_error(e))
             linked = set()  # the coordinator may be restarting: relink once it answers again

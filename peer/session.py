@@ -27,10 +27,12 @@ from hivefold.identity import Identity
 from hivefold.receipts import ReceiptBook
 from hivefold.retry import Stopped
 from hivefold.spec import RunSpec, verify_spec
+from hivefold.swarm_access import publish
 from peer.config import PeerConfig
 from peer.device import describe_device, limit_memory, resolve_device
 from peer.leases import LeaseClock
 from peer.outbox import Outbox
+from peer.swarm_pass import SwarmPass
 from peer.trainer import Trainer
 from protos import coordinator_pb2 as pb
 
@@ -67,6 +69,7 @@ class Session:
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
         self.bootstrap_maddrs: list[str] = []  # the coordinator's DHT node, from Register
+        self.swarm_pass: SwarmPass | None = None  # the token that admits this peer's DHT node (swarm_pass.py)
 
     @property
     def peer_id(self) -> str:
@@ -100,7 +103,7 @@ class Session:
         self.bootstrap_maddrs = list(resp.dht_maddrs)
         self.trainer = Trainer(self.spec, self.dht, device=self.device, client_mode=self.config.client_mode,
                                step_interval=self.config.step_interval, micro_batch=self.config.micro_batch,
-                               memory_fraction=self.memory_fraction)
+                               memory_fraction=self.memory_fraction, swarm_key=self.receipt_key)
         if self.config.metrics_port:
             self._start_metrics()
         # Direct links to the swarm's members first: the state download below needs one (see hivefold.addressbook).
@@ -128,9 +131,12 @@ class Session:
         attempt = 1
         while True:
             try:
+                self.swarm_pass = SwarmPass(self.workdir, self.receipt_key)
+                self.authed(lambda: self.swarm_pass.obtain(self.client))
                 self.dht = join_dht(initial_peers=list(resp.dht_maddrs), host_maddrs=list(self.config.dht_listen),
                                     announce_maddrs=list(self.config.dht_announce) or None,
-                                    client_mode=self.config.client_mode)
+                                    client_mode=self.config.client_mode, **self.swarm_pass.dht_kwargs())
+                publish(self.dht, self.swarm_pass.token)
                 return resp
             except BootstrapFailed as e:
                 if attempt >= DHT_JOIN_ATTEMPTS:

@@ -69,13 +69,14 @@ def _ema(old: float, new: float) -> float:
 
 class Trainer:
     def __init__(self, spec: RunSpec, dht: hivemind.DHT, *, device: str, client_mode: bool,
-                 step_interval: float = 1.0, micro_batch: int = 0, memory_fraction: float = 1.0):
+                 step_interval: float = 1.0, micro_batch: int = 0, memory_fraction: float = 1.0,
+                 swarm_key: bytes | None = None):
         self.spec, self.device, self.step_interval = spec, device, step_interval
         self.model = build_model(spec.model, spec.seed).to(device)
         self.micro_batch, why = choose_micro_batch(micro_batch, run_micro_batch=spec.micro_batch, model=self.model,
                                                    device=device, seq_len=spec.seq_len, memory_fraction=memory_fraction)
         log.info("micro-batch %d (%s)", self.micro_batch, why)
-        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode)
+        self.averaging = make_averaging(spec, self.model, dht, client_mode=client_mode, swarm_key=swarm_key)
         self.meter = Meter()
         self.diloco = spec.averaging.mode == "diloco"
         log.info("model: %.2fM parameters on %s, %s averaging", self.model.num_parameters() / 1e6, device,

@@ -275,3 +275,21 @@ class FetchCheckpointRequest(_message.Message):
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     min_step: int
     def __init__(self, min_step: _Optional[int] = ...) -> None: ...
+
+class SwarmTokenRequest(_message.Message):
+    __slots__ = ("auth", "libp2p_peer_id", "dht_public_key")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    LIBP2P_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    auth: PeerAuth
+    libp2p_peer_id: str
+    dht_public_key: bytes
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., libp2p_peer_id: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SwarmTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_at")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    expires_at: float
+    def __init__(self, token: _Optional[bytes] = ..., expires_at: _Optional[float] = ...) -> None: ...

@@ -85,6 +85,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.FetchCheckpointRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.SwarmToken = channel.unary_unary(
+                '/hivefold.v1.Coordinator/SwarmToken',
+                request_serializer=protos_dot_coordinator__pb2.SwarmTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.SwarmTokenResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -163,6 +168,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwarmToken(self, request, context):
+        """A short-lived token that admits the peer's DHT node to the swarm's DHT and averaging
+        (hivefold.swarm_access); renewed while the peer runs, refused to a banned peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +228,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchCheckpoint,
                     request_deserializer=protos_dot_coordinator__pb2.FetchCheckpointRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.DataChunk.SerializeToString,
+            ),
+            'SwarmToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwarmToken,
+                    request_deserializer=protos_dot_coordinator__pb2.SwarmTokenRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.SwarmTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +506,33 @@ class Coordinator:
             '/hivefold.v1.Coordinator/FetchCheckpoint',
             protos_dot_coordinator__pb2.FetchCheckpointRequest.SerializeToString,
             protos_dot_coordinator__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwarmToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivefold.v1.Coordinator/SwarmToken',
+            protos_dot_coordinator__pb2.SwarmTokenRequest.SerializeToString,
+            protos_dot_coordinator__pb2.SwarmTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,15 +25,18 @@ from hivefold.model import GPT
 from hivefold.spec import RunSpec
 
 
-def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True):
+def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False, trains: bool = True,
+                   swarm_key: bytes | None = None):
     """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that).
 
     Both modes take each step's sample count from the caller, so members may train at any micro-batch.
+    With ``swarm_key`` (the coordinator's public key), ``diloco`` serves group joins and state downloads only
+    to swarm members holding a valid token (hivefold.swarm_access); ``sync`` relies on the DHT's check alone.
     """
     if spec.averaging.mode == "diloco":
         from hivefold.averaging.diloco import DiLoCo
 
-        return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains)
+        return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains, swarm_key=swarm_key)
     from hivefold.averaging.sync import SyncAveraging
 
     return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains)

@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from hivefold.averaging.guard import UpdateGuard
+from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
-from hivefold.dht import die_with_parent
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
 from hivefold.training import inner_optimizer, lr_lambda
@@ -45,22 +44,6 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
 _WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
-
-
-class _OuterStateAverager(DecentralizedAverager):
-    """A ``DecentralizedAverager`` that shares the DiLoCo outer state instead of its averaged tensors."""
-
-    def __init__(self, *args, state_fn, **kwargs):
-        self._state_fn = state_fn
-        super().__init__(*args, **kwargs)
-
-    def run(self) -> None:
-        die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
-        super().run()
-
-    def get_current_state(self):
-        metadata, tensors = self._state_fn()
-        return metadata, tensors, None
 
 
 @dataclass
@@ -84,7 +67,7 @@ class DiLoCo:
     """
 
     def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
-                 trains: bool = True):
+                 trains: bool = True, swarm_key: bytes | None = None):
         self.spec, self.model, self.trains, self.client_mode = spec, model, trains, client_mode
         a = spec.averaging
         self.params = list(model.parameters())
@@ -109,12 +92,12 @@ class DiLoCo:
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
-        self.averager = _OuterStateAverager(
+        self.averager = OuterStateAverager(
             averaged_tensors=[torch.zeros_like(g, device="cpu") for g in self.global_params], dht=dht, start=True,
             prefix=f"{spec.run_id}_diloco", state_fn=self._shared_state, min_matchmaking_time=a.matchmaking_time,
             request_timeout=min(3.0, a.matchmaking_time / 2), allreduce_timeout=a.averaging_timeout,
             compression=compression(a.compression), state_compression=NoCompression(), client_mode=client_mode,
-            declare_state_period=10.0)
+            declare_state_period=10.0, swarm_key=swarm_key)
         # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
         # never counts as a peer that might average.
         self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
@@ -314,6 +297,8 @@ class DiLoCo:
                     p.copy_(g.to(dtype=p.dtype))
                 else:
                     p.sub_(sent).add_(g.to(dtype=p.dtype))
+            if r.refused and self.inner is not None:
+                self.inner.state.clear()  # its moments went bad with the parameters: AdamW starts them afresh
         self._pending = None
         self._share_priority()
         if r.control is not None:

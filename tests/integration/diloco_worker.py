@@ -42,8 +42,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--poison", choices=("nan", "huge"),
-                        help="a hostile member: no guard of its own, and its local model poisoned at every step")
+    parser.add_argument("--poison", choices=("nan", "huge", "nan-once"),
+                        help="nan, huge: a hostile member, no guard of its own, its local model poisoned at every "
+                             "step; nan-once: an honest member whose local model goes non-finite once")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -59,27 +60,29 @@ def main() -> None:
     spec = make_spec(args.compression)
     model = build_model(spec.model, spec.seed)
     diloco = DiLoCo(spec, model, dht)
-    if args.poison:
+    if args.poison in ("nan", "huge"):
         diloco.guard.check_outgoing = lambda own: (0.0, None)
     (args.dir / f"w{args.index}.ready").touch()
     while len(list(args.dir.glob("w*.ready"))) < 2:  # start together, as peers already in a swarm would
         time.sleep(0.1)
     gen = torch.Generator().manual_seed(100 + args.index)
-    saved = 0
+    saved, poisoned = 0, False
     while args.rounds == 0 or diloco.epoch < args.rounds:
         starts = torch.randint(0, 64, (MICRO_BATCH, 1), generator=gen)
         block = (starts + torch.arange(SEQ + 1)) % 64
         _, loss = model(block[:, :-1], block[:, 1:])
         (loss * MICRO_BATCH).backward()
         diloco.step(MICRO_BATCH)
-        if args.poison:
+        if args.poison in ("nan", "huge") or (args.poison == "nan-once" and diloco.epoch == 1 and not poisoned):
+            poisoned = True
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan") if args.poison == "nan" else 1e6)
+                next(model.parameters()).fill_(1e6 if args.poison == "huge" else float("nan"))
         if diloco.epoch > saved:
             saved = diloco.epoch
             torch.save({"params": [g.clone() for g in diloco.global_params], "time": time.time(),
                         "loss": float(loss), "stats": diloco.stats(),
-                        "refused_in": diloco.guard.refused_in}, args.dir / f"w{args.index}-{saved}.pt")
+                        "refused_in": diloco.guard.refused_in, "refused_out": diloco.guard.refused_out},
+                       args.dir / f"w{args.index}-{saved}.pt")
         time.sleep(0.05)  # a steady pace: rounds last longer than the progress trackers take to see each other
     diloco.settle()
     diloco.shutdown()

@@ -89,6 +89,21 @@ def test_a_peer_killed_mid_round_does_not_stop_the_other(tmp_path):
             w.wait()
 
 
+def test_a_member_whose_model_went_non_finite_once_recovers(tmp_path):
+    """Its guard refuses to send the bad pseudo-gradient once; it restarts from the global parameters with fresh
+    AdamW moments (the old ones are as bad as the model was), and sends again from the next round on."""
+    workers = [start(tmp_path, 0, "--rounds", "5"), start(tmp_path, 1, "--rounds", "5", "--poison", "nan-once")]
+    try:
+        wait_for(lambda: (tmp_path / "w1-5.pt").exists(), timeout=240, what="the recovering member's 5 outer steps")
+        last = saved(tmp_path, 1, 5)
+        assert last["refused_out"] == 1, logs(tmp_path)  # once, not at every round after
+        assert all(torch.isfinite(p).all() for p in last["params"]) and math.isfinite(last["loss"]), logs(tmp_path)
+    finally:
+        for w in workers:
+            Processes.kill_group(w)
+            w.wait()
+
+
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_a_poisoning_member_does_not_wreck_the_honest_one(tmp_path, poison):
     """A member sends NaNs or a huge pseudo-gradient into every all-reduce: the honest member refuses the averaged

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import random
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from coordinator.credit import KEY_DIR
 from coordinator.ledger import Ledger
 from tests.conftest import Processes, wait_for
 
@@ -86,11 +88,19 @@ def test_two_coordinators_on_one_postgresql_ledger_never_lease_a_shard_twice(tmp
     procs = Processes(tmp_path)
     try:
         addresses = []
+        def coordinator(name: str):
+            return procs.start(f"coordinator-{name}", "coordinator", "--workdir", str(tmp_path / name), "--ledger",
+                               url, "--listen", "127.0.0.1:0", "--http", "", "--dht-listen", "/ip4/127.0.0.1/tcp/0",
+                               "--no-keeper", *flags)
+
         for name in ("a", "b"):  # one after the other: the second finds the run the first created in the ledger
             workdir = tmp_path / name
-            procs.start(f"coordinator-{name}", "coordinator", "--workdir", str(workdir), "--ledger", url,
-                        "--listen", "127.0.0.1:0", "--http", "", "--dht-listen", "/ip4/127.0.0.1/tcp/0",
-                        "--no-keeper", *flags)
+            if name == "b":  # the run's coordinators sign swarm tokens and receipts with one key
+                stranger = coordinator("b-own-key")
+                assert stranger.wait(120) == 2
+                assert "coordinators of one run must share it" in stranger.log.read_text()
+                shutil.copytree(tmp_path / "a" / KEY_DIR, workdir / KEY_DIR)
+            coordinator(name)
             path = workdir / "coordinator.json"
             info = wait_for(lambda p=path: p.exists() and json.loads(p.read_text()), timeout=180,
                             what=f"coordinator {name} to serve", procs=procs)
