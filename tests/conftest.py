@@ -15,8 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 KNOWN_ENV = "HIVEFOLD_KNOWN_COORDINATORS"  # hivefold.tls (not imported here: this module stays light)
-# Clients made by module-scoped fixtures trust on first use into a file of the session's, never the user's.
-os.environ[KNOWN_ENV] = str(Path(tempfile.mkdtemp(prefix="hivefold-trust-")) / "known_coordinators")
 
 
 class Processes:
@@ -136,6 +134,11 @@ def hivefold(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the ``hivefold`` command to its end, capturing its output."""
     return subprocess.run([sys.executable, "-m", "hivefold", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def pytest_configure(config) -> None:
+    # Clients made by module-scoped fixtures trust on first use into a file of the session's, never the user's.
+    os.environ[KNOWN_ENV] = str(Path(tempfile.mkdtemp(prefix="hivefold-trust-")) / "known_coordinators")
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,9 @@ download; it is served by the same averager.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-import zlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -32,7 +32,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
-from hivefold.averaging.guard import UpdateGuard
+from hivefold.averaging.guard import UpdateGuard, total_norm
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
 from hivefold.model import GPT
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
 _WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
+AGREEMENT_RTOL = 1e-5  # global parameters further apart than this (fingerprint) are out of sync; rounding is ~1e-7
+_WEIGHTS = torch.linspace(1.0, 2.0, 4096, dtype=torch.float64)  # position matters in the fingerprint
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -160,6 +162,15 @@ class DiLoCo:
                 time.sleep(0.5)  # a round is in flight there: take the state once it has landed
                 continue
             if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
+                return False
+            with self._lock:
+                distance = total_norm([t.float() - g.cpu() for t, g in zip(tensors[:n], self.global_params,
+                                                                           strict=True)])
+            if not math.isfinite(total_norm(tensors[n:])):
+                distance = math.inf  # its momentum: as bad as non-finite parameters
+            poisoned = self.guard.check_state(distance, epoch - self.epoch)
+            if poisoned:
+                log.error("refusing the outer state a peer served (%s); keeping this peer's", poisoned)
                 return False
             self._install(epoch, tensors[:n], tensors[n:])
             return True
@@ -330,17 +341,25 @@ class DiLoCo:
 
     def _share_priority(self) -> None:
         # Among members at the same outer step, the one whose global parameters fingerprint highest is the
-        # leader that members out of sync download from (see _check_agreement): priority = step + fingerprint.
+        # leader that members out of sync download from (see _check_agreement): priority = step + a number in
+        # [0, 0.5) that grows with the fingerprint.
         if not self.client_mode:
-            self.averager.state_sharing_priority = self.epoch + self._fingerprint()
+            fp = self._fingerprint()
+            self.averager.state_sharing_priority = self.epoch + 0.5 * fp / (1.0 + fp)
 
     def _fingerprint(self) -> float:
-        """A number in [0, 0.5) that differs, almost surely, between two different sets of global parameters."""
+        """A weighted sum of the global parameters' magnitudes (the first 4096 of each tensor).
+
+        Not a hash: members of one group end a round with global parameters equal only up to rounding (hivemind
+        hands each member the average as a delta to add to its own part), so exact bytes differ between members
+        that agree; a member that drifted apart differs by orders of magnitude more (see AGREEMENT_RTOL).
+        """
         with self._lock:
-            digest = 0
+            total = 0.0
             for g in self.global_params:
-                digest = zlib.crc32(g.reshape(-1)[:4096].cpu().numpy().tobytes(), digest)
-        return digest / 2**33
+                head = g.reshape(-1)[:4096].double().abs()
+                total += float(head @ _WEIGHTS[: head.numel()].to(head.device))
+        return total
 
     def _check_agreement(self, r: _Round, gathered: list) -> None:
         """Members of one round must have started it from the same global parameters.
@@ -351,7 +370,11 @@ class DiLoCo:
         mine = (r.epoch, self._sent_fingerprint)
         states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 2]
         leader = max(states, default=mine)
-        if leader != mine:
+        # Uncompressed, members that agree differ by rounding only. Compressed, each member receives the others'
+        # parts of the average through the codec and keeps its own exact, so they always differ a little: they
+        # resync whenever they differ at all (the leader's state download puts them back on one state).
+        rtol = AGREEMENT_RTOL if self.spec.averaging.compression == "fp32" else 0.0
+        if leader[0] != mine[0] or abs(leader[1] - mine[1]) > rtol * max(abs(leader[1]), 1e-12):
             log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
                         r.epoch)
             self._resync = True
