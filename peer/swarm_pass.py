@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+import grpc
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -16,6 +17,7 @@ from hivefold.swarm_access import SwarmAuthorizer, file_source, new_dht_identity
 log = logging.getLogger("hivefold.peer")
 
 IDENTITY_FILE, TOKEN_FILE = "dht-identity.key", "swarm-token.bin"
+RENEW_TRY_S = 5.0  # how long one renewal may wait for the coordinator (it runs in the heartbeat thread)
 
 
 class SwarmPass:
@@ -27,9 +29,10 @@ class SwarmPass:
         self.token: AccessToken | None = None
         self.expires = self.lifetime = 0.0
 
-    def obtain(self, client) -> None:
+    def obtain(self, client, give_up_after: float | None = None) -> None:
         """Ask the coordinator for a token (raises grpc.RpcError as the client does: a ban is PERMISSION_DENIED)."""
-        raw, expires = client.swarm_token(self.libp2p_id, self.dht_key.get_public_key().to_bytes())
+        raw, expires = client.swarm_token(self.libp2p_id, self.dht_key.get_public_key().to_bytes(),
+                                          give_up_after=give_up_after)
         token = AccessToken.FromString(raw)
         now = time.time()
         problem = token_problem(token, self.coordinator_key, now)
@@ -45,10 +48,17 @@ class SwarmPass:
                                                refresh_margin=self.lifetime / 4))
 
     def renew_if_due(self, client, dht) -> None:
-        """Past half its life, take the next token and announce it (the DHT process reads the file)."""
+        """Past half its life, take the next token and announce it (the DHT process reads the file). Never
+        raises: a coordinator that is down is asked again at the next heartbeat (the token still has half its
+        life: a coordinator outage longer than that takes the peer out of the DHT until it is back)."""
         if time.time() < self.expires - self.lifetime / 2:
             return
-        self.obtain(client)
+        try:
+            self.obtain(client, give_up_after=RENEW_TRY_S)
+        except (grpc.RpcError, HivefoldError) as e:
+            why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+            log.warning("could not renew the swarm token (%s); trying again at the next heartbeat", why)
+            return
         if not publish(dht, self.token):
             log.warning("could not announce the renewed swarm token in the DHT; trying again at the next heartbeat")
             self.expires = time.time() + self.lifetime / 2  # due again at once
