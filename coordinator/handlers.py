@@ -73,6 +73,9 @@ class Context:
             "shards": len(self.spec.shards), "data_passes": self.spec.data_passes,
             "averaging": {"mode": a.mode, "inner_steps": a.inner_steps, "outer_lr": a.outer_lr,
                           "outer_momentum": a.outer_momentum, "compression": a.compression},
+            # who may join and how: watchers see what protects the run (README, "Security model")
+            "access": {"tls": not self.config.insecure, "invite_only": self.config.invite_only,
+                       "swarm_token_seconds": self.config.swarm_token_seconds},
         }
 
     @property

@@ -90,7 +90,20 @@ def render(status: dict, *, clock: str = "") -> Group:
                       online_cell(p), str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
-    return Group(head, progress_line(status), *keeper_lines(status), peers, leaderboard(status))
+    return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status), peers,
+                 leaderboard(status))
+
+
+def access_lines(status: dict) -> list[Text]:
+    """How the run is protected: TLS or plaintext, open or invite-only, the swarm tokens' lifetime."""
+    access = (status.get("run") or {}).get("access")
+    if not access:  # an older coordinator
+        return []
+    line = Text("access: ")
+    line.append("TLS" if access["tls"] else "PLAINTEXT (--insecure)", style=None if access["tls"] else "bold red")
+    line.append(" · invite-only" if access["invite_only"] else " · open to anyone with the address")
+    line.append(f" · swarm tokens live {access['swarm_token_seconds']:g} s")
+    return [line]
 
 
 def online_cell(peer: dict) -> str:

@@ -89,6 +89,12 @@ def test_ago(seconds, text):
     assert ago(seconds) == text
 
 
+def test_the_access_line_shows_how_the_run_is_protected(status, monkeypatch):
+    assert "access:" not in rendered(status, monkeypatch)  # an older coordinator's document: no line
+    status["run"] = {"access": {"tls": False, "invite_only": True, "swarm_token_seconds": 600.0}}
+    assert "access: PLAINTEXT (--insecure) · invite-only · swarm tokens live 600 s" in rendered(status, monkeypatch)
+
+
 def test_a_paused_peer_shows_as_paused(status, monkeypatch):
     status["peers"][0].update(paused=True, pause_reason="paused by the volunteer")
     status["peers"][1].pop("paused")  # an older coordinator's document has no such field
