@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
 _WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
-AGREEMENT_RTOL = 1e-5  # global parameters further apart than this (fingerprint) are out of sync; rounding is ~1e-7
-_WEIGHTS = torch.linspace(1.0, 2.0, 4096, dtype=torch.float64)  # position matters in the fingerprint
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -341,25 +340,17 @@ class DiLoCo:
 
     def _share_priority(self) -> None:
         # Among members at the same outer step, the one whose global parameters fingerprint highest is the
-        # leader that members out of sync download from (see _check_agreement): priority = step + a number in
-        # [0, 0.5) that grows with the fingerprint.
+        # leader that members out of sync download from (see _check_agreement): priority = step + fingerprint.
         if not self.client_mode:
-            fp = self._fingerprint()
-            self.averager.state_sharing_priority = self.epoch + 0.5 * fp / (1.0 + fp)
+            self.averager.state_sharing_priority = self.epoch + self._fingerprint()
 
     def _fingerprint(self) -> float:
-        """A weighted sum of the global parameters' magnitudes (the first 4096 of each tensor).
-
-        Not a hash: members of one group end a round with global parameters equal only up to rounding (hivemind
-        hands each member the average as a delta to add to its own part), so exact bytes differ between members
-        that agree; a member that drifted apart differs by orders of magnitude more (see AGREEMENT_RTOL).
-        """
+        """A number in [0, 0.5) that differs, almost surely, between two different sets of global parameters."""
         with self._lock:
-            total = 0.0
+            digest = 0
             for g in self.global_params:
-                head = g.reshape(-1)[:4096].double().abs()
-                total += float(head @ _WEIGHTS[: head.numel()].to(head.device))
-        return total
+                digest = zlib.crc32(g.reshape(-1)[:4096].cpu().numpy().tobytes(), digest)
+        return digest / 2**33
 
     def _check_agreement(self, r: _Round, gathered: list) -> None:
         """Members of one round must have started it from the same global parameters.
@@ -370,11 +361,7 @@ class DiLoCo:
         mine = (r.epoch, self._sent_fingerprint)
         states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 2]
         leader = max(states, default=mine)
-        # Uncompressed, members that agree differ by rounding only. Compressed, each member receives the others'
-        # parts of the average through the codec and keeps its own exact, so they always differ a little: they
-        # resync whenever they differ at all (the leader's state download puts them back on one state).
-        rtol = AGREEMENT_RTOL if self.spec.averaging.compression == "fp32" else 0.0
-        if leader[0] != mine[0] or abs(leader[1] - mine[1]) > rtol * max(abs(leader[1]), 1e-12):
+        if leader != mine:
             log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
                         r.epoch)
             self._resync = True
