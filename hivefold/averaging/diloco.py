@@ -20,7 +20,6 @@ download; it is served by the same averager.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import zlib
@@ -33,7 +32,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
-from hivefold.averaging.guard import UpdateGuard, total_norm
+from hivefold.averaging.guard import UpdateGuard
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
 from hivefold.model import GPT
@@ -161,15 +160,6 @@ class DiLoCo:
                 time.sleep(0.5)  # a round is in flight there: take the state once it has landed
                 continue
             if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
-                return False
-            with self._lock:
-                distance = total_norm([t.float() - g.cpu() for t, g in zip(tensors[:n], self.global_params,
-                                                                           strict=True)])
-            if not math.isfinite(total_norm(tensors[n:])):
-                distance = math.inf  # its momentum: as bad as non-finite parameters
-            poisoned = self.guard.check_state(distance, epoch - self.epoch)
-            if poisoned:
-                log.error("refusing the outer state a peer served (%s); keeping this peer's", poisoned)
                 return False
             self._install(epoch, tensors[:n], tensors[n:])
             return True

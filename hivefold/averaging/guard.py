@@ -6,8 +6,7 @@ and starts the next round from the global parameters. After the all-reduce, it r
 update with non-finite values or such a norm (a member sent NaNs or a huge tensor): the peer applies
 its own pseudo-gradient instead, as if no group had formed, and says so. The recent range is the
 median norm of the last accepted updates; until there are a few, a bound relative to this peer's own
-pseudo-gradient applies. A downloaded outer state is held to the same range (``check_state``). Sign flips
-and subtler poison need the swarm-wide checks of issue 9.
+pseudo-gradient applies. Sign flips and subtler poison need the swarm-wide checks of issue 9.
 """
 
 from __future__ import annotations
@@ -62,19 +61,6 @@ class UpdateGuard:
             why = f"its norm {norm:.3g} is over the bound {limit:.3g}"
         else:
             self.norms.append(norm)
-            return None
-        self.refused_in += 1
-        return why
-
-    def check_state(self, distance: float, rounds_apart: int) -> str | None:
-        """None if a downloaded outer state ``distance`` (L2) from this peer's own, ``rounds_apart`` outer steps
-        ahead, is plausible; else why not. A member's state moves by about one outer update per round: one far
-        beyond that is poison (a hostile member that made itself the one to download from), not progress."""
-        if not math.isfinite(distance):
-            why = "it has non-finite values"
-        elif (limit := self._limit(None)) is not None and distance > limit * max(1, rounds_apart):
-            why = f"it is {distance:.3g} away from this peer's, over {limit * max(1, rounds_apart):.3g}"
-        else:
             return None
         self.refused_in += 1
         return why
