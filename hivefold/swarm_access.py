@@ -72,7 +72,7 @@ def new_dht_identity(path: Path) -> str:
     """A fresh libp2p identity in ``path`` (a new peer id at every start); returns its peer id."""
     path.unlink(missing_ok=True)
     P2P.generate_identity(str(path))
-    return PeerID.from_identity(path.read_bytes()).to_base58()
+    return libp2p_id_of(path)
 
 
 def libp2p_id_of(identity_path: Path) -> str:
