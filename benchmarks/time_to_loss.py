@@ -42,7 +42,7 @@ def build_run(workdir: Path, args) -> dict:
     from coordinator.config import RunOptions
     from coordinator.run import open_run
 
-    options = RunOptions(corpus="stdlib", model=args.model, seq_len=128, shard_sequences=args.shard_sequences,
+    options = RunOptions(corpus=args.corpus, max_corpus_mb=args.max_corpus_mb, model=args.model, seq_len=128, shard_sequences=args.shard_sequences,
                          micro_batch=args.micro_batch, target_batch_size=args.target_batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, averaging=args.mode,
                          inner_steps=args.inner_steps, compression=args.compression, outer_lr=args.outer_lr,
@@ -282,6 +282,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--corpus", default="stdlib",
+                        help="as the coordinator's --corpus; on a GPU the standard library is a few passes a minute")
+    parser.add_argument("--max-corpus-mb", type=float, default=0.0, help="read at most this many MB (0: all)")
     parser.add_argument("--shard-sequences", type=int, default=128,
                         help="sequences per work unit (larger on a GPU, or peers lease many a second)")
     parser.add_argument("--micro-batch", type=int, default=8, help="the run's (each peer's) micro-batch")

@@ -22,16 +22,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import hivemind
+import numpy as np
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from hivefold.averaging import agreement
 from hivefold.averaging.guard import UpdateGuard
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
@@ -88,7 +89,8 @@ class DiLoCo:
         self._pending: _Round | None = None
         self._reported_at = -float("inf")
         self._resync = False  # set when this member's global parameters turned out to differ from its group's
-        self._sent_fingerprint = 0.0
+        self._sent_sample = agreement.sample(self.global_params)  # what this member sent with its latest round
+        self.agreement = agreement.Agreement()
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
@@ -160,6 +162,10 @@ class DiLoCo:
                 time.sleep(0.5)  # a round is in flight there: take the state once it has landed
                 continue
             if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
+                return False
+            refused = self.guard.check_state(tensors[:n], self.global_params)
+            if refused:
+                log.error("refusing the outer state a peer served: %s", refused)
                 return False
             self._install(epoch, tensors[:n], tensors[n:])
             return True
@@ -243,14 +249,15 @@ class DiLoCo:
                     for buf, d in zip(buffers, own, strict=True):
                         buf.copy_(d)
         a = self.spec.averaging
-        self._sent_fingerprint = self._fingerprint()
+        self._sent_sample = self._sample()
         if alone:
             control = None
         else:
             # A group forms within the matchmaking window or not at all; the all-reduce has its own timeout.
             # Every member takes part in every round, even with nothing to add (it just joined or reloaded):
             # skipping one would leave its global parameters an outer update behind for good.
-            control = self.averager.step(gather=(self.epoch, self._sent_fingerprint), weight=float(samples) or 1e-6,
+            gather = (self.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
+            control = self.averager.step(gather=gather, weight=float(samples) or 1e-6,
                                          wait=False,
                                          timeout=2 * a.matchmaking_time + 2 * a.averaging_timeout)
         self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter(), own_norm, bool(refused))
@@ -288,6 +295,7 @@ class DiLoCo:
         self.last_round_seconds = time.perf_counter() - r.started
         a = self.spec.averaging
         update = [u.to(g.device) for u, g in zip(update, self.global_params, strict=True)]
+        before = self._sample()
         with self._lock, torch.no_grad():
             nesterov_outer_step(self.global_params, self.momentum, update, lr=a.outer_lr, mu=a.outer_momentum)
             self.epoch = r.epoch + 1
@@ -300,7 +308,7 @@ class DiLoCo:
             if r.refused and self.inner is not None:
                 self.inner.state.clear()  # its moments went bad with the parameters: AdamW starts them afresh
         self._pending = None
-        self._share_priority()
+        self.agreement.note_step(before, self._share_priority())
         if r.control is not None:
             log.info("outer step %d: %d peers, %.1fs for the all-reduce", self.epoch, len(gathered or {}) or 1,
                      self.last_round_seconds)
@@ -328,33 +336,36 @@ class DiLoCo:
             return ({"epoch": self.epoch, "in_flight": self._pending is not None},
                     [t.detach().cpu().clone() for t in self.global_params + self.momentum])
 
-    def _share_priority(self) -> None:
-        # Among members at the same outer step, the one whose global parameters fingerprint highest is the
-        # leader that members out of sync download from (see _check_agreement): priority = step + fingerprint.
+    def _share_priority(self) -> np.ndarray:
+        """Among members at the same outer step, the one whose global parameters fingerprint highest is the
+        leader that members out of sync download from (see _check_agreement): priority = step + fingerprint."""
+        values = self._sample()
         if not self.client_mode:
-            self.averager.state_sharing_priority = self.epoch + self._fingerprint()
+            self.averager.state_sharing_priority = self.epoch + agreement.fingerprint(values)
+        return values
 
-    def _fingerprint(self) -> float:
-        """A number in [0, 0.5) that differs, almost surely, between two different sets of global parameters."""
+    def _sample(self) -> np.ndarray:
         with self._lock:
-            digest = 0
-            for g in self.global_params:
-                digest = zlib.crc32(g.reshape(-1)[:4096].cpu().numpy().tobytes(), digest)
-        return digest / 2**33
+            return agreement.sample(self.global_params)
 
     def _check_agreement(self, r: _Round, gathered: list) -> None:
-        """Members of one round must have started it from the same global parameters.
+        """Members of one round must have started it from the same global parameters (up to rounding).
 
-        They can drift apart when a round forms no group for some and a group for others; the member then
+        They can drift apart when a round forms no group for some and a group for others; a member that is
         not at the leader's state (highest outer step, then fingerprint) downloads it before its next round.
         """
-        mine = (r.epoch, self._sent_fingerprint)
-        states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 2]
-        leader = max(states, default=mine)
-        if leader != mine:
-            log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
-                        r.epoch)
-            self._resync = True
+        mine = (r.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
+        states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 3
+                  and isinstance(x[0], int) and isinstance(x[1], float) and isinstance(x[2], bytes)]
+        leader = max(states, default=mine, key=lambda s: s[:2])
+        if leader[:2] == mine[:2]:
+            return
+        theirs = np.frombuffer(leader[2], dtype=np.float32) if len(leader[2]) % 4 == 0 else np.zeros(0, np.float32)
+        if leader[0] == r.epoch and self.agreement.agrees(self._sent_sample, theirs):
+            return  # the same state up to the all-reduce's rounding
+        log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
+                    r.epoch)
+        self._resync = True
 
     def _set_lr(self) -> None:
         """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's.

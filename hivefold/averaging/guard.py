@@ -6,7 +6,9 @@ and starts the next round from the global parameters. After the all-reduce, it r
 update with non-finite values or such a norm (a member sent NaNs or a huge tensor): the peer applies
 its own pseudo-gradient instead, as if no group had formed, and says so. The recent range is the
 median norm of the last accepted updates; until there are a few, a bound relative to this peer's own
-pseudo-gradient applies. Sign flips and subtler poison need the swarm-wide checks of issue 9.
+pseudo-gradient applies. A downloaded outer state (a resync, a newcomer) is refused when it has non-finite
+values or parameters far larger than this peer's (a member that applied a huge update would otherwise hand
+it on). Sign flips and subtler poison need the swarm-wide checks of issue 9.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import deque
 import torch
 
 NORM_FACTOR = 10.0  # an update more than this many times the recent median norm is refused
+STATE_FACTOR = 10.0  # a downloaded state whose parameters' RMS is over this many times this peer's is refused
 HISTORY = 16  # accepted update norms remembered
 WARMUP = 3  # below this many, the bound is relative to this peer's own pseudo-gradient
 
@@ -64,6 +67,16 @@ class UpdateGuard:
             return None
         self.refused_in += 1
         return why
+
+    @staticmethod
+    def check_state(params: list[torch.Tensor], own: list[torch.Tensor]) -> str | None:
+        """None if a downloaded state's global ``params`` may replace this peer's ``own``, else why not."""
+        theirs, mine = total_norm(params), total_norm(own)
+        if not math.isfinite(theirs):
+            return "it has non-finite values"
+        if math.isfinite(mine) and mine > 0 and theirs > STATE_FACTOR * mine:
+            return f"its parameters' norm {theirs:.3g} is over {STATE_FACTOR:.0f}x this peer's ({mine:.3g})"
+        return None
 
     def accept_own(self, norm: float) -> None:
         """This peer applied its own update (no group): its norm counts towards the recent range."""

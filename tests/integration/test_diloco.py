@@ -23,6 +23,10 @@ from tests.conftest import REPO, Processes, wait_for
 pytestmark = pytest.mark.integration
 
 INT8_TOLERANCE = 0.02  # max |difference| between two peers' global parameters after int8 rounds (weights ~0.02-1)
+# int8 rounds leave members a few percent of an outer step apart, and that adds up over rounds until the agreement
+# check (hivefold/averaging/agreement.py: a tenth of a step over a sample) reloads one; the bound leaves room for
+# the round in flight when it does, while a member a whole step apart (a round taken alone) stays far outside it.
+INT8_STEP_FRACTION = 0.35
 
 
 def start(tmp: Path, index: int, *args: str) -> subprocess.Popen:
@@ -39,6 +43,10 @@ def saved(tmp: Path, index: int, step: int) -> dict:
     return torch.load(tmp / f"w{index}-{step}.pt", weights_only=True)
 
 
+def rms(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors) / sum(t.numel() for t in tensors))
+
+
 @pytest.mark.parametrize("compression,tolerance", [("fp32", 1e-6), ("int8", INT8_TOLERANCE)])
 def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression, tolerance):
     rounds = 8
@@ -52,13 +60,20 @@ def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression,
     steps = [sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob(f"w{i}-*.pt")) for i in range(2)]
     common = sorted(set(steps[0]) & set(steps[1]))
     assert common[-1] == rounds, steps
-    diffs = {}
+    diffs, apart = {}, {}
     for step in common:
         a, b = saved(tmp_path, 0, step), saved(tmp_path, 1, step)
         diffs[step] = max((x - y).abs().max().item() for x, y in zip(a["params"], b["params"], strict=True))
+        if step - 1 in steps[0]:
+            moved = rms([x - y for x, y in zip(a["params"], saved(tmp_path, 0, step - 1)["params"], strict=True)])
+            apart[step] = rms([x - y for x, y in zip(a["params"], b["params"], strict=True)]) / max(moved, 1e-12)
     # Rounds that a worker took before its progress tracker saw the other (or while reloading) may leave them
     # apart; the next rounds find that and reconcile them, and from then on they agree.
-    assert all(diffs[s] <= tolerance for s in common[-3:]), diffs
+    if compression == "fp32":
+        assert all(diffs[s] <= tolerance for s in common[-3:]), diffs
+    else:
+        assert sum(s in apart for s in common[-3:]) >= 2, steps  # not a pass for want of steps to compare
+        assert all(apart.get(s, 0.0) <= INT8_STEP_FRACTION for s in common[-3:]), (apart, diffs)
     last = saved(tmp_path, 0, rounds)
     assert last["stats"]["rounds_ok"] >= rounds - 3, last["stats"]  # the rounds were averaged, not taken alone
     assert last["loss"] < 0.5 * math.log(64), last["loss"]  # from ln(64) = 4.16 nats at the random init

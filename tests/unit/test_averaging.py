@@ -104,3 +104,43 @@ def test_the_update_guard_refuses_non_finite_and_outsized_updates():
     assert guard.check_outgoing([t * 2 for t in ones])[1] is None
     assert "over 10x the recent outer updates" in guard.check_outgoing([t * 20 for t in ones])[1]
     assert (guard.refused_out, guard.refused_in) == (2, 2)
+    # a downloaded outer state: a trained model's or a fresh one's passes, a blown-up or non-finite one does not
+    assert guard.check_state([t * 3 for t in ones], ones) is None
+    assert guard.check_state([t * 0.1 for t in ones], ones) is None
+    assert "over 10x this peer's" in guard.check_state([t * 50 for t in ones], ones)
+    assert "non-finite" in guard.check_state([torch.tensor([float("nan")])], [torch.ones(1)])
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_not(codec):
+    """As hivemind's all-reduce does: the part's owner gets the exact average, another member adds the
+    codec's round trip of (average - its part) to its own part. Both must agree; a member that applied its own
+    pseudo-gradient instead (a round it took alone) must not."""
+    from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+    from hivefold.averaging import agreement
+
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(64, 64, generator=gen) * 0.02, torch.randn(300, generator=gen)]
+    own_a = [torch.randn_like(t) * 1e-3 for t in start]
+    own_b = [torch.randn_like(t) * 1e-3 for t in start]
+    avg = [(a + b) / 2 for a, b in zip(own_a, own_b)]
+
+    def wire(t):
+        return deserialize_torch_tensor(compression(codec).compress(t, CompressionInfo.from_tensor(t)))
+
+    got_a = avg  # the owner of every part
+    got_b = [b + wire(m - wire(b)) for b, m in zip(own_b, avg)]
+    check = agreement.Agreement()
+    views = {}
+    for name, update in [("a", got_a), ("b", got_b), ("alone", own_b)]:
+        params, momentum = [t.clone() for t in start], [torch.zeros_like(t) for t in start]
+        before = agreement.sample(params)
+        nesterov_outer_step(params, momentum, update, lr=0.7, mu=0.9)
+        views[name] = agreement.sample(params)
+    check.note_step(before, views["a"])
+    assert check.step_rms > 0
+    assert check.agrees(views["a"], views["b"]) and check.agrees(views["b"], views["a"])
+    assert not check.agrees(views["a"], views["alone"])
+    assert not check.agrees(views["a"], views["a"][:-1]), "a sample of another shape is another model"
+    assert agreement.fingerprint(views["a"]) != agreement.fingerprint(views["alone"])
