@@ -124,13 +124,13 @@ def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_no
     start = [torch.randn(64, 64, generator=gen) * 0.02, torch.randn(300, generator=gen)]
     own_a = [torch.randn_like(t) * 1e-3 for t in start]
     own_b = [torch.randn_like(t) * 1e-3 for t in start]
-    avg = [(a + b) / 2 for a, b in zip(own_a, own_b)]
+    avg = [(a + b) / 2 for a, b in zip(own_a, own_b, strict=True)]
 
     def wire(t):
         return deserialize_torch_tensor(compression(codec).compress(t, CompressionInfo.from_tensor(t)))
 
     got_a = avg  # the owner of every part
-    got_b = [b + wire(m - wire(b)) for b, m in zip(own_b, avg)]
+    got_b = [b + wire(m - wire(b)) for b, m in zip(own_b, avg, strict=True)]
     check = agreement.Agreement()
     views = {}
     for name, update in [("a", got_a), ("b", got_b), ("alone", own_b)]:
