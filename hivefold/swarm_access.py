@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TOKENS_KEY = "hivefold_swarm_tokens"  # DHT key; subkey: the member's libp2p peer id; value: its token
 LIFETIME_S = 600.0  # a token's default lifetime: the longest a banned peer stays in the swarm
+VERIFIED_CACHE = 4096  # distinct tokens whose signature a node remembers having checked
 _DOMAIN = b"hivefold-swarm-token-v1\n"
 
 
@@ -91,12 +92,22 @@ class SwarmAuthorizer(TokenAuthorizerBase):
                  refresh_margin: float = 30.0):
         super().__init__(dht_key)
         self.coordinator_key, self.source, self.refresh_margin = coordinator_key, source, refresh_margin
+        # Every DHT request and response carries a token: verify each distinct one once (keyed by all it says and
+        # its signature, so a signature moved onto other fields is verified afresh); expiry is checked every time.
+        self._verified: dict[tuple[bytes, bytes], bool] = {}
 
     async def get_token(self) -> AccessToken:
         return self.source()
 
     def is_token_valid(self, access_token: AccessToken) -> bool:
-        return token_problem(access_token, self.coordinator_key, time.time()) is None
+        key = (_message(access_token), access_token.signature)
+        signed = self._verified.get(key)
+        if signed is None:
+            signed = verify_signature(self.coordinator_key, *key)
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()
+            self._verified[key] = signed
+        return signed and expires_at(access_token) > time.time()
 
     def does_token_need_refreshing(self, access_token: AccessToken) -> bool:
         return expires_at(access_token) - time.time() < self.refresh_margin

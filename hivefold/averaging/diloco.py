@@ -42,7 +42,7 @@ from hivefold.training import inner_optimizer, lr_lambda
 
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 1.0  # how often a peer tells the swarm's progress tracker its samples (and checks for a round)
+REPORT_EVERY_S = 2.0  # how often a peer tells the swarm's progress tracker its samples
 _WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
@@ -103,7 +103,7 @@ class DiLoCo:
         # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
         # never counts as a peer that might average.
         self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
-                                       start=True, min_refresh_period=1.0, max_refresh_period=2.0) if trains else None
+                                       start=True, min_refresh_period=2.0, max_refresh_period=4.0) if trains else None
 
     # --- the interface shared with sync ----------------------------------------------------------
 
@@ -124,15 +124,16 @@ class DiLoCo:
         self.samples_in_round += samples
         self._set_lr()
         now = time.monotonic()
-        # Reporting is a DHT store (a round trip through the DHT process, and a store on every node): once a
-        # second is enough, since the tracker extrapolates the swarm's samples between fetches.
+        # Reporting is a DHT store (a round trip through the DHT process, a signed record, and a store on every
+        # node): every few seconds is enough, since the tracker extrapolates the swarm's samples between fetches.
+        # Whether a round is due is a local estimate, checked at every step so that peers start rounds together.
         if now - self._reported_at >= REPORT_EVERY_S:
             self._reported_at = now
             self.tracker.report_local_progress(self._round_index, self.samples_in_round)
-            if self._pending is not None and self._pending.control.done():
-                self._land_round()
-            if self.tracker.ready_to_update_epoch:
-                self._start_round()
+        if self._pending is not None and self._pending.control.done():
+            self._land_round()
+        if self.tracker.ready_to_update_epoch:
+            self._start_round()
 
     def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False) -> bool:
         """Download the outer state from the member with the newest one; True if it moved this one forward.

@@ -12,7 +12,14 @@ from hivemind.utils.crypto import RSAPrivateKey
 from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.identity import Identity
-from hivefold.swarm_access import expires_at, issue_token, member_of, new_dht_identity, token_problem
+from hivefold.swarm_access import (
+    SwarmAuthorizer,
+    expires_at,
+    issue_token,
+    member_of,
+    new_dht_identity,
+    token_problem,
+)
 from protos import coordinator_pb2 as pb
 from tests.conftest import serve_tls, small_run
 
@@ -38,6 +45,23 @@ def test_a_token_admits_its_member_until_it_expires_and_nothing_else(tmp_path):
     forged = issue_token(other, member="3f9a0c2e7b1d4e58", libp2p_id=LIBP2P_ID, dht_public_key=dht_key,
                          expires_at=now + 60)
     assert token_problem(forged, coordinator.public_key, now) is not None
+
+
+def test_the_authorizer_checks_each_token_once_but_every_field_and_the_expiry_every_time(tmp_path):
+    coordinator = Identity.load_or_create(tmp_path / "c")
+    dht_key = RSAPrivateKey()
+    token = issue_token(coordinator, member="3f9a0c2e7b1d4e58", libp2p_id=LIBP2P_ID,
+                        dht_public_key=dht_key.get_public_key().to_bytes(), expires_at=time.time() + 1.5)
+    auth = SwarmAuthorizer(dht_key, coordinator.public_key, lambda: token)
+    assert auth.is_token_valid(token) and auth.is_token_valid(token)  # the second from the cache
+    for field, value in (("username", f"3f9a0c2e7b1d4e58@{LIBP2P_ID[:-1]}x"),
+                         ("public_key", RSAPrivateKey().get_public_key().to_bytes())):
+        forged = AccessToken()
+        forged.CopyFrom(token)
+        setattr(forged, field, value)  # a verified signature moved onto other fields
+        assert not auth.is_token_valid(forged), field
+    time.sleep(1.6)
+    assert not auth.is_token_valid(token)  # verified before, expired now
 
 
 @pytest.fixture
