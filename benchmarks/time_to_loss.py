@@ -42,7 +42,8 @@ def build_run(workdir: Path, args) -> dict:
     from coordinator.config import RunOptions
     from coordinator.run import open_run
 
-    options = RunOptions(corpus=args.corpus, max_corpus_mb=args.max_corpus_mb, model=args.model, seq_len=128,
+    options = RunOptions(corpus=getattr(args, "corpus", "stdlib"), max_corpus_mb=getattr(args, "max_corpus_mb", 0.0),
+                         model=args.model, seq_len=128,
                          shard_sequences=args.shard_sequences,
                          micro_batch=args.micro_batch, target_batch_size=args.target_batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, decay_steps=args.decay_steps, averaging=args.mode,
