@@ -20,7 +20,7 @@ from collections import deque
 import torch
 
 NORM_FACTOR = 10.0  # an update more than this many times the recent median norm is refused
-STATE_FACTOR = 10.0  # a downloaded state whose parameters' RMS is over this many times this peer's is refused
+STATE_FACTOR = 10.0  # a downloaded state whose parameters' norm is over this many times this peer's is refused
 HISTORY = 16  # accepted update norms remembered
 WARMUP = 3  # below this many, the bound is relative to this peer's own pseudo-gradient
 
