@@ -89,7 +89,9 @@ class DiLoCo:
         self._pending: _Round | None = None
         self._reported_at = -float("inf")
         self._resync = False  # set when this member's global parameters turned out to differ from its group's
-        self._sent_sample = agreement.sample(self.global_params)  # what this member sent with its latest round
+        # a sample of global_params, retaken whenever they change (_share_priority); and the one sent with a round
+        self._global_sample = agreement.sample(self.global_params)
+        self._sent_sample = self._global_sample
         self.agreement = agreement.Agreement()
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
         self.inner = inner_optimizer(spec, model) if trains else None
@@ -250,7 +252,7 @@ class DiLoCo:
                     for buf, d in zip(buffers, own, strict=True):
                         buf.copy_(d)
         a = self.spec.averaging
-        self._sent_sample = self._sample()
+        self._sent_sample = self._global_sample
         if alone:
             control = None
         else:
@@ -296,7 +298,7 @@ class DiLoCo:
         self.last_round_seconds = time.perf_counter() - r.started
         a = self.spec.averaging
         update = [u.to(g.device) for u, g in zip(update, self.global_params, strict=True)]
-        before = self._sample()
+        before = self._global_sample
         with self._lock, torch.no_grad():
             nesterov_outer_step(self.global_params, self.momentum, update, lr=a.outer_lr, mu=a.outer_momentum)
             self.epoch = r.epoch + 1
@@ -340,14 +342,11 @@ class DiLoCo:
     def _share_priority(self) -> np.ndarray:
         """Among members at the same outer step, the one whose global parameters fingerprint highest is the
         leader that members out of sync download from (see _check_agreement): priority = step + fingerprint."""
-        values = self._sample()
-        if not self.client_mode:
-            self.averager.state_sharing_priority = self.epoch + agreement.fingerprint(values)
-        return values
-
-    def _sample(self) -> np.ndarray:
         with self._lock:
-            return agreement.sample(self.global_params)
+            self._global_sample = agreement.sample(self.global_params)
+        if not self.client_mode:
+            self.averager.state_sharing_priority = self.epoch + agreement.fingerprint(self._global_sample)
+        return self._global_sample
 
     def _check_agreement(self, r: _Round, gathered: list) -> None:
         """Members of one round must have started it from the same global parameters (up to rounding).
