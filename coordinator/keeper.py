@@ -46,7 +46,9 @@ from hivefold.training import evaluate
 
 log = logging.getLogger("hivefold.keeper")
 
-DOWNLOAD_TIMEOUT_S = 30.0  # one attempt to download the swarm's state; the keeper's shutdown waits for at most one
+DOWNLOAD_TIMEOUT_S = 30.0  # one attempt to download the swarm's state
+FINAL_WINDOW_S = 40.0  # the final checkpoint retries a failed download this long (the coordinator waits 60 s in all)
+FINAL_RETRY_S = 2.0
 HANDOVER_WINDOW_S = 120.0  # how long after a clean leave the keeper still tries to take the peer's state
 KEEPER_DHT_IDENTITY = "keeper-dht.key"  # a fresh libp2p identity at every start (its swarm token names it)
 
@@ -81,7 +83,8 @@ class Keeper:
         self.last_step = ckpt.step if ckpt else -1
         self.download_errors = LastError("hivemind.averaging")
         # Peers find the keeper (to load its state when no peer has one) through the coordinator's address book.
-        self.ledger.set_keeper_maddrs(addressbook.own_maddrs(self.dht))
+        self.own_maddrs = addressbook.own_maddrs(self.dht)
+        self.ledger.set_keeper_maddrs(self.own_maddrs)
 
     def evaluate_and_checkpoint(self, reason: str) -> None:
         step = self.averaging.epoch
@@ -108,7 +111,7 @@ class Keeper:
             self.ledger.forget_checkpoint(step)
             old.unlink(missing_ok=True)
 
-    def catch_up(self, want_step: int) -> bool:
+    def catch_up(self, want_step: int, timeout: float = DOWNLOAD_TIMEOUT_S) -> bool:
         """Download the swarm's newest state (one bounded attempt); True if it reached ``want_step``.
 
         The keeper must stay responsive to a stop, so it makes one attempt and records the outcome for
@@ -118,7 +121,7 @@ class Keeper:
         addressbook.connect(self.dht, online)
         self.download_errors.clear()
         try:
-            self.averaging.load_state_from_peers(timeout=DOWNLOAD_TIMEOUT_S)
+            self.averaging.load_state_from_peers(timeout=timeout)
         except (TimeoutError, RuntimeError) as e:  # the averager's future timed out or its process failed
             self.download_errors.message = f"{type(e).__name__}: {e}"
         step = self.averaging.epoch
@@ -153,14 +156,27 @@ class Keeper:
         self.final_checkpoint()
 
     def final_checkpoint(self) -> None:
+        """Checkpoint the swarm's newest state before exiting, retrying a failed download for FINAL_WINDOW_S.
+
+        A download can fail for a moment (a peer mid-round, a token not yet seen by a peer's averager); the
+        run's last steps would be lost for good, so while a peer is online the keeper tries again until the
+        window closes.
+        """
         ahead = max(self.averaging.global_epoch, int(self.ledger.get_meta("global_step", "0")))
         if ahead <= self.last_step:
             log.info("final checkpoint: the latest one (step %d) is already the swarm's newest state", self.last_step)
-        elif self.catch_up(ahead):
-            self.evaluate_and_checkpoint("final")
-        else:
-            log.warning("final checkpoint NOT written: no peer served the swarm's state at step %d; the latest "
-                        "checkpoint stays at step %d", ahead, self.last_step)
+            return
+        deadline = time.monotonic() + FINAL_WINDOW_S
+        while not self.catch_up(ahead, timeout=max(1.0, min(DOWNLOAD_TIMEOUT_S, deadline - time.monotonic()))):
+            online = [m for m in self.ledger.swarm_maddrs(exclude_peer=None, online_seconds=self.online_seconds,
+                                                          now=time.time()) if m not in self.own_maddrs]
+            if not online or time.monotonic() + FINAL_RETRY_S >= deadline:
+                why = "no peer is online" if not online else f"none served it in {FINAL_WINDOW_S:.0f}s"
+                log.warning("final checkpoint NOT written: the swarm is at step %d but %s; the latest checkpoint "
+                            "stays at step %d", ahead, why, self.last_step)
+                return
+            time.sleep(FINAL_RETRY_S)
+        self.evaluate_and_checkpoint("final")
 
     def shutdown(self) -> None:
         self.download_errors.close()

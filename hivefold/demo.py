@@ -170,6 +170,9 @@ def summarize(status: dict, console: Console) -> dict:
     table.add_row("validation loss", f"{fmt(status['val_loss_first'])} → {fmt(status['val_loss'])}")
     table.add_row("checkpoint", f"{ckpt['path']} (step {ckpt['step']})" if ckpt else "none")
     console.print(table)
+    if ckpt and (behind := status["global_step"] - ckpt["step"]) > 0:
+        console.print(f"[yellow]the final checkpoint is {behind} swarm step{'s' * (behind > 1)} behind the swarm: the "
+                      "keeper could not download its state (its lines in coordinator.log say why)[/]")
     status["sample"] = None
     if ckpt:
         prompt = "def "

@@ -48,6 +48,8 @@ def test_the_summary_prints_the_status_documents_facts(status, monkeypatch, tmp_
                 "validation loss │ 5.500 → 4.500", f"checkpoint │ {tmp_path / 'step-00000010.pt'} (step 10)"):
         assert row in " ".join(text.split()), text  # cells padded to the column's width
     assert sampled == [tmp_path / "step-00000010.pt"]
+    # the swarm got one step past the checkpoint that the keeper could take: the summary says so
+    assert "the final checkpoint is 1 swarm step behind the swarm" in " ".join(text.split()), text
 
 
 def test_the_final_checkpoint_written_after_the_read_is_the_one_summarized(status, monkeypatch, tmp_path):
@@ -57,4 +59,5 @@ def test_the_final_checkpoint_written_after_the_read_is_the_one_summarized(statu
     flat = " ".join(text.split())
     assert "swarm steps │ 14" in flat and "validation loss │ 5.500 → 3.250" in flat, text
     assert f"checkpoint │ {final} (step 14)" in flat and sampled == [final]
+    assert "behind" not in flat
     assert status["checkpoint"]["step"] == 10  # the caller's document is left as it was read
