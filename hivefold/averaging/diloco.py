@@ -94,6 +94,8 @@ class DiLoCo:
         self._sent_sample = self._global_sample
         self.agreement = agreement.Agreement()
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
+        self.flagged: dict[str, str] = {}  # libp2p peer id -> why: members the robust all-reduce caught (robust.py)
+        self._unreported: list[tuple[str, str]] = []
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = OuterStateAverager(
@@ -212,7 +214,7 @@ class DiLoCo:
     def stats(self) -> dict:
         return {"rounds_ok": self.rounds_ok, "rounds_alone": self.rounds_alone, "wait_seconds": self.wait_seconds,
                 "last_round_seconds": self.last_round_seconds, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received}
+                "bytes_received": self.bytes_received, "flagged": len(self.flagged)}
 
     # --- rounds --------------------------------------------------------------------------------
 
@@ -267,6 +269,11 @@ class DiLoCo:
         if control is None:
             self._land_round()
 
+    def take_flags(self) -> list[tuple[str, str]]:
+        """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report."""
+        flags, self._unreported = self._unreported, []
+        return flags
+
     def _land_round(self, block: bool = False) -> None:
         r = self._pending
         try:
@@ -274,6 +281,11 @@ class DiLoCo:
         except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
             log.debug("outer round %d failed: %r", r.epoch, e)
             gathered = None
+        for peer, why in self.averager.take_flags():
+            if peer not in self.flagged:
+                log.error("outer round %d: member %s poisoned the all-reduce (%s); reporting it", r.epoch, peer, why)
+            self.flagged[peer] = why
+            self._unreported.append((peer, why))
         update = None
         if gathered:
             with self.averager.get_tensors() as buffers:
@@ -288,7 +300,8 @@ class DiLoCo:
             n = len(gathered)
             self.bytes_sent += int(2 * self._payload_bytes * (n - 1) / n)
             self.bytes_received += int(2 * self._payload_bytes * (n - 1) / n)
-            self._check_agreement(r, list(gathered.values()))
+            # a member caught poisoning this round holds some other state: it cannot be the one to follow
+            self._check_agreement(r, [g for peer, g in gathered.items() if str(peer) not in self.flagged])
         else:
             if r.control is not None and update is None:
                 log.warning("outer round %d: no group formed; this peer applies its own update", r.epoch)

@@ -8,7 +8,8 @@ its own pseudo-gradient instead, as if no group had formed, and says so. The rec
 median norm of the last accepted updates; until there are a few, a bound relative to this peer's own
 pseudo-gradient applies. A downloaded outer state (a resync, a newcomer) is refused when it has non-finite
 values or parameters far larger than this peer's (a member that applied a huge update would otherwise hand
-it on). Sign flips and subtler poison need the swarm-wide checks of issue 9.
+it on). Sign flips and subtler poison are the robust all-reduce's to catch (robust.py): it sees each
+member's slice, where this guard sees only the average.
 """
 
 from __future__ import annotations

@@ -1,14 +1,26 @@
-"""The diloco averager: shares the outer state, and serves only swarm members (hivefold.swarm_access)."""
+"""The diloco averager: shares the outer state, serves only swarm members (hivefold.swarm_access), and
+all-reduces through the Byzantine-tolerant runner of ``robust.py``."""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
+import time
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing hints (their _name) to find streams
 
+import hivemind.averaging.averager
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, P2PHandlerError
 from hivemind.proto import averaging_pb2
 
+from hivefold.averaging.robust import guarded_runner
 from hivefold.dht import die_with_parent
+
+log = logging.getLogger(__name__)
+
+EXCLUDE_S = 600.0  # a member this averager caught poisoning is not averaged with for this long
+# libp2p peer id -> until when: members caught poisoning, in the averager's process (one averager per process)
+_EXCLUDED: dict[str, float] = {}
 
 
 class OuterStateAverager(DecentralizedAverager):
@@ -17,21 +29,67 @@ class OuterStateAverager(DecentralizedAverager):
     With ``swarm_key``, a group join or a state download is served only to a libp2p peer whose token, as
     published in the DHT, the coordinator signed and has not expired. Without a group join nobody takes
     part in an all-reduce: its parts are accepted from the group's members only.
+
+    A member that the robust all-reduce flags (robust.py) is not served for ``EXCLUDE_S``; the flags reach
+    the owning process through :meth:`take_flags`.
     """
 
     def __init__(self, *args, state_fn, swarm_key: bytes | None = None, **kwargs):
         self._state_fn, self._swarm_key, self._members = state_fn, swarm_key, None
+        self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
+        self._epochs: dict[str, int] = {}  # the running round's members' outer steps, from their gather
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
+        # this process's all-reduces check what members send and return (the module global is what hivemind uses)
+        hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
+                                                                     self._epochs.get)
         super().run()
+
+    def _flag(self, peer: str, why: str) -> None:
+        log.error("averaging: member %s %s; not averaging with it for %.0fs", peer, why, EXCLUDE_S)
+        _EXCLUDED[peer] = time.monotonic() + EXCLUDE_S
+        self._flags.put((peer, why))
+
+    @staticmethod
+    def _is_excluded(peer: str) -> bool:
+        return _EXCLUDED.get(peer, 0.0) > time.monotonic()
+
+    @classmethod
+    def get_stub(cls, p2p, peer, *, namespace=None):
+        """Every call to another member goes through here (matchmaking, downloads, all-reduce): none to one
+        caught poisoning (hivemind logs the refusal and moves on to the next member)."""
+        if cls._is_excluded(peer.to_base58()):
+            # the error hivemind's matchmaking expects from a failed call: it moves on to the next leader
+            raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
+        return super().get_stub(p2p, peer, namespace=namespace)
+
+    def take_flags(self) -> list[tuple[str, str]]:
+        """The members flagged since the last call, as ``(libp2p peer id, why)`` (in the owning process)."""
+        flags = []
+        while not self._flags.empty():
+            flags.append(self._flags.get())
+        return flags
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        self._epochs.clear()  # in place: the runner class holds this dict's get
+        for peer, item in zip(group_info.peer_ids, group_info.gathered, strict=True):
+            try:  # each member's gather: (bandwidth, mode, its own gather: (epoch, fingerprint, sample))
+                epoch = self.serializer.loads(self.serializer.loads(item)[2])[0]
+            except Exception:  # noqa: BLE001 - a member that gathered garbage has no outer step: never accused
+                continue
+            if isinstance(epoch, int):
+                self._epochs[peer.to_base58()] = epoch
+        return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
 
     def get_current_state(self):
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
 
     async def _admits(self, context) -> bool:
+        if self._is_excluded(context.remote_id.to_base58()):
+            return False
         if self._swarm_key is None:
             return True
         if self._members is None:  # made in the averager's process, where its handlers run

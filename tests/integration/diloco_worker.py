@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--poison", choices=("nan", "huge", "nan-once"),
+    parser.add_argument("--poison", choices=("nan", "huge", "nan-once", "flip"),
                         help="nan, huge: a hostile member, no guard of its own, its local model poisoned at every "
-                             "step; nan-once: an honest member whose local model goes non-finite once")
+                             "step; flip: a hostile member sending its pseudo-gradient negated and scaled by 4; "
+                             "nan-once: an honest member whose local model goes non-finite once")
+    parser.add_argument("--members", type=int, default=2, help="members that start together")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -62,8 +64,10 @@ def main() -> None:
     diloco = DiLoCo(spec, model, dht)
     if args.poison in ("nan", "huge"):
         diloco.guard.check_outgoing = lambda own: (0.0, None)
+    elif args.poison == "flip":
+        diloco.guard.check_outgoing = lambda own: ([d.mul_(-4.0) for d in own], (0.0, None))[1]
     (args.dir / f"w{args.index}.ready").touch()
-    while len(list(args.dir.glob("w*.ready"))) < 2:  # start together, as peers already in a swarm would
+    while len(list(args.dir.glob("w*.ready"))) < args.members:  # start together, as peers already in a swarm would
         time.sleep(0.1)
     gen = torch.Generator().manual_seed(100 + args.index)
     saved, poisoned = 0, False
@@ -81,7 +85,8 @@ def main() -> None:
             saved = diloco.epoch
             torch.save({"params": [g.clone() for g in diloco.global_params], "time": time.time(),
                         "loss": float(loss), "stats": diloco.stats(),
-                        "refused_in": diloco.guard.refused_in, "refused_out": diloco.guard.refused_out},
+                        "refused_in": diloco.guard.refused_in, "refused_out": diloco.guard.refused_out,
+                        "flagged": dict(diloco.flagged), "libp2p_id": dht.peer_id.to_base58()},
                        args.dir / f"w{args.index}-{saved}.pt")
         time.sleep(0.05)  # a steady pace: rounds last longer than the progress trackers take to see each other
     diloco.settle()

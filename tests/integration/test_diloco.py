@@ -121,15 +121,16 @@ def test_a_member_whose_model_went_non_finite_once_recovers(tmp_path):
 
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_a_poisoning_member_does_not_wreck_the_honest_one(tmp_path, poison):
-    """A member sends NaNs or a huge pseudo-gradient into every all-reduce: the honest member refuses the averaged
-    update each time, applies its own, and keeps learning with finite parameters."""
+    """A member sends NaNs or a huge pseudo-gradient into every all-reduce: the honest member catches it or refuses
+    the averaged update, and keeps learning with finite parameters."""
     honest, hostile = start(tmp_path, 0, "--rounds", "4"), start(tmp_path, 1, "--rounds", "0", "--poison", poison)
     try:
         wait_for(lambda: (tmp_path / "w0-4.pt").exists(), timeout=180, what="the honest member's 4 outer steps")
         first, last = saved(tmp_path, 0, 1), saved(tmp_path, 0, 4)
         assert all(torch.isfinite(p).all() and p.abs().max() < 100 for p in last["params"]), logs(tmp_path)
-        assert last["refused_in"] >= 1, logs(tmp_path)  # it did average with the poisoner, and refused the result
-        assert "refusing the swarm's averaged update" in (tmp_path / "w0.log").read_text()
+        # it averaged with the poisoner: its reducer caught the poisoned slices (robust.py) and it stopped averaging
+        # with it, or the poisoned average reached it and its guard refused it
+        assert last["flagged"] or last["refused_in"] >= 1, logs(tmp_path)
         assert math.isfinite(last["loss"]) and last["loss"] < first["loss"], (first["loss"], last["loss"])
     finally:
         for w in (honest, hostile):

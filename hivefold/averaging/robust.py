@@ -1,0 +1,220 @@
+"""A Byzantine-tolerant outer all-reduce: each member checks what others send it, and what it gets back.
+
+hivemind splits the averaged vector into parts and gives each member some parts to reduce: every member
+sends its slice of a part to that part's reducer, which returns the average. A hostile member can attack
+in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weight) and as a reducer
+(returning garbage for its parts). hivemind's own reducer trusts both. Here, in the averager's process:
+
+- **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part, drops
+  non-finite ones, caps weights, and combines the rest by centered clipping (Karimireddy et al., 2021, the
+  aggregator BTARD builds on): from the coordinate-wise median, a few steps each moving by the weighted
+  mean of the members' differences clipped to ``CLIP`` × their median distance. With three or more
+  senders, one whose slice lies over ``OUTLIER`` × the others' median distance from the center is flagged
+  and left out; with two (no majority), one pointing against the reducer's own slice (cosine under ``-ANTI``) is,
+  or one over ``NORM_FACTOR`` × its norm when both did comparable work (their weights within ``WEIGHT_CAP``);
+- **as a receiver** (:func:`check_returned`), it compares each averaged part with its own slice: one
+  non-finite or pointing against it (cosine under ``-ANTI``: an honest average contains this member's own
+  slice) flags the reducer, and the member keeps its own slice for that part.
+
+Flags name libp2p peer ids and say why. The averager then stops averaging with a flagged member: it does
+not serve its group joins or state downloads, makes no call to it (asking it to lead a group, downloading
+its state), and refuses to run an all-reduce in a group that contains it (it applies its own update). It also hands the
+flags to its owner (``hivefold.averaging.diloco``), which reports them.
+
+What this cannot see: a slice scaled less than ``OUTLIER`` times away from the center (a plain sign flip of
+an honest-sized update, say) is not flagged, but clipping bounds its pull to ``CLIP`` median distances;
+with only two senders there is no majority, so only a slice far larger than the reducer's own, or pointing
+against it, is caught.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, TensorPartReducer
+
+CLIP = 2.0  # clipping radius, in median distances from the center: honest slices are rarely clipped
+OUTLIER = 3.0  # a sender this many times further from the center than the others' median is flagged
+# With two senders the only reference is this member's own slice: a slice this many times larger is flagged, and
+# only when both did comparable work (weights within WEIGHT_CAP): one that reloaded the state or joined mid-round
+# trained a few steps, and the other's honest slice is far larger. The main process's guard (guard.py) bounds the
+# whole averaged update by the recent rounds' in any case.
+NORM_FACTOR = 1000.0
+ANTI = 0.5  # a returned average whose cosine with the own slice is under -ANTI is flagged
+WEIGHT_CAP = 4.0  # a sender's weight is capped at this many times the median (3+) or the own weight (2)
+CLIP_ITERATIONS = 3
+TINY = 1e-12
+
+Flag = tuple[int, str]  # (sender or reducer index, why)
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.float()))
+
+
+def _against(own: torch.Tensor, own_norm: float, other: torch.Tensor, comparable: bool) -> str | None:
+    """Why a second sender's slice cannot be an honest member's, judged by this member's own (two senders)."""
+    norm = _norm(other)
+    if comparable and norm > NORM_FACTOR * own_norm:
+        return f"its slice's norm {norm:.3g} is over {NORM_FACTOR:.0f}x this member's ({own_norm:.3g})"
+    cosine = float(torch.dot(own.flatten(), other.flatten())) / (own_norm * norm) if norm > TINY else 0.0
+    if cosine < -ANTI:
+        return f"its slice points against this member's (cosine {cosine:.2f})"
+    return None
+
+
+def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None
+                   ) -> tuple[torch.Tensor | None, list[Flag]]:
+    """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
+
+    None when no slice can be used (all non-finite or flagged).
+    """
+    flags: list[Flag] = []
+    kept = []
+    for s, t, w in slices:
+        t = t.float()
+        if not torch.isfinite(t).all():
+            flags.append((s, "it sent non-finite values"))
+        elif not math.isfinite(w) or w < 0:
+            flags.append((s, f"it sent an invalid weight {w!r}"))
+        else:
+            kept.append((s, t, w))
+    if not kept:
+        return None, flags
+    own = next(((t, w) for s, t, w in kept if s == own_index), None)
+    if len(kept) <= 2:  # no majority to compare with: bound the other against this member's own slice
+        if own is not None:
+            own_norm, own_weight = _norm(own[0]), own[1]
+            checked = []
+            for s, t, w in kept:
+                comparable = own_weight * WEIGHT_CAP >= w
+                why = None if s == own_index or own_norm <= TINY else _against(own[0], own_norm, t, comparable)
+                if why:
+                    flags.append((s, why))
+                    continue
+                checked.append((s, t, min(w, WEIGHT_CAP * own_weight) if own_weight > 0 else w))
+            kept = checked
+        weights = [w for _, _, w in kept]
+        total = sum(weights)
+        if total <= 0:
+            return torch.stack([t for _, t, _ in kept]).mean(0), flags
+        return sum(t * (w / total) for _, t, w in kept), flags
+
+    median_weight = statistics.median(w for _, _, w in kept)
+    kept = [(s, t, min(w, WEIGHT_CAP * median_weight) if median_weight > 0 else w) for s, t, w in kept]
+    stacked = torch.stack([t for _, t, _ in kept])
+    center = stacked.median(dim=0).values
+    distances = [_norm(t - center) for _, t, _ in kept]
+    honest = []
+    for i, (s, t, w) in enumerate(kept):
+        others = statistics.median(d for j, d in enumerate(distances) if j != i)
+        if distances[i] > OUTLIER * others and distances[i] > TINY:
+            flags.append((s, f"its slice lies {distances[i] / max(others, TINY):.1f}x further from the others' "
+                             f"center than they do (a flipped, scaled or unrelated update)"))
+        else:
+            honest.append((t, w, distances[i]))
+    radius = CLIP * statistics.median(d for _, _, d in honest)
+    total = sum(w for _, w, _ in honest)
+    weights = [w / total if total > 0 else 1 / len(honest) for _, w, _ in honest]
+    v = center
+    for _ in range(CLIP_ITERATIONS):
+        step = torch.zeros_like(v)
+        for (t, _, _), w in zip(honest, weights, strict=True):
+            diff = t - v
+            n = _norm(diff)
+            step += diff * (w * (min(1.0, radius / n) if n > TINY else 1.0))
+        v = v + step
+    return v, flags
+
+
+def check_returned(own: torch.Tensor, averaged: torch.Tensor) -> str | None:
+    """None if the ``averaged`` part a reducer returned is plausible given this member's ``own`` slice."""
+    if not torch.isfinite(averaged).all():
+        return "it returned non-finite values"
+    # No bound on its norm: this member does not know the others' weights, and its own slice may be tiny (a few
+    # steps since a reload); the main process's guard bounds the whole update.
+    own_norm, avg_norm = _norm(own), _norm(averaged)
+    if own_norm <= TINY:  # this member sent nothing: it has nothing to compare with
+        return None
+    if avg_norm > TINY:
+        cosine = float(torch.dot(own.float().flatten(), averaged.float().flatten())) / (own_norm * avg_norm)
+        if cosine < -ANTI:
+            return f"it returned an average pointing against this member's slice (cosine {cosine:.2f})"
+    return None
+
+
+class RobustReducer(TensorPartReducer):
+    """hivemind's reducer, but each part is combined by :func:`robust_combine` once every sender sent it."""
+
+    def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None]):
+        self.own_index, self.on_flag = own_index, on_flag
+        self.slices: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
+        super().__init__(part_shapes, num_senders)
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # kept by part: the base class may make this sender wait until the parts before this one are done
+        self.slices.setdefault(part_index, []).append((sender_index, tensor_part, weight))
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+
+    def check_current_part_finished(self) -> None:
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        part = self.current_part_index
+        slices = [(s, t, w) for s, t, w in self.slices.pop(part, []) if part < self.sender_failed_after[s]]
+        result, flags = robust_combine(slices, self.own_index)
+        for sender, why in flags:
+            self.on_flag(sender, why)
+        if result is None:
+            result = torch.zeros(self.part_shapes[part])
+        self.current_part_future.set_result(result.to(self.accumulator.dtype))
+        self.reset_accumulators()
+
+
+def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str], bool],
+                   epoch_of: Callable[[str], int | None]) -> type[AllReduceRunner]:
+    """An ``AllReduceRunner`` whose reducer is robust and whose received averages are checked.
+
+    Flags go to ``on_flag(libp2p peer id in base58, why)``, only for members at this member's outer step
+    (``epoch_of``, from the round's gather): a member a round ahead or behind (it just joined, or took a round
+    alone) sends an honest update that differs, and is combined robustly but not accused. It refuses to run
+    in a group with an ``excluded`` member.
+    """
+
+    class GuardedAllReduceRunner(AllReduceRunner):
+        def __init__(self, *args, ordered_peer_ids, **kwargs):
+            caught = [p.to_base58() for p in ordered_peer_ids if excluded(p.to_base58())]
+            if caught:
+                raise AllreduceException(f"not averaging in a group with {', '.join(caught)}, caught poisoning")
+            super().__init__(*args, ordered_peer_ids=ordered_peer_ids, **kwargs)
+            me = self.peer_id.to_base58()
+            mine = epoch_of(me)
+
+            def flag(peer: str, why: str) -> None:
+                if peer != me and mine is not None and epoch_of(peer) == mine:
+                    on_flag(peer, why)
+
+            own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+            self.tensor_part_reducer = RobustReducer(
+                tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), own_index=own,
+                on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"))
+            container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
+            register = container.register_processed_part
+
+            def checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
+                if peer_index != my_index:
+                    own = container._input_parts_by_peer[peer_index][part_index][0]  # a view of this member's tensor
+                    why = check_returned(own, own + delta)
+                    if why:
+                        flag(self.ordered_peer_ids[peer_index].to_base58(), f"as a reducer: {why}")
+                        delta = torch.zeros_like(delta)  # keep this member's own slice for that part
+                register(peer_index, part_index, delta)
+
+            container.register_processed_part = checked
+
+    return GuardedAllReduceRunner
+

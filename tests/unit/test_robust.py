@@ -1,0 +1,108 @@
+"""The robust outer all-reduce's arithmetic (hivefold/averaging/robust.py): what a hostile member gets through."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from hivefold.averaging.robust import RobustReducer, check_returned, robust_combine
+
+N = 4096
+
+
+def honest(seed: int, common: torch.Tensor, noise: float = 1.0) -> torch.Tensor:
+    """A member's slice: the swarm's common direction plus its own data's part (cosine ~0.5 between members)."""
+    return common + noise * torch.randn(N, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def common():
+    return torch.randn(N, generator=torch.Generator().manual_seed(0))
+
+
+def mean(slices):
+    return torch.stack(slices).mean(0)
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_honest_members_are_neither_flagged_nor_moved_far_from_their_mean(common):
+    slices = [honest(i, common) for i in (1, 2, 3)]
+    result, flags = robust_combine([(i, s, 8.0) for i, s in enumerate(slices)], own_index=0)
+    assert flags == []
+    assert rel(result, mean(slices)) < 0.1  # clipping at twice the median distance barely touches honest slices
+
+
+@pytest.mark.parametrize("attack", ["flip", "huge", "nan", "noise"])
+def test_one_hostile_sender_among_three_is_flagged_and_left_out(common, attack):
+    a, b = honest(1, common), honest(2, common)
+    bad = {"flip": -4.0 * honest(3, common), "huge": 1e6 * honest(3, common),
+           "nan": torch.full((N,), float("nan")), "noise": 20.0 * torch.randn(N)}[attack]
+    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, bad, 8.0)], own_index=0)
+    assert [s for s, _ in flags] == [2], flags
+    assert torch.isfinite(result).all() and rel(result, mean([a, b])) < 0.2
+    if attack != "nan":  # what hivemind's plain mean would have applied instead
+        assert rel(mean([a, b, bad]), mean([a, b])) > 1.0
+
+
+def test_an_inflated_weight_is_capped(common):
+    a, b, c = honest(1, common), honest(2, common), 1.5 * honest(3, common)
+    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, c, 1e9)], own_index=0)
+    assert flags == []
+    # uncapped, the result would be c itself; capped at 4x the median weight, c has 4/6 of it at most
+    assert rel(result, c) > 0.2
+
+
+def test_with_two_senders_the_reducers_own_slice_is_the_reference(common):
+    own, other = honest(1, common), honest(2, common)
+    result, flags = robust_combine([(0, own, 8.0), (1, other, 8.0)], own_index=0)
+    assert flags == [] and torch.allclose(result, (own + other) / 2)
+    for bad in (1e4 * other, torch.full((N,), float("inf")), -4 * other):
+        result, flags = robust_combine([(0, own, 8.0), (1, bad, 8.0)], own_index=0)
+        assert [s for s, _ in flags] == [1] and torch.allclose(result, own)
+    result, _ = robust_combine([(0, own, 8.0), (1, other, 8e6)], own_index=0)  # weight capped at 4x the own
+    assert torch.allclose(result, (own + 4 * other) / 5, atol=1e-5)
+    # this member trained a step since a reload (weight 1 against 30): the other's far larger slice is honest
+    _, flags = robust_combine([(0, 1e-4 * own, 1.0), (1, other, 30.0)], own_index=0)
+    assert flags == []
+
+
+def test_an_honest_member_that_sent_nothing_this_round_is_not_flagged(common):
+    slices = [(0, honest(1, common), 8.0), (1, honest(2, common), 8.0), (2, torch.zeros(N), 1e-6)]
+    _, flags = robust_combine(slices, own_index=0)
+    assert flags == []
+
+
+def test_a_returned_average_is_checked_against_the_own_slice(common):
+    own, other = honest(1, common), honest(2, common)
+    fair = (own + other) / 2
+    assert check_returned(own, fair) is None
+    assert "against" in check_returned(own, -fair)
+    # no bound on the norm: a member that trained a few steps since a reload gets back an average far larger
+    assert check_returned(1e-4 * own, fair) is None
+    assert "non-finite" in check_returned(own, torch.full((N,), float("nan")))
+    assert check_returned(torch.zeros(N), 5 * fair) is None  # nothing sent: nothing to compare with
+
+
+def test_the_reducer_combines_each_part_once_every_sender_sent_it(common):
+    """The hivemind reducer's protocol (parts in order, senders concurrently), with a hostile third sender."""
+    a, b, bad = honest(1, common), honest(2, common), -4 * honest(3, common)
+    parts = [(x[: N // 2], x[N // 2:]) for x in (a, b, bad)]
+    flags = []
+
+    async def run():
+        reducer = RobustReducer((torch.Size([N // 2]), torch.Size([N // 2])), 3, own_index=0,
+                                on_flag=lambda i, why: flags.append(i))
+
+        async def send(sender):
+            return [await reducer.accumulate_part(sender, k, parts[sender][k], weight=8.0) for k in (0, 1)]
+        return await asyncio.gather(*(send(s) for s in (2, 0, 1)))
+
+    results = asyncio.run(run())
+    for got in results:  # every sender gets the same robust average back
+        assert rel(torch.cat(got), mean([a, b])) < 0.2
+    assert flags == [2, 2]  # flagged in both parts
+    assert math.isclose(float(torch.cat(results[0]).norm()), float(torch.cat(results[1]).norm()))
