@@ -132,6 +132,7 @@ class CoordinatorConfig:
     invite_only: bool = False  # new peers must redeem an invite (hivefold coordinator invite)
     rpc_rate: float = 100.0  # requests a second each peer (or, before it signs in, each address) may send
     swarm_token_seconds: float = 600.0  # a peer's swarm access token lives this long (a banned peer's is not renewed)
+    ban_after_reports: int = 2  # distinct peers that must catch a member poisoning the averaging to ban it; 0 = never
     insecure: bool = False  # plaintext gRPC and HTTP (loopback development); default TLS
     tls_cert: Path | None = None  # the operator's certificate (PEM, chain included); None = self-signed in workdir
     tls_key: Path | None = None  # its private key (PEM, unencrypted)
@@ -163,6 +164,9 @@ class CoordinatorConfig:
             raise ConfigError(f"--rpc-rate must be between 0.1 and 1e6 requests a second, got {self.rpc_rate}")
         if not 10 <= self.swarm_token_seconds <= 86400:
             raise ConfigError(f"--swarm-token-seconds must be between 10 and 86400, got {self.swarm_token_seconds}")
+        if not 0 <= self.ban_after_reports <= 1000:
+            raise ConfigError(f"--ban-after-reports must be between 0 (never ban) and 1000, "
+                              f"got {self.ban_after_reports}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both, or neither for a self-signed "
                               "certificate made in the workdir")
@@ -210,6 +214,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swarm-token-seconds", type=float, default=d.swarm_token_seconds, metavar="S",
                    help="lifetime of the tokens that admit peers to the swarm's DHT and averaging, renewed while "
                         "they run: a banned peer falls out within this time (default %(default)s)")
+    p.add_argument("--ban-after-reports", type=int, default=d.ban_after_reports, metavar="N",
+                   help="ban a member once N distinct peers caught it poisoning the averaging (one report alone "
+                        "proves nothing: a hostile peer can report an honest one); 0 never bans (default "
+                        "%(default)s)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
                    help="serve gRPC and HTTP with this certificate (chain included); default: a self-signed one "
                         "made in the workdir on first start, whose fingerprint is printed at every start")
@@ -263,5 +271,6 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         heartbeat_interval=args.heartbeat_interval, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
         qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only,
-        rpc_rate=args.rpc_rate, swarm_token_seconds=args.swarm_token_seconds, insecure=args.insecure,
+        rpc_rate=args.rpc_rate, swarm_token_seconds=args.swarm_token_seconds,
+        ban_after_reports=args.ban_after_reports, insecure=args.insecure,
         tls_cert=args.tls_cert, tls_key=args.tls_key, run=run)

@@ -41,6 +41,7 @@ COMPUTE_SECONDS_MAX = 1e7  # about four months on one work unit
 LOSS_MAX = 1e6  # a reported loss beyond this is nonsense (cross-entropy at init is ~ln(vocab))
 DHT_KEY_MAX_BYTES = 2048  # an RSA public key in OpenSSH format (hivemind's are 2048-bit: ~380 bytes)
 PAUSE_REASON_CHARS = 200  # of a paused peer's reason that the ledger keeps
+POISON_REPORTS_MAX, LIBP2P_ID_CHARS = 16, 100  # bounds on the poisoning reports one heartbeat carries
 
 VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
 
@@ -75,7 +76,8 @@ class Context:
                           "outer_momentum": a.outer_momentum, "compression": a.compression},
             # who may join and how: watchers see what protects the run (README, "Security model")
             "access": {"tls": not self.config.insecure, "invite_only": self.config.invite_only,
-                       "swarm_token_seconds": self.config.swarm_token_seconds},
+                       "swarm_token_seconds": self.config.swarm_token_seconds,
+                       "ban_after_reports": self.config.ban_after_reports},
         }
 
     @property
@@ -277,8 +279,21 @@ def heartbeat(request: pb.HeartbeatRequest, ctx: Context, now: float) -> pb.Hear
         utilization=min(1.0, max(0.0, util)) if math.isfinite(util := float(request.compute_utilization)) else 0.0,
         micro_batch=min(int(request.micro_batch), MICRO_BATCH_MAX),  # a heartbeat is never refused: leases live on it
         pause_reason=(request.pause_reason[:PAUSE_REASON_CHARS] or "paused") if request.paused else None)
+    if request.poison_reports:
+        _poison_reports(peer_id, request.poison_reports, ctx, now)
     return pb.HeartbeatResponse(active_lease_ids=ids, global_step=step,
                                 swarm_maddrs=_swarm_maddrs(ctx, peer_id, now))
+
+
+def _poison_reports(peer_id: str, reports, ctx: Context, now: float) -> None:
+    """Record the members a peer caught poisoning the averaging; ban those enough peers caught."""
+    if len(reports) > POISON_REPORTS_MAX or any(len(r.libp2p_peer_id) > LIBP2P_ID_CHARS for r in reports):
+        raise InvalidArgument(f"poison_reports must be at most {POISON_REPORTS_MAX} reports, each naming a libp2p "
+                              f"peer id of at most {LIBP2P_ID_CHARS} characters")
+    for banned in ctx.ledger.report_poisoners(peer_id, [(r.libp2p_peer_id, r.reason) for r in reports],
+                                              threshold=ctx.config.ban_after_reports, now=now):
+        log.warning("banned peer %s: at least %d peers caught it poisoning the averaging", banned,
+                    ctx.config.ban_after_reports)
 
 
 def swarm_token(request: pb.SwarmTokenRequest, ctx: Context, now: float) -> pb.SwarmTokenResponse:
@@ -300,6 +315,7 @@ def swarm_token(request: pb.SwarmTokenRequest, ctx: Context, now: float) -> pb.S
         raise InvalidArgument("libp2p_peer_id must be a base58 libp2p peer id and dht_public_key an RSA public key "
                               f"in OpenSSH format of at most {DHT_KEY_MAX_BYTES} bytes") from None
     expires = now + ctx.config.swarm_token_seconds
+    ctx.ledger.bind_swarm_id(libp2p_id, peer_id, now=now)  # poison reports name members by their libp2p id
     token = issue_token(ctx.signer.key, member=peer_id, libp2p_id=libp2p_id,
                         dht_public_key=request.dht_public_key, expires_at=expires)
     return pb.SwarmTokenResponse(token=token.SerializeToString(), expires_at=expires)

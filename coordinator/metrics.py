@@ -52,6 +52,10 @@ class _SwarmCollector(Collector):
 
         yield gauge("hivefold_peers_online", "Peers heard from recently that have not left", s["peers_online"])
         yield gauge("hivefold_peers_registered", "Peers that ever registered with this run", len(s["peers"]))
+        yield gauge("hivefold_peers_banned", "Peers banned from this run (by the operator, or on poisoning reports)",
+                    sum(p.get("banned", False) for p in s["peers"]))
+        yield gauge("hivefold_peers_reported", "Peers that at least one other peer caught poisoning the averaging",
+                    sum(p.get("poison_reports", 0) > 0 for p in s["peers"]))
         shards = GaugeMetricFamily("hivefold_shards", "Work units of the current data pass by state", labels=["state"])
         for state, n in s["shards"].items():
             if state != "total":

@@ -103,17 +103,19 @@ def access_lines(status: dict) -> list[Text]:
     line.append("TLS" if access["tls"] else "PLAINTEXT (--insecure)", style=None if access["tls"] else "bold red")
     line.append(" · invite-only" if access["invite_only"] else " · open to anyone with the address")
     line.append(f" · swarm tokens live {access['swarm_token_seconds']:g} s")
+    if "ban_after_reports" in access:
+        n = access["ban_after_reports"]
+        line.append(f" · poisoners banned after {n} reports" if n else " · poisoners never banned automatically")
     return [line]
 
 
 def online_cell(peer: dict) -> str:
     """``yes``, ``no``, ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...) or
-    ``banned`` (by the operator)."""
+    ``banned``; with ``, reported N`` when N peers caught it poisoning the averaging."""
     if peer.get("banned"):
         return "banned"
-    if not peer["online"]:
-        return "no"
-    return "paused" if peer.get("paused") else "yes"
+    cell = "no" if not peer["online"] else "paused" if peer.get("paused") else "yes"
+    return f"{cell}, reported {peer['poison_reports']}" if peer.get("poison_reports") else cell
 
 
 def duration(seconds: float) -> str:

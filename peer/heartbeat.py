@@ -31,15 +31,21 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
     own = [] if session.config.client_mode else addressbook.own_maddrs(session.dht)
     linked: set[str] = set()  # members connected to at the last check
     checked_at = -float("inf")
+    caught: dict[str, str] = {}  # members the averaging caught poisoning, until a heartbeat has reported them
     while True:
         m = trainer.meter
         paused = gate.halted
+        take_flags = getattr(trainer.averaging, "take_flags", None)  # diloco's robust all-reduce (sync has none)
+        caught.update(take_flags() if take_flags else [])
+        reports = [pb.PoisonReport(libp2p_peer_id=peer, reason=why) for peer, why in list(caught.items())[:16]]
         try:
             resp = session.client.heartbeat(pb.HeartbeatRequest(
                 epoch=trainer.epoch, samples_trained=m.samples_total, recent_loss=m.loss,
                 samples_per_second=0.0 if paused else m.samples_per_second, dht_maddrs=own,
                 compute_utilization=m.utilization, micro_batch=trainer.micro_batch, paused=paused,
-                pause_reason="; ".join(gate.reasons()) if paused else ""))
+                pause_reason="; ".join(gate.reasons()) if paused else "", poison_reports=reports))
+            for r in reports:
+                caught.pop(r.libp2p_peer_id, None)
             # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
             # The coordinator's bootstrap node too: newcomers join the DHT through it (see addressbook.connect).
             members = [*resp.swarm_maddrs, *session.bootstrap_maddrs]

@@ -187,7 +187,7 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization", "micro_batch", "paused", "pause_reason")
+    __slots__ = ("auth", "epoch", "samples_trained", "recent_loss", "samples_per_second", "dht_maddrs", "compute_utilization", "micro_batch", "paused", "pause_reason", "poison_reports")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_TRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class HeartbeatRequest(_message.Message):
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    POISON_REPORTS_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     epoch: int
     samples_trained: int
@@ -208,7 +209,16 @@ class HeartbeatRequest(_message.Message):
     micro_batch: int
     paused: bool
     pause_reason: str
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ..., paused: _Optional[bool] = ..., pause_reason: _Optional[str] = ...) -> None: ...
+    poison_reports: _containers.RepeatedCompositeFieldContainer[PoisonReport]
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., epoch: _Optional[int] = ..., samples_trained: _Optional[int] = ..., recent_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., compute_utilization: _Optional[float] = ..., micro_batch: _Optional[int] = ..., paused: _Optional[bool] = ..., pause_reason: _Optional[str] = ..., poison_reports: _Optional[_Iterable[_Union[PoisonReport, _Mapping]]] = ...) -> None: ...
+
+class PoisonReport(_message.Message):
+    __slots__ = ("libp2p_peer_id", "reason")
+    LIBP2P_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    libp2p_peer_id: str
+    reason: str
+    def __init__(self, libp2p_peer_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("active_lease_ids", "global_step", "swarm_maddrs")

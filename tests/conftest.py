@@ -24,10 +24,11 @@ class Processes:
         self.logdir = logdir
         self.procs: list[tuple[subprocess.Popen, Path]] = []
 
-    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict | None = None, module: str = "hivefold") -> subprocess.Popen:
+        """``python -m hivefold ARGS`` (or another ``module``) in its own process group, logging to ``NAME.log``."""
         log = self.logdir / f"{name}.log"
         with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "hivefold", *args], stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
                                     cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                     start_new_session=True)
         proc.log = log  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ One module per concept, composed into ``Ledger`` below:
     store.py     the connection's lock, transactions, migrating, the meta and events tables
     peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
     access.py    who may take part: invites (invite-only runs) and bans
+    reports.py   members caught poisoning the averaging: reports, and the ban enough of them bring
     leases.py    the run's shards, leasing them, results
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
     status.py    the status document
@@ -48,6 +49,7 @@ from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
 from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
 from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
 from coordinator.ledger.progress import KeeperProgress
+from coordinator.ledger.reports import PoisonReports
 from coordinator.ledger.schema import (
     MIGRATIONS,
     Lease,
@@ -68,5 +70,5 @@ __all__ = [
 ]
 
 
-class Ledger(PeerRegistry, PeerAccess, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
+class Ledger(PeerRegistry, PeerAccess, PoisonReports, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

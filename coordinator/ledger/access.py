@@ -41,14 +41,9 @@ class PeerAccess(LedgerStore):
         """Ban ``peer_id``: its active leases are released at once. Returns how many."""
         with self._tx() as c:
             _known(c, peer_id)
-            c.execute("UPDATE peers SET banned = 1, ban_reason = ? WHERE peer_id = ?", (reason, peer_id))
-            active = c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
-                               (peer_id, LeaseState.ACTIVE.value)).fetchall()
-            for row in active:
-                _close_lease(c, _get_lease(c, row[0]), LeaseState.RELEASED, "peer banned", now)
-            _event(c, now, "peer_banned", peer_id=peer_id, detail=reason)
+            released = ban_in(c, peer_id, reason, now)
         self._peer_cache.pop(peer_id, None)
-        return len(active)
+        return released
 
     def unban(self, peer_id: str, *, now: float) -> None:
         with self._tx() as c:
@@ -60,6 +55,18 @@ class PeerAccess(LedgerStore):
     def is_banned(self, peer_id: str) -> bool:
         hit = self._peer(peer_id)  # peers.py: cached for TOKEN_CACHE_S
         return bool(hit and hit[1])
+
+
+def ban_in(c: Connection, peer_id: str, reason: str, now: float) -> int:
+    """Inside a write transaction: ban a known peer and release its active leases; how many were released.
+    The caller drops the peer from ``_peer_cache`` once the transaction has committed."""
+    c.execute("UPDATE peers SET banned = 1, ban_reason = ? WHERE peer_id = ?", (reason, peer_id))
+    active = c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ?",
+                       (peer_id, LeaseState.ACTIVE.value)).fetchall()
+    for row in active:
+        _close_lease(c, _get_lease(c, row[0]), LeaseState.RELEASED, "peer banned", now)
+    _event(c, now, "peer_banned", peer_id=peer_id, detail=reason)
+    return len(active)
 
 
 def redeem_invite(c: Connection, invite: str, now: float) -> str:

@@ -166,6 +166,21 @@ MIGRATIONS: list[str] = [
     ALTER TABLE peers ADD COLUMN ban_reason TEXT;
     ALTER TABLE peers ADD COLUMN invite TEXT NOT NULL DEFAULT ''
     """,
+    # 9 (poisoned averaging): which peer each swarm token's libp2p id belongs to, and who reported whom
+    """
+    CREATE TABLE swarm_ids (
+        libp2p_id TEXT PRIMARY KEY,
+        peer_id TEXT NOT NULL,
+        issued_at REAL NOT NULL
+    );
+    CREATE TABLE poison_reports (
+        reporter TEXT NOT NULL,
+        suspect TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (reporter, suspect)
+    )
+    """,
 ]
 
 

@@ -78,6 +78,7 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
     for row in c.execute("SELECT state, COUNT(*) FROM shards GROUP BY state"):
         counts[row[0]] = row[1]
     peers = []
+    reported = dict(c.execute("SELECT suspect, COUNT(*) FROM poison_reports GROUP BY suspect").fetchall())
     # One pass over the results for every peer (a subquery per peer is quadratic with thousands of peers).
     for p in c.execute(
         "SELECT p.*, COALESCE(r.shards_done, 0) AS shards_done, COALESCE(r.samples, 0) AS samples, "
@@ -95,6 +96,7 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
             "samples_per_second": p["samples_per_second"], "recent_loss": p["recent_loss"],
             "utilization": p["utilization"], "micro_batch": p["micro_batch"], "team": p["team"],
             "banned": bool(p["banned"]), "ban_reason": p["ban_reason"],
+            "poison_reports": reported.get(p["peer_id"], 0),  # peers that caught it poisoning the averaging
         })
     samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
     # Training loss: mean over the micro-batches of the latest swarm steps that have any.

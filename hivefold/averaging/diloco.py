@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ class DiLoCo:
         self.agreement = agreement.Agreement()
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
         self.flagged: dict[str, str] = {}  # libp2p peer id -> why: members the robust all-reduce caught (robust.py)
-        self._unreported: list[tuple[str, str]] = []
+        self._unreported: deque[tuple[str, str]] = deque()  # appended by training, drained by the heartbeat thread
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = OuterStateAverager(
@@ -271,7 +272,9 @@ class DiLoCo:
 
     def take_flags(self) -> list[tuple[str, str]]:
         """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report."""
-        flags, self._unreported = self._unreported, []
+        flags = []
+        while self._unreported:
+            flags.append(self._unreported.popleft())
         return flags
 
     def _land_round(self, block: bool = False) -> None:

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--compression", default="fp32")
     parser.add_argument("--poison", choices=("nan", "huge", "nan-once", "flip"),
                         help="nan, huge: a hostile member, no guard of its own, its local model poisoned at every "
-                             "step; flip: a hostile member sending its pseudo-gradient negated and scaled by 4; "
+                             "step; flip: a hostile member sending its pseudo-gradient negated and scaled by 16; "
                              "nan-once: an honest member whose local model goes non-finite once")
     parser.add_argument("--members", type=int, default=2, help="members that start together")
     args = parser.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
     if args.poison in ("nan", "huge"):
         diloco.guard.check_outgoing = lambda own: (0.0, None)
     elif args.poison == "flip":
-        diloco.guard.check_outgoing = lambda own: ([d.mul_(-4.0) for d in own], (0.0, None))[1]
+        diloco.guard.check_outgoing = lambda own: ([d.mul_(-16.0) for d in own], (0.0, None))[1]
     (args.dir / f"w{args.index}.ready").touch()
     while len(list(args.dir.glob("w*.ready"))) < args.members:  # start together, as peers already in a swarm would
         time.sleep(0.1)

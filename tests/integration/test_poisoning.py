@@ -1,15 +1,20 @@
-"""A hostile member among three real DiLoCo members (diloco_worker.py): the robust all-reduce flags it, leaves its
-slices out, and the honest members keep learning together."""
+"""A hostile member among three real DiLoCo members: the robust all-reduce catches it and leaves its slices out,
+the honest members keep learning together (diloco_worker.py), and in a real swarm the coordinator bans it on the
+honest peers' reports (poison_peer.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from hivefold.client import CoordinatorClient
+from hivefold.tls import Trust
 from tests.conftest import Processes, wait_for
 from tests.integration.test_diloco import logs, rms, saved, start
+from tests.integration.test_swarm import RUN_FLAGS
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +52,47 @@ def test_a_poisoner_among_three_is_caught_and_the_honest_members_keep_learning_t
         for w in workers:
             Processes.kill_group(w)
             w.wait()
+
+
+def test_a_poisoning_volunteer_in_a_real_swarm_is_banned_and_the_loss_still_falls(tmp_path):
+    """Coordinator, keeper and three `hivefold peer` processes, one of them hostile (poison_peer.py): both honest
+    peers catch it in the all-reduce and report it in their heartbeats, the coordinator bans it (two reports, the
+    default --ban-after-reports), and the keeper's validation loss keeps falling."""
+    procs = Processes(tmp_path)
+    try:
+        workdir = tmp_path / "coordinator"
+        coordinator = procs.start(
+            "coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http",
+            "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat-interval", "2",
+            "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
+        path = workdir / "coordinator.json"
+        endpoints = wait_for(lambda: coordinator.poll() is None and path.exists() and json.loads(path.read_text()),
+                             timeout=180, what="the coordinator to serve", procs=procs)
+
+        def peer(name, **kwargs):
+            return procs.start(name, "peer", "--coordinator", endpoints["grpc"], "--coordinator-fingerprint",
+                               endpoints["fingerprint"], "--workdir", str(tmp_path / name), "--name", name,
+                               "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress", **kwargs)
+
+        for name in ("alice", "bob"):
+            peer(name)
+        peer("mallory", module="tests.integration.poison_peer")
+        client = CoordinatorClient(endpoints["grpc"], trust=Trust(fingerprint=endpoints["fingerprint"]),
+                                   give_up_after=10)
+
+        def mallory():
+            return next((p for p in client.status()["peers"] if p["name"] == "mallory" and p["banned"]), None)
+        banned = wait_for(mallory, timeout=300, what="mallory's ban", procs=procs)
+        assert banned["ban_reason"].startswith("poisoning the averaging: caught by 2 peers"), banned
+        at_ban = client.status()
+
+        def fell():
+            s = client.status()
+            later = [loss for step, loss in s["val_history"] if step > at_ban["global_step"]]
+            return later and later[-1] < s["val_loss_first"] - 0.5 and later
+        wait_for(fell, timeout=240, what="the validation loss to keep falling after the ban", procs=procs)
+        honest = {p["name"]: p for p in client.status()["peers"]}
+        assert not honest["alice"]["banned"] and not honest["bob"]["banned"]
+        client.close()
+    finally:
+        procs.close()

@@ -119,6 +119,7 @@ def test_metrics_are_prometheus_text_with_the_swarm_and_rpc_latency(served):
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     assert samples[("hivefold_peers_online", ())] == 2
+    assert samples[("hivefold_peers_banned", ())] == 0 and samples[("hivefold_peers_reported", ())] == 0
     assert samples[("hivefold_shards", (("state", "done"),))] == 2
     assert samples[("hivefold_tokens_trained_total", ())] == 2 * 16 * 32
     assert samples[("hivefold_samples_per_second", ())] == pytest.approx(21.0)

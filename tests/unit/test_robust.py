@@ -39,7 +39,7 @@ def test_honest_members_are_neither_flagged_nor_moved_far_from_their_mean(common
 @pytest.mark.parametrize("attack", ["flip", "huge", "nan", "noise"])
 def test_one_hostile_sender_among_three_is_flagged_and_left_out(common, attack):
     a, b = honest(1, common), honest(2, common)
-    bad = {"flip": -4.0 * honest(3, common), "huge": 1e6 * honest(3, common),
+    bad = {"flip": -16.0 * honest(3, common), "huge": 1e6 * honest(3, common),
            "nan": torch.full((N,), float("nan")), "noise": 20.0 * torch.randn(N)}[attack]
     result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, bad, 8.0)], own_index=0)
     assert [s for s, _ in flags] == [2], flags
@@ -60,7 +60,7 @@ def test_with_two_senders_the_reducers_own_slice_is_the_reference(common):
     own, other = honest(1, common), honest(2, common)
     result, flags = robust_combine([(0, own, 8.0), (1, other, 8.0)], own_index=0)
     assert flags == [] and torch.allclose(result, (own + other) / 2)
-    for bad in (1e4 * other, torch.full((N,), float("inf")), -4 * other):
+    for bad in (1e4 * other, torch.full((N,), float("inf"))):
         result, flags = robust_combine([(0, own, 8.0), (1, bad, 8.0)], own_index=0)
         assert [s for s, _ in flags] == [1] and torch.allclose(result, own)
     result, _ = robust_combine([(0, own, 8.0), (1, other, 8e6)], own_index=0)  # weight capped at 4x the own
@@ -76,20 +76,27 @@ def test_an_honest_member_that_sent_nothing_this_round_is_not_flagged(common):
     assert flags == []
 
 
-def test_a_returned_average_is_checked_against_the_own_slice(common):
+def test_a_returned_average_must_be_finite_and_nothing_else_is_evidence(common):
     own, other = honest(1, common), honest(2, common)
     fair = (own + other) / 2
-    assert check_returned(own, fair) is None
-    assert "against" in check_returned(own, -fair)
-    # no bound on the norm: a member that trained a few steps since a reload gets back an average far larger
-    assert check_returned(1e-4 * own, fair) is None
     assert "non-finite" in check_returned(own, torch.full((N,), float("nan")))
-    assert check_returned(torch.zeros(N), 5 * fair) is None  # nothing sent: nothing to compare with
+    # honest averages can point against this member's slice or dwarf it (it trained a few steps since a reload)
+    for plausible in (fair, -fair, 1e4 * fair):
+        assert check_returned(own, plausible) is None
+
+
+def test_a_plain_sign_flip_is_not_caught_but_its_pull_is_bounded(common):
+    """A flip of an honest-sized update is indistinguishable from an honest member that disagrees; clipping keeps
+    the result closer to the honest mean than hivemind's plain mean would be."""
+    a, b, flip = honest(1, common), honest(2, common), -3.0 * honest(3, common)
+    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, flip, 8.0)], own_index=0)
+    assert flags == []
+    assert rel(result, mean([a, b])) < rel(mean([a, b, flip]), mean([a, b]))
 
 
 def test_the_reducer_combines_each_part_once_every_sender_sent_it(common):
     """The hivemind reducer's protocol (parts in order, senders concurrently), with a hostile third sender."""
-    a, b, bad = honest(1, common), honest(2, common), -4 * honest(3, common)
+    a, b, bad = honest(1, common), honest(2, common), -16 * honest(3, common)
     parts = [(x[: N // 2], x[N // 2:]) for x in (a, b, bad)]
     flags = []
 

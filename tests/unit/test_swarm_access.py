@@ -95,3 +95,40 @@ def test_the_rpc_issues_tokens_to_registered_peers_and_not_to_banned_ones(served
         client.swarm_token(libp2p_id, dht_key, give_up_after=2)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "banned" in info.value.details()
     client.close()
+
+
+def test_peers_that_caught_a_member_poisoning_report_it_and_it_is_banned(served, tmp_path):
+    """Heartbeats carry what each peer's robust all-reduce caught; the coordinator knows whose libp2p id it is
+    from the token it signed, and bans it once --ban-after-reports (2) distinct peers caught it."""
+    ctx, address = served
+    clients, libp2p = {}, {}
+    for name in ("honest-1", "honest-2", "poisoner"):
+        client = CoordinatorClient(address, give_up_after=5)
+        client.register(Identity.load_or_create(tmp_path / name), name=name, device=pb.DeviceReport(kind="cpu"))
+        libp2p[name] = new_dht_identity(tmp_path / f"{name}.dht")
+        client.swarm_token(libp2p[name], RSAPrivateKey().get_public_key().to_bytes())
+        clients[name] = client
+    poisoner = clients["poisoner"].auth.peer_id
+
+    def report(name, *reports):
+        return clients[name].heartbeat(pb.HeartbeatRequest(poison_reports=[
+            pb.PoisonReport(libp2p_peer_id=i, reason=why) for i, why in reports]))
+
+    # the poisoner accuses an honest peer (one report proves nothing), then the first honest peer catches it
+    report("poisoner", (libp2p["honest-1"], "as a sender: made up"))
+    report("honest-1", (libp2p["poisoner"], "as a sender: its slice lies 38x further from the others' center"))
+    assert not ctx.ledger.is_banned(poisoner) and not ctx.ledger.is_banned(clients["honest-1"].auth.peer_id)
+    report("honest-2", (libp2p["poisoner"], "as a reducer: it returned non-finite values"))
+    assert ctx.ledger.is_banned(poisoner)
+    with pytest.raises(grpc.RpcError) as info:  # its token is not renewed: it falls out of the swarm
+        clients["poisoner"].swarm_token(libp2p["poisoner"], RSAPrivateKey().get_public_key().to_bytes(),
+                                        give_up_after=2)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = {p["name"]: p for p in clients["honest-1"].status()["peers"]}
+    assert status["poisoner"]["banned"] and "caught by 2 peers" in status["poisoner"]["ban_reason"]
+    assert status["honest-1"]["poison_reports"] == 1 and not status["honest-1"]["banned"]
+    with pytest.raises(grpc.RpcError) as info:  # a heartbeat with too many reports is refused, and says why
+        report("honest-1", *[(libp2p["poisoner"], "x")] * 17)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 16 reports" in info.value.details()
+    for client in clients.values():
+        client.close()

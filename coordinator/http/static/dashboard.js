@@ -119,7 +119,8 @@ function drawPeers() {
     <td class="num">${pct(p.utilization)}</td><td class="num">${num(p.shards_done)}</td><td class="num">${num(p.credit, 1)}</td>
     <td class="num">${p.recent_loss == null ? "—" : p.recent_loss.toFixed(3)}</td>
     <td class="${p.online && !p.banned ? "online" : "offline"}" title="${esc(p.ban_reason || p.pause_reason || "")}">${
-      p.banned ? "banned" : p.online ? (p.paused ? "paused" : "online") : "seen " + ago(now - p.last_seen)}</td></tr>`).join("");
+      p.banned ? "banned" : (p.online ? (p.paused ? "paused" : "online") : "seen " + ago(now - p.last_seen)) +
+      (p.poison_reports ? `, reported by ${p.poison_reports}` : "")}</td></tr>`).join("");
   document.querySelectorAll("#peers th").forEach((th) => {
     th.classList.toggle("sorted", th.dataset.key === sortKey);
     th.classList.toggle("asc", th.dataset.key === sortKey && sortAsc);
