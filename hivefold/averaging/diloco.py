@@ -104,7 +104,7 @@ class DiLoCo:
             prefix=f"{spec.run_id}_diloco", state_fn=self._shared_state, min_matchmaking_time=a.matchmaking_time,
             request_timeout=min(3.0, a.matchmaking_time / 2), allreduce_timeout=a.averaging_timeout,
             compression=compression(a.compression), state_compression=NoCompression(), client_mode=client_mode,
-            declare_state_period=10.0, swarm_key=swarm_key)
+            declare_state_period=10.0, swarm_key=swarm_key, max_weight=2.0 * spec.round_samples)
         # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
         # never counts as a peer that might average.
         self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
@@ -245,6 +245,7 @@ class DiLoCo:
             sent_local = [p.detach().clone() for p in self.params]
             own = [torch.sub(g, p.float()) for g, p in zip(self.global_params, sent_local, strict=True)]
             own_norm, refused = self.guard.check_outgoing(own)
+            self.averager.set_recent_norm(self.guard.recent_norm())
             if refused:
                 log.error("outer round %d: not sending this peer's pseudo-gradient: %s; it takes part with nothing "
                           "and restarts from the global parameters", self.epoch, refused)

@@ -38,6 +38,10 @@ class UpdateGuard:
         self.refused_out = 0
         self.refused_in = 0
 
+    def recent_norm(self) -> float:
+        """The median norm of the recently accepted updates; 0.0 until there are a few."""
+        return statistics.median(self.norms) if len(self.norms) >= WARMUP else 0.0
+
     def _limit(self, reference: float | None) -> float | None:
         if len(self.norms) >= WARMUP:
             return self.factor * statistics.median(self.norms)

@@ -34,17 +34,17 @@ class OuterStateAverager(DecentralizedAverager):
     the owning process through :meth:`take_flags`.
     """
 
-    def __init__(self, *args, state_fn, swarm_key: bytes | None = None, **kwargs):
-        self._state_fn, self._swarm_key, self._members = state_fn, swarm_key, None
+    def __init__(self, *args, state_fn, swarm_key: bytes | None = None, max_weight: float = 0.0, **kwargs):
+        self._state_fn, self._swarm_key, self._members, self._max_weight = state_fn, swarm_key, None, max_weight
         self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
-        self._epochs: dict[str, int] = {}  # the running round's members' outer steps, from their gather
+        self._recent_norm = mp.Value("d", 0.0, lock=False)  # owner -> averager process: the guard's recent range
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
         # this process's all-reduces check what members send and return (the module global is what hivemind uses)
         hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
-                                                                     self._epochs.get)
+                                                                     lambda: self._recent_norm.value, self._max_weight)
         super().run()
 
     def _flag(self, peer: str, why: str) -> None:
@@ -65,23 +65,16 @@ class OuterStateAverager(DecentralizedAverager):
             raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
         return super().get_stub(p2p, peer, namespace=namespace)
 
+    def set_recent_norm(self, norm: float) -> None:
+        """The norm of the swarm's recent averaged updates (0: unknown), which bounds every member's slice."""
+        self._recent_norm.value = norm
+
     def take_flags(self) -> list[tuple[str, str]]:
         """The members flagged since the last call, as ``(libp2p peer id, why)`` (in the owning process)."""
         flags = []
         while not self._flags.empty():
             flags.append(self._flags.get())
         return flags
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        self._epochs.clear()  # in place: the runner class holds this dict's get
-        for peer, item in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            try:  # each member's gather: (bandwidth, mode, its own gather: (epoch, fingerprint, sample))
-                epoch = self.serializer.loads(self.serializer.loads(item)[2])[0]
-            except Exception:  # noqa: BLE001 - a member that gathered garbage has no outer step: never accused
-                continue
-            if isinstance(epoch, int):
-                self._epochs[peer.to_base58()] = epoch
-        return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
 
     def get_current_state(self):
         metadata, tensors = self._state_fn()

@@ -8,10 +8,13 @@ in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weig
 - **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part, drops
   non-finite ones, caps weights, and combines the rest by centered clipping (Karimireddy et al., 2021, the
   aggregator BTARD builds on): from the coordinate-wise median, a few steps each moving by the weighted
-  mean of the members' differences clipped to ``CLIP`` × their median distance. With three or more
+  mean of the members' differences clipped to ``CLIP`` × their median distance. A slice over
+  ``RANGE_FACTOR`` × the norm of the swarm's recent averaged updates is flagged and left out (the check
+  that still holds in a group of two, where a flipped and scaled update has no majority against it). With three or more
   senders, one whose slice lies over ``OUTLIER`` × the others' median distance from the center is flagged
   and left out; with two (no majority), one over ``NORM_FACTOR`` × the reducer's own slice is, when both
-  did comparable work (their weights within ``WEIGHT_CAP``);
+  did comparable work (their weights within ``COMPARABLE``). A weight is the samples a member trained this round,
+  which nobody can check: it is capped at ``max_weight`` (twice a round's samples: more than anyone trains);
 - **as a receiver** (:func:`check_returned`), it refuses a non-finite averaged part: the reducer is
   flagged, and the member keeps its own slice for that part.
 
@@ -44,12 +47,17 @@ from hivemind.averaging.partition import AllreduceException, TensorPartReducer
 CLIP = 2.0  # clipping radius, in median distances from the center: honest slices are rarely clipped
 OUTLIER = 10.0  # a sender this many times further from the center than the others' median is flagged
 # With two senders the only reference is this member's own slice: a slice this many times larger is flagged, and
-# only when both did comparable work (weights within WEIGHT_CAP): one that reloaded the state or joined mid-round
+# only when both did comparable work (weights within COMPARABLE): one that reloaded the state or joined mid-round
 # trained a few steps, and the other's honest slice is far larger. The main process's guard (guard.py) bounds the
 # whole averaged update by the recent rounds' in any case.
 NORM_FACTOR = 1000.0
-WEIGHT_CAP = 4.0  # a sender's weight is capped at this many times the median (3+) or the own weight (2)
+COMPARABLE = 4.0  # two members' weights within this factor: they did comparable work
+# A slice (a part of one member's update) over this many times the norm of the recent averaged updates (whole
+# vectors) is flagged, whatever the group's size: an honest member's whole update is within a small factor of the
+# average's (about sqrt(group size) when members disagree), and a part is at most the whole.
+RANGE_FACTOR = 4.0
 CLIP_ITERATIONS = 3
+VOTE_WEIGHT = 1e-3  # members weighing less than this fraction of the heaviest do not vote on the center
 TINY = 1e-12
 
 Flag = tuple[int, str]  # (sender or reducer index, why)
@@ -59,11 +67,19 @@ def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.float()))
 
 
-def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None
-                   ) -> tuple[torch.Tensor | None, list[Flag]]:
+def _mean(kept: list[tuple[int, torch.Tensor, float]]) -> torch.Tensor:
+    total = sum(w for _, _, w in kept)
+    if total <= 0:
+        return torch.stack([t for _, t, _ in kept]).mean(0)
+    return sum(t * (w / total) for _, t, w in kept)
+
+
+def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None, recent_norm: float = 0.0,
+                   max_weight: float = 0.0) -> tuple[torch.Tensor | None, list[Flag]]:
     """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
 
-    None when no slice can be used (all non-finite or flagged).
+    ``recent_norm``: the norm of the swarm's recent averaged updates as this member saw them (0: not known yet);
+    ``max_weight``: the largest weight a member may claim (0: no cap). None when no slice can be used.
     """
     flags: list[Flag] = []
     kept = []
@@ -73,8 +89,11 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
             flags.append((s, "it sent non-finite values"))
         elif not math.isfinite(w) or w < 0:
             flags.append((s, f"it sent an invalid weight {w!r}"))
+        elif recent_norm > 0 and (norm := _norm(t)) > RANGE_FACTOR * recent_norm:
+            flags.append((s, f"its slice's norm {norm:.3g} is over {RANGE_FACTOR:.0f}x the swarm's recent updates' "
+                             f"({recent_norm:.3g})"))
         else:
-            kept.append((s, t, w))
+            kept.append((s, t, min(w, max_weight) if max_weight > 0 else w))
     if not kept:
         return None, flags
     own = next(((t, w) for s, t, w in kept if s == own_index), None)
@@ -83,21 +102,23 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
             own_norm, own_weight = _norm(own[0]), own[1]
             checked = []
             for s, t, w in kept:
-                comparable = own_weight * WEIGHT_CAP >= w and own_norm > TINY
+                comparable = own_weight * COMPARABLE >= w and own_norm > TINY
                 if s != own_index and comparable and (norm := _norm(t)) > NORM_FACTOR * own_norm:
                     flags.append((s, f"its slice's norm {norm:.3g} is over {NORM_FACTOR:.0f}x this member's "
                                      f"({own_norm:.3g})"))
                     continue
-                checked.append((s, t, min(w, WEIGHT_CAP * own_weight) if own_weight > 0 else w))
+                checked.append((s, t, w))
             kept = checked
-        weights = [w for _, _, w in kept]
-        total = sum(weights)
-        if total <= 0:
-            return torch.stack([t for _, t, _ in kept]).mean(0), flags
-        return sum(t * (w / total) for _, t, w in kept), flags
+        return _mean(kept), flags
 
-    median_weight = statistics.median(w for _, _, w in kept)
-    kept = [(s, t, min(w, WEIGHT_CAP * median_weight) if median_weight > 0 else w) for s, t, w in kept]
+    # Members that add (almost) nothing this round (they just joined or reloaded the state: their slices are near
+    # zero) do not vote on the center: two of them would make an honest full-round slice look like the outlier.
+    heaviest = max(w for _, _, w in kept)
+    voters = [(s, t, w) for s, t, w in kept if w >= VOTE_WEIGHT * heaviest]
+    if len(voters) < 3:
+        return _mean(kept), flags
+    extra = [(s, t, w) for s, t, w in kept if w < VOTE_WEIGHT * heaviest]
+    kept = voters
     stacked = torch.stack([t for _, t, _ in kept])
     center = stacked.median(dim=0).values
     distances = [_norm(t - center) for _, t, _ in kept]
@@ -112,6 +133,7 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     if not honest:  # no way to tell who is right (cannot happen with one outlier): clip around everyone
         honest, flags = [(t, w, d) for (_, t, w), d in zip(kept, distances, strict=True)], flags[:-len(kept)]
     radius = CLIP * statistics.median(d for _, _, d in honest)
+    honest += [(t, w, 0.0) for _, t, w in extra]  # their (tiny) weight still counts, as in a plain average
     total = sum(w for _, w, _ in honest)
     weights = [w / total if total > 0 else 1 / len(honest) for _, w, _ in honest]
     v = center
@@ -136,8 +158,9 @@ def check_returned(own: torch.Tensor, averaged: torch.Tensor) -> str | None:
 class RobustReducer(TensorPartReducer):
     """hivemind's reducer, but each part is combined by :func:`robust_combine` once every sender sent it."""
 
-    def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None]):
-        self.own_index, self.on_flag = own_index, on_flag
+    def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None],
+                 recent_norm: float = 0.0, max_weight: float = 0.0):
+        self.own_index, self.on_flag, self.recent_norm, self.max_weight = own_index, on_flag, recent_norm, max_weight
         self.slices: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
         super().__init__(part_shapes, num_senders)
 
@@ -152,7 +175,7 @@ class RobustReducer(TensorPartReducer):
             return
         part = self.current_part_index
         slices = [(s, t, w) for s, t, w in self.slices.pop(part, []) if part < self.sender_failed_after[s]]
-        result, flags = robust_combine(slices, self.own_index)
+        result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight)
         for sender, why in flags:
             self.on_flag(sender, why)
         if result is None:
@@ -162,13 +185,10 @@ class RobustReducer(TensorPartReducer):
 
 
 def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str], bool],
-                   epoch_of: Callable[[str], int | None]) -> type[AllReduceRunner]:
-    """An ``AllReduceRunner`` whose reducer is robust and whose received averages are checked.
-
-    Flags go to ``on_flag(libp2p peer id in base58, why)``, only for members at this member's outer step
-    (``epoch_of``, from the round's gather): a member a round ahead or behind (it just joined, or took a round
-    alone) sends an honest update that differs, and is combined robustly but not accused. It refuses to run
-    in a group with an ``excluded`` member.
+                   recent_norm: Callable[[], float], max_weight: float) -> type[AllReduceRunner]:
+    """An ``AllReduceRunner`` whose reducer is robust (bounded by ``recent_norm()`` and ``max_weight``, see
+    :func:`robust_combine`) and whose received averages are checked. Flags go to ``on_flag(libp2p peer id in
+    base58, why)``. It refuses to run in a group with an ``excluded`` member.
     """
 
     class GuardedAllReduceRunner(AllReduceRunner):
@@ -178,16 +198,16 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
                 raise AllreduceException(f"not averaging in a group with {', '.join(caught)}, caught poisoning")
             super().__init__(*args, ordered_peer_ids=ordered_peer_ids, **kwargs)
             me = self.peer_id.to_base58()
-            mine = epoch_of(me)
 
             def flag(peer: str, why: str) -> None:
-                if peer != me and mine is not None and epoch_of(peer) == mine:
+                if peer != me:
                     on_flag(peer, why)
 
             own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
             self.tensor_part_reducer = RobustReducer(
                 tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), own_index=own,
-                on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"))
+                on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"),
+                recent_norm=recent_norm(), max_weight=max_weight)
             container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
             register = container.register_processed_part
 

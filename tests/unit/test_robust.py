@@ -50,9 +50,9 @@ def test_one_hostile_sender_among_three_is_flagged_and_left_out(common, attack):
 
 def test_an_inflated_weight_is_capped(common):
     a, b, c = honest(1, common), honest(2, common), 1.5 * honest(3, common)
-    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, c, 1e9)], own_index=0)
+    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, c, 1e9)], own_index=0, max_weight=16.0)
     assert flags == []
-    # uncapped, the result would be c itself; capped at 4x the median weight, c has 4/6 of it at most
+    # uncapped, the result would be c itself; capped at 16 (twice a round's samples), c has half of it
     assert rel(result, c) > 0.2
 
 
@@ -63,7 +63,7 @@ def test_with_two_senders_the_reducers_own_slice_is_the_reference(common):
     for bad in (1e4 * other, torch.full((N,), float("inf"))):
         result, flags = robust_combine([(0, own, 8.0), (1, bad, 8.0)], own_index=0)
         assert [s for s, _ in flags] == [1] and torch.allclose(result, own)
-    result, _ = robust_combine([(0, own, 8.0), (1, other, 8e6)], own_index=0)  # weight capped at 4x the own
+    result, _ = robust_combine([(0, own, 8.0), (1, other, 8e6)], own_index=0, max_weight=32.0)  # capped at 32
     assert torch.allclose(result, (own + 4 * other) / 5, atol=1e-5)
     # this member trained a step since a reload (weight 1 against 30): the other's far larger slice is honest
     _, flags = robust_combine([(0, 1e-4 * own, 1.0), (1, other, 30.0)], own_index=0)
@@ -113,3 +113,25 @@ def test_the_reducer_combines_each_part_once_every_sender_sent_it(common):
         assert rel(torch.cat(got), mean([a, b])) < 0.2
     assert flags == [2, 2]  # flagged in both parts
     assert math.isclose(float(torch.cat(results[0]).norm()), float(torch.cat(results[1]).norm()))
+
+
+def test_the_swarms_recent_range_bounds_every_slice_even_in_a_group_of_two(common):
+    """No majority between two members, but a flipped update scaled 16x is far beyond the updates the swarm averaged
+    lately; an honest one, even twice as large as usual, is not."""
+    own, other = honest(1, common), honest(2, common)
+    recent = float(((own + other) / 2).norm())
+    _, flags = robust_combine([(0, own, 8.0), (1, -16 * other, 8.0)], own_index=0, recent_norm=recent)
+    assert [s for s, _ in flags] == [1] and "recent updates" in flags[0][1]
+    _, flags = robust_combine([(0, own, 8.0), (1, 2 * other, 8.0)], own_index=0, recent_norm=recent)
+    assert flags == []
+    _, flags = robust_combine([(0, own, 8.0), (1, -16 * other, 8.0)], own_index=0)  # no history yet: no bound
+    assert flags == []
+
+
+def test_members_that_add_nothing_this_round_do_not_make_an_honest_one_the_outlier(common):
+    """Two members just reloaded the state (weight ~0, slices ~0): the one that trained a whole round is not
+    flagged, and its update is what the part averages to."""
+    full = honest(1, common)
+    slices = [(0, 1e-4 * honest(2, common), 1e-6), (1, full, 8.0), (2, torch.zeros(N), 1e-6)]
+    result, flags = robust_combine(slices, own_index=0)
+    assert flags == [] and rel(result, full) < 1e-3
