@@ -48,6 +48,8 @@ class OuterStateAverager(DecentralizedAverager):
         super().run()
 
     def _flag(self, peer: str, why: str) -> None:
+        if self._is_excluded(peer):
+            return  # caught already, in another part: once per exclusion (the owner drains the queue once a round)
         log.error("averaging: member %s %s; not averaging with it for %.0fs", peer, why, EXCLUDE_S)
         _EXCLUDED[peer] = time.monotonic() + EXCLUDE_S
         self._flags.put((peer, why))

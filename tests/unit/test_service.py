@@ -231,7 +231,8 @@ def test_status_over_grpc_and_http_agree(service, tmp_path):
         assert doc["shards"]["total"] == len(ctx.spec.shards)
         assert {"global_step", "peers", "train_loss", "val_loss", "tokens_trained", "checkpoint"} <= set(doc)
         assert any(p["name"] == "watcher" for p in doc["peers"])
-        assert doc["run"]["access"] == {"tls": True, "invite_only": False, "swarm_token_seconds": 600.0}
+        assert doc["run"]["access"] == {"tls": True, "invite_only": False, "swarm_token_seconds": 600.0,
+                                         "ban_after_reports": 2}
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"https://127.0.0.1:{http_port}/nope", context=https)
     assert info.value.code == 404

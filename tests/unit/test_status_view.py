@@ -93,6 +93,10 @@ def test_the_access_line_shows_how_the_run_is_protected(status, monkeypatch):
     assert "access:" not in rendered(status, monkeypatch)  # an older coordinator's document: no line
     status["run"] = {"access": {"tls": False, "invite_only": True, "swarm_token_seconds": 600.0}}
     assert "access: PLAINTEXT (--insecure) · invite-only · swarm tokens live 600 s" in rendered(status, monkeypatch)
+    status["run"]["access"]["ban_after_reports"] = 2
+    assert "swarm tokens live 600 s · poisoners banned after 2 reports" in rendered(status, monkeypatch)
+    status["run"]["access"]["ban_after_reports"] = 0
+    assert "poisoners never banned automatically" in rendered(status, monkeypatch)
 
 
 def test_a_paused_peer_shows_as_paused(status, monkeypatch):
