@@ -5,33 +5,33 @@ sends its slice of a part to that part's reducer, which returns the average. A h
 in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weight) and as a reducer
 (returning garbage for its parts). hivemind's own reducer trusts both. Here, in the averager's process:
 
-- **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part, drops
-  non-finite ones, caps weights, and combines the rest by centered clipping (Karimireddy et al., 2021, the
-  aggregator BTARD builds on): from the coordinate-wise median, a few steps each moving by the weighted
-  mean of the members' differences clipped to ``CLIP`` × their median distance. A slice over
-  ``RANGE_FACTOR`` × the norm of the swarm's recent averaged updates is flagged and left out (the check
-  that still holds in a group of two, where a flipped and scaled update has no majority against it). With three or more
-  senders, one whose slice lies over ``OUTLIER`` × the others' median distance from the center is flagged
-  and left out; with two (no majority), one over ``NORM_FACTOR`` × the reducer's own slice is, when both
-  did comparable work (their weights within ``COMPARABLE``). A weight is the samples a member trained this round,
-  which nobody can check: it is capped at ``max_weight`` (twice a round's samples: more than anyone trains);
+- **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part and leaves
+  out, flagging its sender: a non-finite slice; one over ``RANGE_FACTOR`` × the norm of the swarm's
+  recent averaged updates (the check that still holds in a group of two, where a flipped and scaled
+  update has no majority against it); with three or more senders that trained this round, one over
+  ``OUTLIER`` × the others' median distance from the center; with two, one over ``NORM_FACTOR`` × the
+  reducer's own slice when both did comparable work (weights within ``COMPARABLE``). It combines the
+  rest by centered clipping (Karimireddy et al., 2021, the aggregator BTARD builds on): from the
+  coordinate-wise median, a few steps each moving by the weighted mean of the members' differences
+  clipped to ``CLIP`` × their median distance. A weight is the samples a member trained this round,
+  which nobody can check: it is capped at ``max_weight`` (twice a round's samples);
 - **as a receiver** (:func:`check_returned`), it refuses a non-finite averaged part: the reducer is
   flagged, and the member keeps its own slice for that part.
 
 Only what no honest member sends is flagged: honest pseudo-gradients can point against each other (in a
-real two-peer swarm, parts had cosines of -0.6 to -0.8 between honest members), differ several-fold in
-size (a member that trained a few steps since a reload, a GPU beside a laptop), so direction alone, or a
-moderate size, is never evidence.
+real two-peer swarm, parts had cosines of -0.6 to -0.8 between honest members) and differ several-fold
+in size (a member that trained a few steps since a reload, a GPU beside a laptop), so direction alone,
+or a moderate size, is never evidence.
 
-Flags name libp2p peer ids and say why. The averager then stops averaging with a flagged member: it does
-not serve its group joins or state downloads, makes no call to it (asking it to lead a group, downloading
-its state), and refuses to run an all-reduce in a group that contains it (it applies its own update). It also hands the
-flags to its owner (``hivefold.averaging.diloco``), which reports them.
+Flags name libp2p peer ids and say why. The averager then stops averaging with a flagged member: it
+does not serve its group joins or state downloads, makes no call to it (asking it to lead a group,
+downloading its state), and refuses to run an all-reduce in a group that contains it (it applies its
+own update). It also hands the flags to its owner (``hivefold.averaging.diloco``), which reports them.
 
-What this cannot see: a slice scaled less than ``OUTLIER`` times away from the center (a plain sign flip of
-an honest-sized update, say) is not flagged, but clipping bounds its pull to ``CLIP`` median distances;
-with only two senders there is no majority, so only a slice far larger than the reducer's own, or pointing
-against it, is caught.
+What this cannot see: a slice less than ``OUTLIER`` times as far from the center as the others' (a sign
+flip of an honest-sized update, say) is not flagged, but clipping bounds its pull to ``CLIP`` median
+distances; a reducer that returns a finite but wrong average is not caught by its receivers; the main
+process's guard (guard.py) bounds each whole averaged update by the recent rounds'.
 """
 
 from __future__ import annotations
