@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 from hivefold.client import CoordinatorClient  # noqa: E402
 from hivefold.tls import Trust  # noqa: E402
-from tests.conftest import Processes  # noqa: E402
+from tests.conftest import Processes, start_coordinator  # noqa: E402
 from tests.integration.test_swarm import RUN_FLAGS  # noqa: E402
 
 PEERS = ("alice", "bob", "mallory")
@@ -36,17 +36,8 @@ def run(root: Path, seconds: float, scale: float | None) -> dict:
     root.mkdir(parents=True)
     procs = Processes(root)
     try:
-        workdir = root / "coordinator"
-        procs.start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http",
-                    "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat-interval", "2",
-                    "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
-        path = workdir / "coordinator.json"
-        deadline = time.monotonic() + 180
-        while not (path.exists() and path.read_text().strip()):
-            if time.monotonic() > deadline:
-                raise SystemExit("the coordinator did not start:\n" + procs.tail())
-            time.sleep(0.5)
-        endpoints = json.loads(path.read_text())
+        endpoints = start_coordinator(procs, root / "coordinator", "--heartbeat-interval", "2",
+                                      "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
         start = time.monotonic()
         for name in PEERS:
             hostile = scale is not None and name == "mallory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,15 @@ class Processes:
             lines = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
             out.append(f"==== {log.name} (exit {proc.poll()})\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def start_coordinator(procs: Processes, workdir: Path, *flags: str, timeout: float = 180) -> dict:
+    """``hivefold coordinator`` on loopback ports (gRPC, HTTP, DHT) with ``flags``; its endpoints once it serves."""
+    coordinator = procs.start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0",
+                              "--http", "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0", *flags)
+    path = workdir / "coordinator.json"
+    return wait_for(lambda: coordinator.poll() is None and path.exists() and json.loads(path.read_text()),
+                    timeout=timeout, what="the coordinator to serve", procs=procs)
 
 
 def descendants(root: int) -> list[int]:

@@ -4,7 +4,6 @@ honest peers' reports (poison_peer.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from hivefold.client import CoordinatorClient
 from hivefold.tls import Trust
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes, start_coordinator, wait_for
 from tests.integration.test_diloco import logs, rms, saved, start
 from tests.integration.test_swarm import RUN_FLAGS
 
@@ -60,14 +59,8 @@ def test_a_poisoning_volunteer_in_a_real_swarm_is_banned_and_the_loss_still_fall
     default --ban-after-reports), and the keeper's validation loss keeps falling."""
     procs = Processes(tmp_path)
     try:
-        workdir = tmp_path / "coordinator"
-        coordinator = procs.start(
-            "coordinator", "coordinator", "--workdir", str(workdir), "--listen", "127.0.0.1:0", "--http",
-            "127.0.0.1:0", "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--heartbeat-interval", "2",
-            "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
-        path = workdir / "coordinator.json"
-        endpoints = wait_for(lambda: coordinator.poll() is None and path.exists() and json.loads(path.read_text()),
-                             timeout=180, what="the coordinator to serve", procs=procs)
+        endpoints = start_coordinator(procs, tmp_path / "coordinator", "--heartbeat-interval", "2",
+                                      "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
 
         def peer(name, **kwargs):
             return procs.start(name, "peer", "--coordinator", endpoints["grpc"], "--coordinator-fingerprint",
