@@ -133,6 +133,11 @@ class CoordinatorConfig:
     rpc_rate: float = 100.0  # requests a second each peer (or, before it signs in, each address) may send
     swarm_token_seconds: float = 600.0  # a peer's swarm access token lives this long (a banned peer's is not renewed)
     ban_after_reports: int = 2  # distinct peers that must catch a member poisoning the averaging to ban it; 0 = never
+    verify_floor: float = 0.05  # the least share of a trusted peer's results checked by the keeper
+    verify_ceiling: float = 1.0  # the share of a new peer's results checked; 0 = no verification
+    verify_tolerance: float = 0.02  # the largest relative difference between a reported and a replayed loss
+    proof_segments: int = 4  # proof-of-training segments per shard (one is replayed when a result is checked)
+    ban_after_invalid: int = 2  # results failing verification that ban a peer; 0 = never
     insecure: bool = False  # plaintext gRPC and HTTP (loopback development); default TLS
     tls_cert: Path | None = None  # the operator's certificate (PEM, chain included); None = self-signed in workdir
     tls_key: Path | None = None  # its private key (PEM, unencrypted)
@@ -167,6 +172,16 @@ class CoordinatorConfig:
         if not 0 <= self.ban_after_reports <= 1000:
             raise ConfigError(f"--ban-after-reports must be between 0 (never ban) and 1000, "
                               f"got {self.ban_after_reports}")
+        if not 0 <= self.verify_floor <= self.verify_ceiling <= 1:
+            raise ConfigError(f"need 0 <= --verify-floor ({self.verify_floor}) <= --verify-ceiling "
+                              f"({self.verify_ceiling}) <= 1")
+        if not 1e-6 <= self.verify_tolerance <= 1:
+            raise ConfigError(f"--verify-tolerance must be between 1e-6 and 1 (relative), got {self.verify_tolerance}")
+        if not 1 <= self.proof_segments <= 64:
+            raise ConfigError(f"--proof-segments must be between 1 and 64, got {self.proof_segments}")
+        if not 0 <= self.ban_after_invalid <= 1000:
+            raise ConfigError(f"--ban-after-invalid must be between 0 (never ban) and 1000, got "
+                              f"{self.ban_after_invalid}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both, or neither for a self-signed "
                               "certificate made in the workdir")
@@ -218,6 +233,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ban a member once N distinct peers caught it poisoning the averaging (one report alone "
                         "proves nothing: a hostile peer can report an honest one); 0 never bans (default "
                         "%(default)s)")
+    p.add_argument("--verify-ceiling", type=float, default=d.verify_ceiling, metavar="P",
+                   help="share of a new peer's results the keeper checks by replaying part of the training "
+                        "(after n valid results in a row: 1/n, never below --verify-floor); 0 turns checks off "
+                        "(default %(default)s)")
+    p.add_argument("--verify-floor", type=float, default=d.verify_floor, metavar="P",
+                   help="share of a trusted peer's results still checked (default %(default)s)")
+    p.add_argument("--verify-tolerance", type=float, default=d.verify_tolerance, metavar="REL",
+                   help="largest relative difference between a reported and a replayed loss: allows for GPU "
+                        "nondeterminism and bf16 (default %(default)s)")
+    p.add_argument("--proof-segments", type=int, default=d.proof_segments, metavar="N",
+                   help="a checked shard is cut into N segments and one is replayed: the keeper's cost is ~1/N of "
+                        "the shard's training (default %(default)s)")
+    p.add_argument("--ban-after-invalid", type=int, default=d.ban_after_invalid, metavar="N",
+                   help="ban a peer once N of its results failed verification; 0 never bans (default %(default)s)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM",
                    help="serve gRPC and HTTP with this certificate (chain included); default: a self-signed one "
                         "made in the workdir on first start, whose fingerprint is printed at every start")
@@ -272,5 +301,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         keep_checkpoints=args.keep_checkpoints, keeper=not args.no_keeper, keeper_poll=args.keeper_poll,
         qrb_k=args.qrb_k, token_budget=args.token_budget, ledger=args.ledger, invite_only=args.invite_only,
         rpc_rate=args.rpc_rate, swarm_token_seconds=args.swarm_token_seconds,
-        ban_after_reports=args.ban_after_reports, insecure=args.insecure,
+        ban_after_reports=args.ban_after_reports, verify_floor=args.verify_floor,
+        verify_ceiling=args.verify_ceiling, verify_tolerance=args.verify_tolerance,
+        proof_segments=args.proof_segments, ban_after_invalid=args.ban_after_invalid, insecure=args.insecure,
         tls_cert=args.tls_cert, tls_key=args.tls_key, run=run)

@@ -16,9 +16,10 @@ from pathlib import Path
 from coordinator.config import CoordinatorConfig
 from coordinator.credit import ReceiptSigner, base_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from coordinator.ledger import Ledger, Verdict
+from coordinator.ledger import Ledger, Verdict, VerifyPolicy
 from coordinator.run import SHARD_DIR
 from hivefold.identity import peer_id_from_public_key, register_message, verify_signature
+from hivefold.proof import proof_max_bytes
 from hivefold.shards import shard_filename
 from hivefold.spec import RunSpec
 from protos import coordinator_pb2 as pb
@@ -43,7 +44,9 @@ DHT_KEY_MAX_BYTES = 2048  # an RSA public key in OpenSSH format (hivemind's are 
 PAUSE_REASON_CHARS = 200  # of a paused peer's reason that the ledger keeps
 POISON_REPORTS_MAX, LIBP2P_ID_CHARS = 16, 100  # bounds on the poisoning reports one heartbeat carries
 
-VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE}
+VERDICT_TO_PB = {Verdict.ACCEPTED: pb.RESULT_VERDICT_ACCEPTED, Verdict.REJECTED_LATE: pb.RESULT_VERDICT_REJECTED_LATE,
+                 Verdict.PENDING: pb.RESULT_VERDICT_PENDING_VERIFICATION, Verdict.INVALID: pb.RESULT_VERDICT_INVALID}
+PROOF_CHUNK_MAX = 512 << 10
 
 
 @dataclass
@@ -65,6 +68,11 @@ class Context:
         self.credit_per_sample = base_points(1, seq_len=self.spec.seq_len, parameters=params)
         self.signer = ReceiptSigner(self.config.workdir, self.spec.run_id)
         self.shard_sequences = max(s.num_sequences for s in self.spec.shards)  # the work of one lease, at most
+        c = self.config
+        # Replaying training needs determinism: dropout draws random masks no replay can repeat.
+        segments = c.proof_segments if c.verify_ceiling > 0 and n.dropout == 0 else 0
+        self.verify = VerifyPolicy(floor=c.verify_floor, ceiling=c.verify_ceiling, segments=segments)
+        self.proof_max_bytes = proof_max_bytes(params + n.max_seq_len * n.d_model)
         a = self.spec.averaging
         self.run_summary = {  # what watchers see of the run spec (the status document's "run")
             "model": {"n_layer": n.n_layer, "n_head": n.n_head, "d_model": n.d_model, "vocab_size": n.vocab_size,
@@ -78,6 +86,8 @@ class Context:
             "access": {"tls": not self.config.insecure, "invite_only": self.config.invite_only,
                        "swarm_token_seconds": self.config.swarm_token_seconds,
                        "ban_after_reports": self.config.ban_after_reports},
+            "verification": {"segments": segments, "floor": c.verify_floor, "ceiling": c.verify_ceiling,
+                             "tolerance": c.verify_tolerance, "ban_after_invalid": c.ban_after_invalid},
         }
 
     @property
@@ -135,7 +145,8 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
                                dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval,
                                swarm_maddrs=_swarm_maddrs(ctx, peer_id, now),
-                               receipt_public_key=ctx.signer.key.public_key, lease_seconds=ctx.config.lease_seconds)
+                               receipt_public_key=ctx.signer.key.public_key, lease_seconds=ctx.config.lease_seconds,
+                               proof_segments=ctx.verify.segments if ctx.verify.enabled else 0)
 
 
 def _online_seconds(ctx: Context) -> float:
@@ -239,6 +250,8 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
         raise InvalidArgument(f"losses must be finite, non-negative and at most {LOSS_MAX:g}")
     if not math.isfinite(request.compute_seconds) or not 0 <= request.compute_seconds <= COMPUTE_SECONDS_MAX:
         raise InvalidArgument(f"compute_seconds must be finite, >= 0 and at most {COMPUTE_SECONDS_MAX:g}")
+    if len(request.proof_digests) > 2 * 64 + 1 or any(len(d) != 32 for d in request.proof_digests):
+        raise InvalidArgument("proof_digests holds at most 129 sha256 digests of 32 bytes each")
     seq_len = ctx.spec.seq_len
 
     def sign(*, samples: int, **fields) -> str:
@@ -247,12 +260,30 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
     outcome = ctx.ledger.submit(peer_id, request.lease_id, samples=request.samples, losses=losses,
                                 compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
                                 now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,
-                                sign_receipt=sign)
+                                sign_receipt=sign, verify=ctx.verify,
+                                digests=list(request.proof_digests))
     # per work unit: debug (hundreds a second on a busy coordinator); the ledger's events keep every one
     log.debug("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,
              outcome.credit)
+    segment = ctx.ledger.proof_wanted(request.lease_id) if outcome.verdict is Verdict.PENDING else 0
     return pb.SubmitResultResponse(verdict=VERDICT_TO_PB[outcome.verdict], credit=outcome.credit,
-                                   detail=outcome.detail, receipt=outcome.receipt)
+                                   detail=outcome.detail, receipt=outcome.receipt, proof_segment=segment,
+                                   proof_max_bytes=ctx.proof_max_bytes)
+
+
+def submit_proof(request: pb.SubmitProofRequest, ctx: Context, now: float) -> pb.SubmitProofResponse:
+    peer_id = _auth(request.auth, ctx)
+    if not request.lease_id:
+        raise InvalidArgument("lease_id is required")
+    if not request.data or len(request.data) > PROOF_CHUNK_MAX:
+        raise InvalidArgument(f"a proof chunk holds 1 to {PROOF_CHUNK_MAX} bytes, not {len(request.data)}")
+    received, complete = ctx.ledger.receive_proof(
+        peer_id, request.lease_id, segment=request.segment, offset=request.offset, total=request.total_size,
+        data=request.data, max_bytes=ctx.proof_max_bytes, now=now)
+    if complete:
+        log.info("peer %s sent the proof for lease %s (%d bytes); queued for the keeper", peer_id, request.lease_id,
+                 received)
+    return pb.SubmitProofResponse(received=received, complete=complete)
 
 
 def release_lease(request: pb.ReleaseLeaseRequest, ctx: Context, now: float) -> pb.ReleaseLeaseResponse:

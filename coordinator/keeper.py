@@ -6,8 +6,9 @@ through ``hivefold.averaging``. It never trains. Every
 ``checkpoint_every`` swarm steps (outer steps in ``diloco``) it downloads the swarm's state from the peers, computes the
 validation loss on the held-out shard, writes a checkpoint atomically and records both in the
 ledger, with the outcome of every download attempt (``hivefold status`` shows the keeper's health).
-Its own state is shared with newcomers, so a run whose peers all left (or a coordinator reopened
-from a checkpoint) resumes from the keeper.
+It also checks the results sampled for verification, by replaying their proofs of training
+(``coordinator.verifier``). Its own state is shared with newcomers, so a run whose peers all left
+(or a coordinator reopened from a checkpoint) resumes from the keeper.
 
 Nothing a peer trained is lost on a clean exit: a peer that leaves while it alone holds a state
 newer than the latest checkpoint waits (``Leave`` tells it to) until the keeper has downloaded and
@@ -31,6 +32,7 @@ import torch
 from coordinator.credit import KEY_DIR
 from coordinator.ledger import Ledger
 from coordinator.run import CHECKPOINT_DIR, LEDGER_ENV, LEDGER_FILE, SHARD_DIR, SPEC_FILE
+from coordinator.verifier import Verifier
 from hivefold import addressbook
 from hivefold.averaging import make_averaging
 from hivefold.checkpoint import checkpoint_filename, load_checkpoint, save_checkpoint
@@ -55,7 +57,8 @@ KEEPER_DHT_IDENTITY = "keeper-dht.key"  # a fresh libp2p identity at every start
 
 class Keeper:
     def __init__(self, workdir: Path, *, initial_peers: list[str], host_maddrs: list[str],
-                 announce_maddrs: list[str], checkpoint_every: int, keep_checkpoints: int, online_seconds: float):
+                 announce_maddrs: list[str], checkpoint_every: int, keep_checkpoints: int, online_seconds: float,
+                 verify_tolerance: float = 0.02, ban_after_invalid: int = 2):
         self.workdir = workdir
         self.spec = RunSpec.from_json((workdir / SPEC_FILE).read_text())
         # the coordinator says where the ledger is (its --ledger); run by hand, the workdir's file
@@ -66,6 +69,8 @@ class Keeper:
         self.val = decode_shard((workdir / SHARD_DIR / VAL_FILENAME).read_bytes(), sha256=val.sha256,
                                 seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
         self.model = build_model(self.spec.model, self.spec.seed)
+        self.verifier = Verifier(workdir, self.spec, self.ledger, tolerance=verify_tolerance,
+                                 ban_after=ban_after_invalid, held_out=self.val)
         latest = self.ledger.latest_checkpoint(on_disk=True)
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:
@@ -141,6 +146,7 @@ class Keeper:
                 log.error("the coordinator that started this keeper is gone; taking a final checkpoint and exiting")
                 break
             self.swarm_pass.announce_if_due(self.dht)
+            self.verifier.run_pending()
             # The swarm's step: from hivemind's tracker (sync), and from what peers report to the coordinator.
             global_step = self.ledger.observe_global_step(self.averaging.global_epoch)
             now = time.time()
@@ -195,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=3)
     parser.add_argument("--poll", type=float, default=2.0)
     parser.add_argument("--online-seconds", type=float, default=30.0, help="a peer silent this long is offline")
+    parser.add_argument("--verify-tolerance", type=float, default=0.02, help="see hivefold coordinator --help")
+    parser.add_argument("--ban-after-invalid", type=int, default=2, help="see hivefold coordinator --help")
     args = parser.parse_args(argv)
     setup_logging("keeper")
     torch.set_num_threads(1)  # the keeper must not steal the peers' cores
@@ -204,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     keeper = Keeper(args.workdir, initial_peers=args.initial_peer,
                     host_maddrs=args.dht_listen or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=args.dht_announce,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                    online_seconds=args.online_seconds)
+                    online_seconds=args.online_seconds, verify_tolerance=args.verify_tolerance,
+                    ban_after_invalid=args.ban_after_invalid)
     install_stop_handlers(stop, what="taking a final checkpoint, then exiting")  # hivemind took SIGINT
     try:
         keeper.run(stop, args.poll, parent_alive=lambda: os.getppid() == parent)

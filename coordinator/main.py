@@ -19,6 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.credit import KEY_DIR
 from coordinator.handlers import Context
 from coordinator.http import make_metrics, start_http
+from coordinator.ledger.schema import MAX_UNVERIFIED
 from coordinator.lock import WorkdirLock
 from coordinator.run import LEDGER_ENV, SPEC_FILE, ledger_location, open_run
 from coordinator.server import start_server
@@ -42,7 +43,8 @@ HISTORY_EVERY_S = 5.0  # how often the swarm is sampled for the dashboard's char
 def _keeper_cmd(config: CoordinatorConfig, maddrs: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "coordinator.keeper", "--workdir", str(config.workdir),
            "--checkpoint-every", str(config.checkpoint_every), "--keep-checkpoints", str(config.keep_checkpoints),
-           "--poll", str(config.keeper_poll), "--online-seconds", str(3 * config.heartbeat_interval)]
+           "--poll", str(config.keeper_poll), "--online-seconds", str(3 * config.heartbeat_interval),
+           "--verify-tolerance", str(config.verify_tolerance), "--ban-after-invalid", str(config.ban_after_invalid)]
     for m in maddrs:
         cmd += ["--initial-peer", m]
     for m in config.dht_listen:  # same interfaces as the bootstrap node, any free port
@@ -147,6 +149,10 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         key = _signing_key(config, ledger)
         if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
             ledger.set_keeper_maddrs([])
+        elif config.verify_ceiling > 0:
+            log.warning("--no-keeper: results sampled for verification wait for the keeper of another coordinator "
+                        "on this ledger; with none, pass --verify-ceiling 0 or peers stall after %d unchecked "
+                        "results", MAX_UNVERIFIED)
         ledger.set_checkpoint_every(config.checkpoint_every)
         ledger.set_meta("averaging", spec.averaging.mode)
         ledger.set_sample_budget(-(-config.token_budget // spec.seq_len))  # whole sequences, rounded up

@@ -65,6 +65,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def SubmitResult(self, request, context):
         return self._call(handlers.submit_result, request, context)
 
+    def SubmitProof(self, request, context):
+        return self._call(handlers.submit_proof, request, context)
+
     def ReleaseLease(self, request, context):
         return self._call(handlers.release_lease, request, context)
 

@@ -132,6 +132,14 @@ class CoordinatorClient:
         self.traffic["sent"] += request.ByteSize()
         return self._retry(lambda: self.stub.SubmitResult(request, timeout=RPC_TIMEOUT_S), "SubmitResult")
 
+    def submit_proof(self, lease_id: str, segment: int, proof: bytes, *, chunk: int = 512 << 10) -> None:
+        """Upload a proof of training in order, chunk by chunk (each a signed request under the 1 MiB limit)."""
+        for offset in range(0, len(proof), chunk):
+            req = pb.SubmitProofRequest(auth=self.auth, lease_id=lease_id, segment=segment, offset=offset,
+                                        total_size=len(proof), data=proof[offset:offset + chunk])
+            self.traffic["sent"] += req.ByteSize()
+            self._retry(lambda req=req: self.stub.SubmitProof(req, timeout=RPC_TIMEOUT_S), "SubmitProof")
+
     def release(self, lease_id: str, reason: str, *, give_up_after: float = 5.0) -> bool:
         req = pb.ReleaseLeaseRequest(auth=self.auth, lease_id=lease_id, reason=reason)
         return self._retry(lambda: self.stub.ReleaseLease(req, timeout=5.0), "ReleaseLease",

@@ -1,7 +1,9 @@
 """Finished results not yet acknowledged by the coordinator: one file per lease, the source of truth.
 
 A result is written here before it is submitted, so it survives a coordinator outage, a crash or a
-restart of the peer; it is removed once the coordinator has answered for it.
+restart of the peer; it is removed once the coordinator has answered for it. A result sampled for
+verification is *parked* (``verifying/``) once its proof is sent, and asked about again until the
+keeper's verdict comes back with its receipt.
 """
 
 from __future__ import annotations
@@ -45,6 +47,26 @@ class Outbox:
 
     def done(self, lease_id: str) -> None:
         (self.dir / f"{lease_id}.pb").unlink(missing_ok=True)
+
+    def park(self, request: pb.SubmitResultRequest) -> None:
+        """The coordinator holds the result pending verification: ask again later for the verdict."""
+        parked = self.dir / "verifying"
+        parked.mkdir(exist_ok=True)
+        src = self.dir / f"{request.lease_id}.pb"
+        if src.exists():
+            os.replace(src, parked / src.name)
+
+    def parked(self) -> list[pb.SubmitResultRequest]:
+        out = []
+        for path in sorted((self.dir / "verifying").glob("*.pb")):
+            try:
+                out.append(pb.SubmitResultRequest.FromString(path.read_bytes()))
+            except (FileNotFoundError, DecodeError):
+                path.unlink(missing_ok=True)
+        return out
+
+    def unpark(self, lease_id: str) -> None:
+        (self.dir / "verifying" / f"{lease_id}.pb").unlink(missing_ok=True)
 
     def clear(self) -> None:
         for path in self.dir.glob("*.pb"):

@@ -24,6 +24,7 @@ from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.dht import BootstrapFailed, join_dht
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
+from hivefold.proof import ShardRecorder
 from hivefold.receipts import ReceiptBook
 from hivefold.retry import Stopped
 from hivefold.spec import RunSpec, verify_spec
@@ -44,6 +45,8 @@ STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 DHT_JOIN_ATTEMPTS = 6  # the bootstrap node is the coordinator's: tries (2, 4, ... 30 s apart) while it restarts
 LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its leases last: its default
+PROOFS_KEPT = 4  # shards whose proof-of-training records are kept (training, and results not yet answered)
+PARKED_POLL_S = 10.0  # how often to ask about results pending verification
 
 
 class Session:
@@ -68,6 +71,10 @@ class Session:
         self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
+        self.proof_segments = 0  # from Register: 0 = this run does not verify results
+        self.recorders: dict[str, ShardRecorder] = {}  # lease id -> what its proof of training needs
+        self._recorders_lock = threading.Lock()  # the trainer adds, the submitter thread takes
+        self._parked_at = 0.0
         self.bootstrap_maddrs: list[str] = []  # the coordinator's DHT node, from Register
         self.swarm_pass: SwarmPass | None = None  # the token that admits this peer's DHT node (swarm_pass.py)
 
@@ -97,6 +104,7 @@ class Session:
             state_path.write_text(json.dumps({"spec_hash": resp.spec_hash, "run_id": self.spec.run_id}))
         self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
         self.lease_seconds = resp.lease_seconds or LEASE_SECONDS_DEFAULT
+        self.proof_segments = resp.proof_segments
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
         resp = self._join_dht(resp)
@@ -236,11 +244,65 @@ class Session:
         try:
             with self.quick_client() as client:
                 for request in self.outbox.pending():
-                    self.keep_receipt(client.submit(request))
-                    self.outbox.done(request.lease_id)
-                    self.leases.forget(request.lease_id)
+                    self.submitted(client, request, client.submit(request))
+                self.poll_parked(client, every=0.0)
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
+
+    def recorder(self, lease_id: str, n_batches: int, micro_batch: int) -> ShardRecorder | None:
+        """What to keep while training ``lease_id`` for a proof of training; None if the run does not verify."""
+        if not self.proof_segments:
+            return None
+        recorder = ShardRecorder(n_batches, self.proof_segments, micro_batch)
+        with self._recorders_lock:
+            while len(self.recorders) >= PROOFS_KEPT:  # the oldest: answered long ago, its proof is not wanted
+                self.recorders.pop(next(iter(self.recorders)))
+            self.recorders[lease_id] = recorder
+        return recorder
+
+    def submitted(self, client, request: pb.SubmitResultRequest, resp: pb.SubmitResultResponse) -> None:
+        """The coordinator answered for a result: keep the receipt, or send the proof it asks for and park it."""
+        lease_id = request.lease_id
+        self.leases.forget(lease_id)
+        if resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
+            self.keep_receipt(resp)
+            self.outbox.done(lease_id)
+            self.outbox.unpark(lease_id)
+            with self._recorders_lock:
+                self.recorders.pop(lease_id, None)
+            return
+        if resp.proof_segment:
+            with self._recorders_lock:
+                recorder = self.recorders.pop(lease_id, None)
+            try:
+                proof = recorder.proof(resp.proof_segment) if recorder else None
+            except IntegrityError as e:
+                proof, why = None, str(e)
+            else:
+                why = "this peer restarted since it trained the shard"
+            if proof is None:
+                log.warning("lease %s was picked for verification, but no proof is kept (%s): it earns no credit",
+                            lease_id, why)
+            elif len(proof) > resp.proof_max_bytes:
+                log.warning("the proof for lease %s is %d bytes, over the coordinator's %d", lease_id, len(proof),
+                            resp.proof_max_bytes)
+            else:
+                client.submit_proof(lease_id, resp.proof_segment, proof)
+                log.info("lease %s picked for verification: sent the proof of segment %d (%.1f MB)", lease_id,
+                         resp.proof_segment, len(proof) / 1e6)
+        self.outbox.park(request)
+
+    def poll_parked(self, client, every: float = PARKED_POLL_S) -> None:
+        """Ask again about results pending verification, at most every ``every`` seconds."""
+        if time.monotonic() - self._parked_at < every:
+            return
+        self._parked_at = time.monotonic()
+        for request in self.outbox.parked():
+            resp = client.submit(request)
+            if resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
+                log.info("result for lease %s verified: %s (credit %.3f)", request.lease_id, resp.detail, resp.credit)
+                self.keep_receipt(resp)
+                self.outbox.unpark(request.lease_id)
 
     def keep_receipt(self, resp: pb.SubmitResultResponse) -> None:
         """The coordinator's signed receipt goes to the workdir: the volunteer's proof of credit."""

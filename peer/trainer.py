@@ -22,6 +22,7 @@ import torch
 from hivefold.averaging import make_averaging
 from hivefold.checkpoint import load_checkpoint
 from hivefold.model import build_model
+from hivefold.proof import ShardRecorder
 from hivefold.spec import RunSpec
 from hivefold.training import autocast
 from peer.device import choose_micro_batch
@@ -37,6 +38,7 @@ class ShardResult:
     losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, swarm step) per micro-batch
     compute_seconds: float = 0.0
     interrupted: bool = False
+    proof_digests: list[bytes] = field(default_factory=list)  # commitments to the states kept (hivefold.proof)
 
 
 @dataclass
@@ -106,8 +108,11 @@ class Trainer:
             self.averaging.load_state_dict(ckpt.optimizer)
         return f"the coordinator's checkpoint (step {ckpt.step})"
 
-    def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None, pause=None) -> ShardResult:
+    def train_shard(self, sequences: np.ndarray, stop: threading.Event, on_batch=None, pause=None,
+                    recorder: ShardRecorder | None = None) -> ShardResult:
         """Train on every sequence of the shard; stops early (``interrupted``) when ``stop`` is set.
+
+        ``recorder`` keeps what a proof of training needs (``hivefold.proof``), at each segment's start.
 
         ``pause``, at each micro-batch boundary: ``pause.requested()`` says the volunteer's controls want
         training to halt; the gradients summed so far are stepped first (they would be stale after the
@@ -138,6 +143,8 @@ class Trainer:
             return busy
 
         starts = range(0, len(data), mb)
+        params = list(self.model.parameters())
+        inner = getattr(self.averaging, "inner", None) if self.diloco else None
         for i, start in enumerate(starts):
             if pause is not None and pause.requested():
                 if pending:
@@ -149,6 +156,8 @@ class Trainer:
             if stop.is_set():
                 result.interrupted = True
                 break
+            if recorder is not None:
+                recorder.before_batch(i, params, inner)
             t0 = time.perf_counter()
             block = data[start:start + mb].to(self.device, non_blocking=cuda)
             with autocast(self.device):
@@ -161,6 +170,8 @@ class Trainer:
             busy = time.perf_counter() - t0
             last = i == len(starts) - 1
             if self.diloco or last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
+                if recorder is not None:
+                    recorder.record_lr(inner)
                 busy += step()
             result.compute_seconds += busy
             self.meter.busy_seconds += busy
@@ -170,6 +181,9 @@ class Trainer:
         values = torch.stack(losses).float().tolist() if losses else []  # one device-to-host sync per shard
         self.meter.busy_seconds += time.perf_counter() - t0  # queued device work finishing
         result.losses = list(zip(values, epochs, strict=True))
+        if recorder is not None:
+            recorder.finish(params)
+            result.proof_digests = recorder.digests()
         for value in values[-8:]:
             self.meter.update_loss(value)
         return result

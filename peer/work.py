@@ -76,9 +76,8 @@ class WorkLoop:
                 raise
             log.info("peer %s result for lease %s: %s (credit %.3f)", self.peer_id, request.lease_id,
                      resp.detail, resp.credit)
-            s.keep_receipt(resp)
-            s.outbox.done(request.lease_id)
-            s.leases.forget(request.lease_id)
+            s.authed(lambda request=request, resp=resp: s.submitted(s.client, request, resp))
+        s.authed(lambda: s.poll_parked(s.client))
 
     def load(self, cache: ShardCache, work: pb.WorkUnit):
         spec = self.session.spec
@@ -102,7 +101,9 @@ class WorkLoop:
                                 rate=trainer.meter.samples_per_second)
 
         try:
-            return trainer.train_shard(sequences, self.stop, on_batch, pause=_MidShard(self))
+            recorder = self.session.recorder(work.lease_id, -(-len(sequences) // trainer.micro_batch),
+                                             trainer.micro_batch)
+            return trainer.train_shard(sequences, self.stop, on_batch, pause=_MidShard(self), recorder=recorder)
         finally:
             if progress is not None:
                 progress.remove_task(task)
@@ -192,7 +193,8 @@ class WorkLoop:
             return HANDED_BACK
         request = pb.SubmitResultRequest(
             lease_id=work.lease_id, samples=result.samples, compute_seconds=result.compute_seconds,
-            losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses])
+            losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses],
+            proof_digests=result.proof_digests)
         self.session.outbox.put(request)  # survives a coordinator outage or a crash before the ack
         self.shards_done += 1
         first, last = result.losses[0][0], result.losses[-1][0]

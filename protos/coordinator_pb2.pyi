@@ -12,9 +12,13 @@ class ResultVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_VERDICT_UNSPECIFIED: _ClassVar[ResultVerdict]
     RESULT_VERDICT_ACCEPTED: _ClassVar[ResultVerdict]
     RESULT_VERDICT_REJECTED_LATE: _ClassVar[ResultVerdict]
+    RESULT_VERDICT_PENDING_VERIFICATION: _ClassVar[ResultVerdict]
+    RESULT_VERDICT_INVALID: _ClassVar[ResultVerdict]
 RESULT_VERDICT_UNSPECIFIED: ResultVerdict
 RESULT_VERDICT_ACCEPTED: ResultVerdict
 RESULT_VERDICT_REJECTED_LATE: ResultVerdict
+RESULT_VERDICT_PENDING_VERIFICATION: ResultVerdict
+RESULT_VERDICT_INVALID: ResultVerdict
 
 class DeviceReport(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes")
@@ -57,7 +61,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., name: _Optional[str] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ..., device: _Optional[_Union[DeviceReport, _Mapping]] = ..., expected_spec_hash: _Optional[str] = ..., team: _Optional[str] = ..., invite: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs", "receipt_public_key", "lease_seconds")
+    __slots__ = ("peer_id", "token", "spec_json", "spec_hash", "dht_maddrs", "heartbeat_interval_s", "swarm_maddrs", "receipt_public_key", "lease_seconds", "proof_segments")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +71,7 @@ class RegisterResponse(_message.Message):
     SWARM_MADDRS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROOF_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     token: str
     spec_json: str
@@ -76,7 +81,8 @@ class RegisterResponse(_message.Message):
     swarm_maddrs: _containers.RepeatedScalarFieldContainer[str]
     receipt_public_key: bytes
     lease_seconds: float
-    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    proof_segments: int
+    def __init__(self, peer_id: _Optional[str] = ..., token: _Optional[str] = ..., spec_json: _Optional[str] = ..., spec_hash: _Optional[str] = ..., dht_maddrs: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[float] = ..., swarm_maddrs: _Optional[_Iterable[str]] = ..., receipt_public_key: _Optional[bytes] = ..., lease_seconds: _Optional[float] = ..., proof_segments: _Optional[int] = ...) -> None: ...
 
 class LeaseShardRequest(_message.Message):
     __slots__ = ("auth", "held_lease_ids", "inline_max_bytes")
@@ -145,30 +151,60 @@ class MicroBatchLoss(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class SubmitResultRequest(_message.Message):
-    __slots__ = ("auth", "lease_id", "samples", "losses", "compute_seconds")
+    __slots__ = ("auth", "lease_id", "samples", "losses", "compute_seconds", "proof_digests")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROOF_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     lease_id: str
     samples: int
     losses: _containers.RepeatedCompositeFieldContainer[MicroBatchLoss]
     compute_seconds: float
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples: _Optional[int] = ..., losses: _Optional[_Iterable[_Union[MicroBatchLoss, _Mapping]]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    proof_digests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples: _Optional[int] = ..., losses: _Optional[_Iterable[_Union[MicroBatchLoss, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., proof_digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SubmitResultResponse(_message.Message):
-    __slots__ = ("verdict", "credit", "detail", "receipt")
+    __slots__ = ("verdict", "credit", "detail", "receipt", "proof_segment", "proof_max_bytes")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     verdict: ResultVerdict
     credit: float
     detail: str
     receipt: str
-    def __init__(self, verdict: _Optional[_Union[ResultVerdict, str]] = ..., credit: _Optional[float] = ..., detail: _Optional[str] = ..., receipt: _Optional[str] = ...) -> None: ...
+    proof_segment: int
+    proof_max_bytes: int
+    def __init__(self, verdict: _Optional[_Union[ResultVerdict, str]] = ..., credit: _Optional[float] = ..., detail: _Optional[str] = ..., receipt: _Optional[str] = ..., proof_segment: _Optional[int] = ..., proof_max_bytes: _Optional[int] = ...) -> None: ...
+
+class SubmitProofRequest(_message.Message):
+    __slots__ = ("auth", "lease_id", "segment", "offset", "total_size", "data")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    auth: PeerAuth
+    lease_id: str
+    segment: int
+    offset: int
+    total_size: int
+    data: bytes
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., segment: _Optional[int] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SubmitProofResponse(_message.Message):
+    __slots__ = ("received", "complete")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    complete: bool
+    def __init__(self, received: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("auth", "lease_id", "reason")

@@ -90,6 +90,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.SwarmTokenRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.SwarmTokenResponse.FromString,
                 _registered_method=True)
+        self.SubmitProof = channel.unary_unary(
+                '/hivefold.v1.Coordinator/SubmitProof',
+                request_serializer=protos_dot_coordinator__pb2.SubmitProofRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.SubmitProofResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -176,6 +181,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitProof(self, request, context):
+        """Upload, in chunks, the proof of training a SubmitResult answer asked for (hivefold/proof.py): the keeper
+        replays that stretch of the shard before the result earns credit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +246,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SwarmToken,
                     request_deserializer=protos_dot_coordinator__pb2.SwarmTokenRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.SwarmTokenResponse.SerializeToString,
+            ),
+            'SubmitProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitProof,
+                    request_deserializer=protos_dot_coordinator__pb2.SubmitProofRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.SubmitProofResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -533,6 +551,33 @@ class Coordinator:
             '/hivefold.v1.Coordinator/SwarmToken',
             protos_dot_coordinator__pb2.SwarmTokenRequest.SerializeToString,
             protos_dot_coordinator__pb2.SwarmTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivefold.v1.Coordinator/SubmitProof',
+            protos_dot_coordinator__pb2.SubmitProofRequest.SerializeToString,
+            protos_dot_coordinator__pb2.SubmitProofResponse.FromString,
             options,
             channel_credentials,
             insecure,

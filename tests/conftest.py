@@ -179,9 +179,11 @@ def processes(tmp_path: Path):
 FAKE_MADDR = "/ip4/127.0.0.1/tcp/9/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
 
-def small_run(workdir: Path, dht_maddrs: list[str] = (FAKE_MADDR,)):
+def small_run(workdir: Path, dht_maddrs: list[str] = (FAKE_MADDR,), verify_ceiling: float = 0.0):
     """A coordinator's context for a small real run (400 lines of text, shards of 16 sequences of 32 tokens),
-    without starting anything: tests serve it with ``start_server`` / ``start_http`` as they need."""
+    without starting anything: tests serve it with ``start_server`` / ``start_http`` as they need.
+    Results are not sampled for verification unless ``verify_ceiling`` says so: these tests' peers submit
+    results they did not train, with no proof to send."""
     from coordinator.config import CoordinatorConfig, RunOptions
     from coordinator.handlers import Context
     from coordinator.run import open_run
@@ -190,6 +192,6 @@ def small_run(workdir: Path, dht_maddrs: list[str] = (FAKE_MADDR,)):
     corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
     config = CoordinatorConfig(workdir=workdir, listen="127.0.0.1:0", http="127.0.0.1:0",
                                run=RunOptions(corpus=str(corpus), seq_len=32, micro_batch=4, target_batch_size=16,
-                                              shard_sequences=16))
+                                              shard_sequences=16), verify_ceiling=verify_ceiling, verify_floor=0.0)
     spec, ledger = open_run(workdir, config.run)
     return Context(config=config, spec=spec, ledger=ledger, dht_maddrs=list(dht_maddrs))

@@ -37,6 +37,7 @@ One module per concept, composed into ``Ledger`` below:
     peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
     access.py    who may take part: invites (invite-only runs) and bans
     reports.py   members caught poisoning the averaging: reports, and the ban enough of them bring
+    verification.py  results sampled for a proof-of-training check, their proofs, verdicts, bans
     leases.py    the run's shards, leasing them, results
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
     status.py    the status document
@@ -60,15 +61,18 @@ from coordinator.ledger.schema import (
     Verdict,
 )
 from coordinator.ledger.status import StatusReport
+from coordinator.ledger.verification import ProofTask, Verifications, VerifyPolicy
 
 PRAGMAS = SqliteBackend.PRAGMAS
 
 __all__ = [
     "INVITE_PREFIX", "MAX_ACTIVE_LEASES", "MIGRATIONS", "NOTABLE_EVENTS", "PRAGMAS", "SWARM_MADDRS_LIMIT", "Lease",
     "LeaseOutcome",
-    "LeaseState", "Ledger", "ShardState", "SubmitOutcome", "Verdict", "is_postgres", "redact",
+    "LeaseState", "Ledger", "ProofTask", "ShardState", "SubmitOutcome", "Verdict", "VerifyPolicy", "is_postgres",
+    "redact",
 ]
 
 
-class Ledger(PeerRegistry, PeerAccess, PoisonReports, ShardLeases, KeeperProgress, StatusReport, SwarmHistory):
+class Ledger(PeerRegistry, PeerAccess, PoisonReports, Verifications, ShardLeases, KeeperProgress, StatusReport,
+             SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,9 +17,21 @@ from coordinator.credit import quick_return_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.backend import Connection
 from coordinator.ledger.progress import _raise_global_step
-from coordinator.ledger.schema import Lease, LeaseOutcome, LeaseState, ShardState, SubmitOutcome, Verdict
+from coordinator.ledger.schema import (
+    MAX_UNVERIFIED,
+    CheckState,
+    Lease,
+    LeaseOutcome,
+    LeaseState,
+    ShardState,
+    SubmitOutcome,
+    Verdict,
+)
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 from hivefold.spec import ShardInfo
+
+if TYPE_CHECKING:
+    from coordinator.ledger.verification import VerifyPolicy
 
 MAX_ACTIVE_LEASES = 3  # per peer: the work unit training, one fetched ahead, one whose result awaits its ack
 
@@ -66,6 +79,10 @@ class ShardLeases(LedgerStore):
                 c.execute("UPDATE leases SET deadline = ? WHERE lease_id = ?", (now + seconds, orphans[0]))
                 return LeaseOutcome(_get_lease(c, orphans[0]))
             if len(active) >= MAX_ACTIVE_LEASES:
+                return LeaseOutcome(None)
+            unverified = c.execute("SELECT COUNT(*) FROM verifications WHERE peer_id = ? AND state IN (?, ?)",
+                                   (peer_id, CheckState.AWAITING.value, CheckState.QUEUED.value)).fetchone()[0]
+            if unverified >= MAX_UNVERIFIED:  # a cheater's free work is bounded by the keeper's pace, not its own
                 return LeaseOutcome(None)
             meta = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('sample_budget', 'data_pass', "
                                   "'data_passes')").fetchall())
@@ -186,12 +203,14 @@ class ShardLeases(LedgerStore):
 
     def submit(self, peer_id: str, lease_id: str, *, samples: int, losses: list[tuple[float, int]],
                compute_seconds: float, credit_per_sample: float, now: float, qrb_k: float = 0.0,
-               qrb_deadline_s: float = 0.0, sign_receipt: Callable[..., str] | None = None) -> SubmitOutcome:
+               qrb_deadline_s: float = 0.0, sign_receipt: Callable[..., str] | None = None,
+               verify: VerifyPolicy | None = None, digests: list[bytes] = ()) -> SubmitOutcome:
         """Record a result. Idempotent: a second submission of a lease returns the first outcome.
 
         Accepted results earn ``samples × credit_per_sample`` points, times the quick-return bonus
         (``coordinator.credit``) when ``qrb_k`` > 0; ``sign_receipt(**fields)`` signs the receipt, which
-        is stored with the result in the same transaction.
+        is stored with the result in the same transaction. ``verify`` may sample the result for a check
+        (``verification.py``): it is then pending, with its credit held and no receipt yet.
         """
         with self._tx() as c:
             _expire(c, now)
@@ -220,10 +239,15 @@ class ShardLeases(LedgerStore):
                 # the deadline the lease was given at issue (sized to the work and this peer), else the default
                 credit = quick_return_points(samples * credit_per_sample, deadline_s=allotted or qrb_deadline_s,
                                              elapsed_s=now - issued_at, k=qrb_k)
-                if sign_receipt is not None:
+                detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
+                segment = self.sample_for_verification(
+                    c, peer_id, lease_id, shard_id=lease.shard_id, data_pass=lease.data_pass, losses=losses,
+                    digests=list(digests), credit=credit, compute_seconds=compute_seconds, policy=verify, now=now)
+                if segment:
+                    verdict, credit, detail = Verdict.PENDING, 0.0, f"{detail}; credit waits for verification"
+                elif sign_receipt is not None:
                     receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,
                                            samples=samples, points=credit, accepted_at=now)
-                detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
                 if lease.state is LeaseState.ACTIVE:
                     c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = 'result' "
                               "WHERE lease_id = ?", (LeaseState.COMPLETED.value, now, lease_id))
@@ -241,7 +265,7 @@ class ShardLeases(LedgerStore):
                           [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
             if losses:
                 _raise_global_step(c, max(epoch for _, epoch in losses))
-            if verdict is not Verdict.ACCEPTED:  # accepted ones: the results table is their record
+            if verdict not in (Verdict.ACCEPTED, Verdict.PENDING):  # the results table is their record
                 _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
             return SubmitOutcome(verdict, credit, detail, receipt)
 

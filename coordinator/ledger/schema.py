@@ -23,6 +23,20 @@ class LeaseState(str, enum.Enum):
 class Verdict(str, enum.Enum):
     ACCEPTED = "accepted"  # shard done, peer credited
     REJECTED_LATE = "rejected_late"  # lease had expired and the shard was reassigned
+    PENDING = "pending_verification"  # shard done; credit waits for the keeper's replay of the proof
+    INVALID = "invalid"  # the replay contradicted the result, or no proof came: no credit, shard trained again
+
+
+class CheckState(str, enum.Enum):
+    """A sampled result's verification (``verification.py``)."""
+
+    AWAITING = "awaiting_proof"  # the peer has not uploaded the proof yet
+    QUEUED = "queued"  # the proof is in; the keeper has not replayed it yet
+    VALID = "valid"
+    INVALID = "invalid"
+
+
+MAX_UNVERIFIED = 4  # a peer with this many results awaiting their check gets no new lease until the keeper catches up
 
 
 MIGRATIONS: list[str] = [
@@ -180,6 +194,39 @@ MIGRATIONS: list[str] = [
         at REAL NOT NULL,
         PRIMARY KEY (reporter, suspect)
     )
+    """,
+    # 10 (verified work): results sampled for a proof-of-training check, their proofs while they wait for the
+    # keeper, and each peer's record (the sampling rate follows valid_streak; invalid results ban)
+    """
+    CREATE TABLE verifications (
+        lease_id TEXT PRIMARY KEY,
+        peer_id TEXT NOT NULL,
+        shard_id INTEGER NOT NULL,
+        data_pass INTEGER NOT NULL,
+        segment INTEGER NOT NULL,
+        segments INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        held_credit REAL NOT NULL,
+        train_seconds REAL NOT NULL,
+        requested_at REAL NOT NULL,
+        proof_deadline REAL NOT NULL,
+        digests BLOB NOT NULL,
+        proof_bytes INTEGER NOT NULL DEFAULT 0,
+        checked_at REAL,
+        keeper_seconds REAL,
+        score REAL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX verifications_by_state ON verifications (state, requested_at);
+    CREATE TABLE proof_chunks (
+        lease_id TEXT NOT NULL,
+        byte_offset INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (lease_id, byte_offset)
+    );
+    ALTER TABLE peers ADD COLUMN valid_streak INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE peers ADD COLUMN results_valid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE peers ADD COLUMN results_invalid INTEGER NOT NULL DEFAULT 0
     """,
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from coordinator.ledger.backend import Connection
 from coordinator.ledger.schema import ShardState
 from coordinator.ledger.store import LedgerStore
+from coordinator.ledger.verification import reputation, verification_summary
 
 
 class StatusReport(LedgerStore):
@@ -79,6 +80,8 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
         counts[row[0]] = row[1]
     peers = []
     reported = dict(c.execute("SELECT suspect, COUNT(*) FROM poison_reports GROUP BY suspect").fetchall())
+    scores = dict(c.execute("SELECT peer_id, AVG(score) FROM verifications WHERE score IS NOT NULL "
+                            "GROUP BY peer_id").fetchall())
     # One pass over the results for every peer (a subquery per peer is quadratic with thousands of peers).
     for p in c.execute(
         "SELECT p.*, COALESCE(r.shards_done, 0) AS shards_done, COALESCE(r.samples, 0) AS samples, "
@@ -97,6 +100,12 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
             "utilization": p["utilization"], "micro_batch": p["micro_batch"], "team": p["team"],
             "banned": bool(p["banned"]), "ban_reason": p["ban_reason"],
             "poison_reports": reported.get(p["peer_id"], 0),  # peers that caught it poisoning the averaging
+            # verified work: results checked valid / invalid, valid in a row (the sampling rate is 1/streak)
+            "results_valid": p["results_valid"], "results_invalid": p["results_invalid"],
+            "valid_streak": p["valid_streak"], "reputation": reputation(p["results_valid"], p["results_invalid"]),
+            # Gauntlet-style: held-out loss before a checked segment minus after (positive: the update helped)
+            "contribution_score": (round(scores[p["peer_id"]], 5) if scores.get(p["peer_id"]) is not None
+                                   else None),
         })
     samples = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
     # Training loss: mean over the micro-batches of the latest swarm steps that have any.
@@ -146,6 +155,7 @@ def _status(c: Connection, *, now: float, online_seconds: float, seq_len: int) -
         "tokens_trained": int(samples) * seq_len,
         "checkpoint": ({"step": ckpt["step"], "path": ckpt["path"], "val_loss": ckpt["val_loss"]} if ckpt else None),
         "keeper": _keeper_health(meta, global_step, ckpt["step"] if ckpt else None),
+        "verification": verification_summary(c),
         "teams": _teams(peers),
         "time": now,
     }

@@ -266,7 +266,7 @@ def test_every_call_after_register_is_signed_and_checked(service, tmp_path):
     channel = open_channel(address, Trust(), [])
     stub = pb_grpc.CoordinatorStub(channel)  # a raw stub: metadata exactly as the test writes it
     method = "/hivefold.v1.Coordinator/Heartbeat"
-    assert method in rpcsign.SIGNED_METHODS and len(rpcsign.SIGNED_METHODS) == 8
+    assert method in rpcsign.SIGNED_METHODS and len(rpcsign.SIGNED_METHODS) == 9
     request = pb.HeartbeatRequest(auth=client.auth, epoch=1)
 
     def signed(req=request, *, who=identity, peer=identity.peer_id, method=method):

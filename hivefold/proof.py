@@ -1,0 +1,261 @@
+"""Proof of training: the evidence that lets the keeper check, by recomputing it, that a peer trained a shard.
+
+With verification on (``RegisterResponse.proof_segments`` > 0) a peer cuts each shard's micro-batches
+into that many segments and keeps its training state at the start of each (the parameters and, in
+``diloco``, the inner AdamW's moments), the learning rate of every inner step, and the parameters at
+the end. The result carries a loss per micro-batch and a sha256 commitment to every state kept;
+only then does the coordinator say whether it is checked and which segment. The peer uploads that
+segment's proof (its start state, the learning rates, the parameters at its end); the keeper checks
+them against the commitments and replays the segment (the same micro-batches, the same forward passes
+and, in ``diloco``, the same inner steps). Every reported loss must match the replay within a
+tolerance, and the replay must end where the committed end state is. A peer that skipped training
+cannot commit, before it knows the segment, to end states that a replay of its own start states
+reaches (the idea of Jia et al., "Proof-of-Learning", IEEE S&P 2021). The segment's change of the parameters is also
+scored on held-out data, as Templar's Gauntlet scores contributions: validation loss before minus after.
+
+Replay stops where the swarm moved the parameters under the peer (an outer step landing, a state
+download: the loss's epoch changes); the end check then does not apply. In ``sync`` mode parameters
+move only at the swarm's steps, so the replay is forward passes at the segment's state.
+Proofs are tensors saved with ``torch.save`` and read with ``weights_only=True``: nothing a peer
+sends is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hivefold.errors import IntegrityError
+from hivefold.model import GPT
+from hivefold.spec import RunSpec
+from hivefold.training import evaluate, inner_optimizer
+
+DEFAULT_SEGMENTS = 4
+SCORE_SEQUENCES = 32  # held-out sequences the Gauntlet-style score is measured on
+_MOMENTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def segment_bounds(n_batches: int, segments: int) -> list[tuple[int, int]]:
+    """``[start, end)`` micro-batch ranges of ``segments`` near-equal stretches (fewer if the shard is short)."""
+    k = max(1, min(segments, n_batches))
+    cuts = [round(i * n_batches / k) for i in range(k + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def proof_max_bytes(num_parameters: int) -> int:
+    """The largest proof a run's model can need: parameters and two moments at the start, parameters at the end."""
+    return 4 * 4 * num_parameters + (4 << 20)
+
+
+def _cpu(tensors) -> list[torch.Tensor]:
+    return [t.detach().to("cpu", dtype=torch.float32, copy=True).contiguous() for t in tensors]
+
+
+def digest(tensors: list[torch.Tensor]) -> bytes:
+    """sha256 over the tensors' float32 bytes in order: the commitment a result carries for each state kept."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _flat(moments: list[list[torch.Tensor]] | None) -> list[torch.Tensor]:
+    return [t for row in moments or [] for t in row]
+
+
+class ShardRecorder:
+    """Peer side: what a shard's training must keep to answer a challenge (see the module docstring)."""
+
+    def __init__(self, n_batches: int, segments: int, micro_batch: int):
+        self.micro_batch = micro_batch
+        self.bounds = segment_bounds(n_batches, segments) if segments > 0 and n_batches > 0 else []
+        self._starts = {start: k for k, (start, _) in enumerate(self.bounds)}
+        self.states: dict[int, tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]] = {}
+        self.lrs: list[float] = []  # the learning rate of the inner step after each micro-batch (diloco)
+        self.final: list[torch.Tensor] | None = None
+        self._digests: dict[int, tuple[bytes, bytes]] = {}
+
+    def before_batch(self, i: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+        k = self._starts.get(i)
+        if k is None:
+            return
+        moments = None
+        if optimizer is not None:
+            moments = []
+            for p in params:
+                st = optimizer.state.get(p, {})
+                moments.append(_cpu([st[m] if m in st else torch.zeros(() if m == "step" else p.shape)
+                                     for m in _MOMENTS]))
+        self.states[k] = (_cpu(params), moments)
+        self._digests[k] = (digest(self.states[k][0]), digest(_flat(moments)))
+
+    def record_lr(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None:
+            self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+
+    def finish(self, params: list[torch.Tensor]) -> None:
+        self.final = _cpu(params)
+
+    def digests(self) -> list[bytes]:
+        """The commitments the result carries: per segment its start's parameters and moments, then the end's."""
+        if self.final is None or len(self._digests) != len(self.bounds):
+            return []
+        return [d for k in range(len(self.bounds)) for d in self._digests[k]] + [digest(self.final)]
+
+    def proof(self, segment: int) -> bytes:
+        """The proof of ``segment`` (1-based), serialized; IntegrityError if this shard kept none for it."""
+        k = segment - 1
+        if not 0 <= k < len(self.bounds) or k not in self.states or self.final is None:
+            raise IntegrityError(f"no proof kept for segment {segment}")
+        start, end = self.bounds[k]
+        params, moments = self.states[k]
+        end_params = self.states[k + 1][0] if k + 1 in self.states else self.final
+        doc = {"segment": segment, "start": start, "end": end, "micro_batch": self.micro_batch,
+               "params": params, "moments": moments, "lrs": self.lrs[start:end], "end_params": end_params}
+        buf = io.BytesIO()
+        torch.save(doc, buf)
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Check:
+    """The keeper's finding on one proof."""
+
+    valid: bool
+    detail: str
+    score: float = math.nan  # held-out loss before the segment minus after (higher: the update helped)
+    batches: int = 0  # micro-batches replayed
+
+
+def _load(data: bytes, model: GPT) -> dict:
+    try:
+        doc = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - anything a hostile file can raise is the same verdict
+        raise IntegrityError(f"unreadable proof: {type(e).__name__}") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError("a proof is a dict of tensors")
+    shapes = [p.shape for p in model.parameters()]
+
+    def tensors(name: str, value) -> list[torch.Tensor]:
+        if not isinstance(value, list) or len(value) != len(shapes) or any(
+                not isinstance(t, torch.Tensor) or t.shape != s for t, s in zip(value, shapes, strict=False)):
+            raise IntegrityError(f"proof field {name!r} does not hold the run's parameter shapes")
+        if not all(bool(torch.isfinite(t).all()) for t in value):
+            raise IntegrityError(f"proof field {name!r} is not finite")
+        return [t.float() for t in value]
+
+    doc["params"] = tensors("params", doc.get("params"))
+    doc["end_params"] = tensors("end_params", doc.get("end_params"))
+    if doc.get("moments") is not None:
+        m = doc["moments"]
+        if not isinstance(m, list) or len(m) != len(shapes):
+            raise IntegrityError("proof field 'moments' does not match the model")
+        for row, s in zip(m, shapes, strict=True):
+            if not isinstance(row, list) or len(row) != 3 or any(not isinstance(t, torch.Tensor) for t in row) \
+                    or row[1].shape != s or row[2].shape != s or row[0].numel() != 1 \
+                    or not all(bool(torch.isfinite(t).all()) for t in row) or bool((row[2] < 0).any()):
+                raise IntegrityError("proof field 'moments' does not match the model")
+    for name in ("segment", "start", "end", "micro_batch"):
+        if not isinstance(doc.get(name), int):
+            raise IntegrityError(f"proof field {name!r} must be an integer")
+    if not isinstance(doc.get("lrs"), list) or not all(isinstance(x, float) for x in doc["lrs"]):
+        raise IntegrityError("proof field 'lrs' must be a list of floats")
+    return doc
+
+
+def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray,
+                losses: list[tuple[float, int]], digests: list[bytes], segments: int, segment: int,
+                tolerance: float, held_out: np.ndarray | None = None) -> Check:
+    """Replay ``segment`` of a shard's training from the peer's proof and compare it with what the peer reported.
+
+    ``model`` is the keeper's scratch copy of the run's model (its parameters are overwritten);
+    ``losses``: the result's ``(loss, epoch)`` per micro-batch; ``digests``: its commitments
+    (:meth:`ShardRecorder.digests`); ``tolerance``: the largest relative
+    difference allowed between a reported and a replayed loss (the end check allows 4x that).
+    """
+    try:
+        doc = _load(data, model)
+    except IntegrityError as e:
+        return Check(False, str(e))
+    mb = doc["micro_batch"]
+    if not 1 <= mb <= spec.micro_batch or math.ceil(len(sequences) / mb) != len(losses):
+        return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
+    bounds = segment_bounds(len(losses), segments)
+    if not 1 <= segment <= len(bounds) or doc["segment"] != segment or (doc["start"], doc["end"]) != bounds[
+            segment - 1]:
+        return Check(False, f"the proof is not for segment {segment} {bounds[segment - 1] if bounds else ''}")
+    start, end = bounds[segment - 1]
+    k = segment - 1
+    if len(digests) != 2 * len(bounds) + 1:
+        return Check(False, f"the result committed to {len(digests)} states, not {2 * len(bounds) + 1}")
+    end_digest = digests[2 * k + 2]
+    if (digest(doc["params"]), digest(_flat(doc["moments"])), digest(doc["end_params"])) != (
+            digests[2 * k], digests[2 * k + 1], end_digest):
+        return Check(False, "the proof's states are not those the result committed to")
+    diloco = spec.averaging.mode == "diloco"
+    if diloco and (doc["moments"] is None or len(doc["lrs"]) != end - start
+                   or not all(0.0 <= lr <= spec.optimizer.lr * (1 + 1e-6) for lr in doc["lrs"])):
+        return Check(False, "a diloco proof needs the inner optimizer's moments and one learning rate per step "
+                            "within the run's")
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p, t in zip(params, doc["params"], strict=True):
+            p.copy_(t)
+    opt = None
+    if diloco:
+        opt = inner_optimizer(spec, model)
+        for p, (step, m1, m2) in zip(params, doc["moments"], strict=True):
+            opt.state[p] = {"step": step.reshape(()).float().clone(), "exp_avg": m1.clone(), "exp_avg_sq": m2.clone()}
+    model.train()
+    epoch0 = losses[start][1]
+    replayed = 0
+    for i in range(start, end):
+        reported, epoch = losses[i]
+        if epoch != epoch0:
+            break  # the swarm moved the parameters here: the peer's state is no longer the replay's
+        block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
+        with torch.set_grad_enabled(diloco):
+            _, loss = model(block[:, :-1], block[:, 1:])
+        value = float(loss.detach())
+        if not abs(value - reported) <= tolerance * max(1.0, abs(value)):
+            return Check(False, f"micro-batch {i}: reported loss {reported:.4f}, replayed {value:.4f}",
+                         batches=replayed + 1)
+        replayed += 1
+        if diloco:
+            (loss * len(block)).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_div_(grads, float(len(block)))
+            if spec.optimizer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, spec.optimizer.grad_clip)
+            for g in opt.param_groups:
+                g["lr"] = doc["lrs"][i - start]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    detail = f"{replayed} micro-batches replayed"
+    if replayed == end - start:  # the whole segment under one state: its end must be where the peer was
+        with torch.no_grad():
+            moved = math.sqrt(sum(float((e - s).pow(2).sum()) for e, s in zip(doc["end_params"], doc["params"],
+                                                                               strict=True)))
+            off = math.sqrt(sum(float((p - e).pow(2).sum()) for p, e in zip(params, doc["end_params"],
+                                                                            strict=True)))
+        if diloco and not off <= 4 * tolerance * moved:
+            return Check(False, f"the replay ends {off:.3g} from the peer's end state (it moved {moved:.3g})",
+                         batches=replayed)
+        detail += ", end state matches" if diloco else ""
+    score = math.nan
+    if held_out is not None and len(held_out) and diloco and replayed == end - start:
+        sample = held_out[:SCORE_SEQUENCES]
+        with torch.no_grad():
+            for p, t in zip(params, doc["params"], strict=True):
+                p.copy_(t)
+        before = evaluate(model, sample)
+        with torch.no_grad():
+            for p, t in zip(params, doc["end_params"], strict=True):
+                p.copy_(t)
+        score = before - evaluate(model, sample)
+    return Check(True, detail, score=score, batches=replayed)

@@ -1,0 +1,143 @@
+"""Verified work in the ledger (coordinator/ledger/verification.py), on every backend: adaptive sampling, held
+credit, proofs uploaded in chunks, verdicts, requeued shards and bans."""
+
+import random
+
+import pytest
+
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from coordinator.ledger import ShardState, Verdict, VerifyPolicy
+from tests.unit.ledger_cases import lease
+
+DIGESTS = [bytes([i]) * 32 for i in range(9)]
+
+
+def always(**kw):
+    return VerifyPolicy(floor=1.0, ceiling=1.0, segments=4, rng=random.Random(0), **kw)
+
+
+def submit(led, peer, lease_obj, policy, now=2.0):
+    return led.submit(peer, lease_obj.lease_id, samples=8, losses=[(2.0, 0)] * 8, compute_seconds=1.0,
+                      credit_per_sample=0.5, now=now, verify=policy, digests=DIGESTS,
+                      sign_receipt=lambda **f: f"receipt {f['lease_id']} {f['points']}")
+
+
+def peer(led, name):
+    return next(p for p in led.status(now=3.0, online_seconds=1e9, seq_len=16)["peers"] if p["peer_id"] == name)
+
+
+def test_the_sampling_rate_follows_the_streak_between_floor_and_ceiling():
+    policy = VerifyPolicy(floor=0.05, ceiling=1.0)
+    assert [policy.probability(n) for n in (0, 1, 2, 10, 100)] == [1.0, 1.0, 0.5, 0.1, 0.05]
+    assert VerifyPolicy(floor=0.0, ceiling=0.3).probability(0) == 0.3
+    assert not VerifyPolicy(ceiling=0.0).enabled and not VerifyPolicy(segments=0).enabled
+
+
+def test_a_segment_whose_end_can_be_checked_is_preferred():
+    policy = VerifyPolicy(segments=4, rng=random.Random(1))
+    losses = [(1.0, 0)] * 2 + [(1.0, 1)] * 6  # the epoch changes at micro-batch 2: segment 1 ends there
+    assert {policy.choose_segment(losses) for _ in range(50)} == {2, 3}  # 4 is last: its end is not in the losses
+
+
+def test_a_sampled_result_holds_its_credit_until_a_valid_proof(ledger):
+    work = lease(ledger, "a")
+    out = submit(ledger, "a", work, always())
+    assert out.verdict is Verdict.PENDING and out.credit == 0 and out.receipt == ""
+    assert ledger.shard_counts()[ShardState.DONE.value] == 1  # nobody else trains it meanwhile
+    segment = ledger.proof_wanted(work.lease_id)
+    assert 1 <= segment <= 4
+    assert submit(ledger, "a", work, always()).verdict is Verdict.PENDING  # a repeat: the same answer
+    proof = bytes(range(256)) * 10
+    assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=0, total=len(proof), data=proof[:1000],
+                                max_bytes=10_000, now=3.0) == (1000, False)
+    assert ledger.next_proof() is None  # not complete yet
+    assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=1000, total=len(proof),
+                                data=proof[1000:], max_bytes=10_000, now=3.0) == (len(proof), True)
+    assert ledger.proof_wanted(work.lease_id) == 0
+    task = ledger.next_proof()
+    assert task.proof == proof and task.digests == DIGESTS and task.segment == segment and len(task.losses) == 8
+    assert not ledger.record_verification(work.lease_id, valid=True, detail="ok", now=4.0, score=0.01,
+                                          keeper_seconds=0.2, sign_receipt=lambda **f: f"signed {f['points']:.1f}")
+    final = submit(ledger, "a", work, always())
+    assert final.verdict is Verdict.ACCEPTED and final.credit == pytest.approx(4.0) and final.receipt == "signed 4.0"
+    a = peer(ledger, "a")
+    assert (a["results_valid"], a["results_invalid"], a["valid_streak"]) == (1, 0, 1)
+    assert ledger.next_proof() is None
+    summary = ledger.verification_summary()
+    assert summary["valid"] == 1 and summary["keeper_seconds_per_check"] == pytest.approx(0.2)
+
+
+def test_proof_chunks_are_checked(ledger):
+    work = lease(ledger, "a")
+    submit(ledger, "a", work, always())
+    segment = ledger.proof_wanted(work.lease_id)
+    kw = dict(segment=segment, offset=0, total=100, data=b"x" * 10, max_bytes=1000, now=3.0)
+    with pytest.raises(PermissionDenied):
+        ledger.receive_proof("b", work.lease_id, **kw)
+    with pytest.raises(NotFound):
+        ledger.receive_proof("a", "no-such-lease", **kw)
+    with pytest.raises(InvalidArgument, match="1 to 1000 bytes"):
+        ledger.receive_proof("a", work.lease_id, **{**kw, "total": 5000})
+    with pytest.raises(InvalidArgument, match="was not asked"):
+        ledger.receive_proof("a", work.lease_id, **{**kw, "segment": segment % 4 + 1})
+    with pytest.raises(InvalidArgument, match="in order"):
+        ledger.receive_proof("a", work.lease_id, **{**kw, "offset": 50})
+    with pytest.raises(InvalidArgument, match="past"):
+        ledger.receive_proof("a", work.lease_id, **{**kw, "data": b"x" * 101})
+    with pytest.raises(FailedPrecondition, match="too late"):
+        ledger.receive_proof("a", work.lease_id, **{**kw, "now": 1e6})
+
+
+def test_an_invalid_result_earns_nothing_requeues_its_shard_and_bans_at_the_threshold(ledger):
+    policy = always()
+    for i in range(2):
+        work = lease(ledger, "b", now=1.0 + i)
+        assert submit(ledger, "b", work, policy, now=2.0 + i).verdict is Verdict.PENDING
+        banned = ledger.record_verification(work.lease_id, valid=False, detail="micro-batch 3: reported 2.0, "
+                                            "replayed 5.5", now=5.0 + i, ban_after=2)
+        assert banned == (i == 1)
+        final = submit(ledger, "b", work, policy) if i == 0 else None
+        if final is not None:
+            assert final.verdict is Verdict.INVALID and final.credit == 0 and "replayed 5.5" in final.detail
+        assert ledger.shard_counts()["pending"] >= 1  # the shard went back to the pool, to be trained again
+    b = peer(ledger, "b")
+    assert b["results_invalid"] == 2 and b["valid_streak"] == 0 and ledger.is_banned("b")
+    assert b["ban_reason"].startswith("invalid work: 2 results failed verification")
+    assert b["credit"] == 0 and b["reputation"] < 0.5
+
+
+def test_a_missing_proof_makes_the_result_invalid_without_a_strike(ledger):
+    work = lease(ledger, "a")
+    submit(ledger, "a", work, always(proof_seconds=10.0))
+    assert ledger.expire_proofs(now=5.0) == []
+    assert ledger.expire_proofs(now=30.0) == [work.lease_id]
+    a = peer(ledger, "a")
+    assert a["results_invalid"] == 0 and not ledger.is_banned("a")
+    assert submit(ledger, "a", work, always()).verdict is Verdict.INVALID
+
+
+def test_unsampled_results_are_credited_at_once(ledger):
+    work = lease(ledger, "a")
+    out = submit(ledger, "a", work, VerifyPolicy(floor=0.0, ceiling=0.0))
+    assert out.verdict is Verdict.ACCEPTED and out.credit > 0 and out.receipt.startswith("receipt")
+    assert ledger.proof_wanted(work.lease_id) == 0
+
+
+def test_a_peer_with_too_many_unchecked_results_waits_and_a_ban_voids_the_rest(ledger):
+    """A cheater's free work is bounded by the keeper's pace: at MAX_UNVERIFIED unchecked results no new lease."""
+    from coordinator.ledger.schema import MAX_UNVERIFIED
+
+    works = []
+    for i in range(MAX_UNVERIFIED):
+        works.append(lease(ledger, "b", now=1.0 + i))
+        assert submit(ledger, "b", works[-1], always(), now=1.5 + i).verdict is Verdict.PENDING
+    assert ledger.lease_shard("b", lease_seconds=60.0, now=10.0).lease is None
+    assert lease(ledger, "a", now=10.0) is not None  # others are not held back
+    for w in works[:2]:
+        ledger.record_verification(w.lease_id, valid=False, detail="forged", now=11.0, ban_after=2)
+    assert ledger.is_banned("b")
+    for w in works[2:]:  # never checked, but voided by the ban: no proof is awaited, no credit
+        assert ledger.proof_wanted(w.lease_id) == 0
+    b = peer(ledger, "b")
+    assert b["results_invalid"] == 2 and b["credit"] == 0
+    assert ledger.verification_summary()["invalid"] == MAX_UNVERIFIED

@@ -1,0 +1,151 @@
+"""Proof of training (hivefold/proof.py): an honest record replays; fabricated losses, a state that did not
+train, a proof for another segment and hostile bytes are all refused."""
+
+import dataclasses
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hivefold.model import build_model
+from hivefold.proof import ShardRecorder, check_proof, proof_max_bytes, segment_bounds
+from hivefold.spec import AveragingConfig, OptimizerConfig
+from hivefold.training import inner_optimizer
+from tests.unit.test_spec import make_spec
+
+SEGMENTS, MB = 4, 4
+
+
+def spec_for(mode="diloco"):
+    return make_spec(micro_batch=MB, seq_len=16, optimizer=OptimizerConfig(lr=3e-3),
+                     averaging=dataclasses.replace(AveragingConfig(), mode=mode))
+
+
+def honest(spec, sequences, *, epochs=None, train=True):
+    """Train like the peer's trainer does (diloco: one inner AdamW step per micro-batch), recording the proof;
+    ``train=False``: a cheater's forward passes, recorded the same way."""
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.seed)
+    params = list(model.parameters())
+    opt = inner_optimizer(spec, model) if spec.averaging.mode == "diloco" else None
+    n = -(-len(sequences) // MB)
+    rec = ShardRecorder(n, SEGMENTS, MB)
+    losses = []
+    for i in range(n):
+        rec.before_batch(i, params, opt)
+        block = torch.from_numpy(sequences[i * MB:(i + 1) * MB].astype(np.int64))
+        _, loss = model(block[:, :-1], block[:, 1:])
+        losses.append((float(loss.detach()), epochs[i] if epochs else 0))
+        if opt is not None:
+            for g in opt.param_groups:
+                g["lr"] = spec.optimizer.lr * (0.5 + 0.5 * i / n)  # a schedule the replay must follow
+            rec.record_lr(opt)
+        if opt is not None and train:
+            (loss * len(block)).backward()
+            torch._foreach_div_([p.grad for p in params], float(len(block)))
+            torch.nn.utils.clip_grad_norm_(params, spec.optimizer.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    rec.finish(params)
+    return rec, losses
+
+
+@pytest.fixture(scope="module")
+def shard():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 200, size=(32, 17), dtype=np.uint16)  # 8 micro-batches of 4
+
+
+def check(spec, rec_or_bytes, losses, shard, segment, digests=None, **kw):
+    if isinstance(rec_or_bytes, bytes):
+        data = rec_or_bytes
+    else:
+        data, digests = rec_or_bytes.proof(segment), digests or rec_or_bytes.digests()
+    digests = digests if digests is not None else [b"\0" * 32] * (2 * SEGMENTS + 1)
+    return check_proof(data, spec=spec, model=build_model(spec.model, 1), sequences=shard, losses=losses,
+                       digests=digests, segments=SEGMENTS, segment=segment, tolerance=1e-3, **kw)
+
+
+def test_segments_cover_the_shard_without_gaps():
+    assert segment_bounds(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert segment_bounds(3, 4) == [(0, 1), (1, 2), (2, 3)]
+    bounds = segment_bounds(17, 4)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 17
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert proof_max_bytes(1000) > 16 * 1000
+
+
+@pytest.mark.parametrize("segment", [1, 2, 3, 4])
+def test_an_honest_diloco_record_replays_and_its_update_is_scored(shard, segment):
+    spec = spec_for()
+    rec, losses = honest(spec, shard)
+    result = check(spec, rec, losses, shard, segment, held_out=shard[:8])
+    assert result.valid, result.detail
+    assert result.batches == 2 and "end state matches" in result.detail
+    assert np.isfinite(result.score)  # held-out loss before the segment minus after
+
+
+def test_fabricated_losses_are_caught(shard):
+    spec = spec_for()
+    rec, losses = honest(spec, shard)
+    forged = [(loss * 0.97, e) for loss, e in losses]  # plausible numbers, 3 % off
+    result = check(spec, rec, forged, shard, 2)
+    assert not result.valid and "reported loss" in result.detail
+
+
+def test_a_peer_that_only_ran_forward_passes_is_caught(shard):
+    """A third of the work: forward passes at one state, losses within 0.1 % of an honest peer's. Its committed
+    states never move, and a segment trained only once challenged does not end at the committed state."""
+    spec = spec_for()
+    _, honest_losses = honest(spec, shard)
+    lazy, losses = honest(spec, shard, train=False)
+    assert max(abs(a - b) / a for (a, _), (b, _) in zip(losses, honest_losses, strict=True)) < 2e-3
+    result = check(spec, lazy, losses, shard, 2)
+    assert not result.valid and "from the peer's end state" in result.detail
+    trained_when_asked, _ = honest(spec, shard)  # real end states, but not the ones committed to before
+    result = check(spec, trained_when_asked.proof(2), losses, shard, 2, digests=lazy.digests())
+    assert not result.valid and "committed" in result.detail
+
+
+def test_a_proof_for_another_segment_or_shard_is_refused(shard):
+    spec = spec_for()
+    rec, losses = honest(spec, shard)
+    assert not check(spec, rec.proof(1), losses, shard, 2).valid
+    other = np.roll(shard, 1, axis=0)
+    assert not check(spec, rec, losses, other, 2).valid
+
+
+def test_replay_stops_where_the_swarm_moved_the_parameters(shard):
+    """An outer step landing mid-segment (the epoch changes): the losses before it are checked, not the end."""
+    spec = spec_for()
+    rec, losses = honest(spec, shard, epochs=[0, 0, 0, 1, 1, 1, 1, 1])
+    result = check(spec, rec, losses, shard, 2)
+    assert result.valid and result.batches == 1 and "end state" not in result.detail
+
+
+def test_sync_mode_replays_forward_passes(shard):
+    spec = spec_for("sync")
+    rec, losses = honest(spec, shard)
+    assert check(spec, rec, losses, shard, 3).valid
+    assert not check(spec, rec, [(x + 0.05, e) for x, e in losses], shard, 3).valid
+
+
+def test_hostile_bytes_are_refused_without_unpickling(shard, tmp_path):
+    spec = spec_for()
+    _, losses = honest(spec, shard)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for data in (b"", b"not a proof", pickle.dumps(Evil())):
+        result = check(spec, data, losses, shard, 1)
+        assert not result.valid and "unreadable proof" in result.detail
+    assert not marker.exists()
+    buf = io.BytesIO()
+    torch.save({"segment": 1, "params": [torch.zeros(3)]}, buf)
+    result = check(spec, buf.getvalue(), losses, shard, 1)
+    assert not result.valid and "shapes" in result.detail
