@@ -16,7 +16,7 @@ from pathlib import Path
 from coordinator.config import CoordinatorConfig
 from coordinator.credit import ReceiptSigner, base_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from coordinator.ledger import Ledger, Verdict, VerifyPolicy
+from coordinator.ledger import Ledger, Verdict, VerifyPolicy, is_postgres
 from coordinator.run import SHARD_DIR
 from hivefold.identity import peer_id_from_public_key, register_message, verify_signature
 from hivefold.proof import proof_max_bytes
@@ -70,9 +70,13 @@ class Context:
         self.shard_sequences = max(s.num_sequences for s in self.spec.shards)  # the work of one lease, at most
         c = self.config
         # Replaying training needs determinism: dropout draws random masks no replay can repeat.
-        segments = c.proof_segments if c.verify_ceiling > 0 and n.dropout == 0 else 0
-        self.verify = VerifyPolicy(floor=c.verify_floor, ceiling=c.verify_ceiling, segments=segments)
+        # The keeper checks; without one here only a shared ledger's other coordinator can have one.
+        checker = c.keeper or is_postgres(c.ledger)
+        segments = c.proof_segments if c.verify_ceiling > 0 and n.dropout == 0 and checker else 0
         self.proof_max_bytes = proof_max_bytes(params + n.max_seq_len * n.d_model)
+        # two minutes, plus a second per MB of the largest proof (a 1 MB/s uplink)
+        self.verify = VerifyPolicy(floor=c.verify_floor, ceiling=c.verify_ceiling, segments=segments,
+                                   proof_seconds=120.0 + self.proof_max_bytes / 1e6)
         a = self.spec.averaging
         self.run_summary = {  # what watchers see of the run spec (the status document's "run")
             "model": {"n_layer": n.n_layer, "n_head": n.n_head, "d_model": n.d_model, "vocab_size": n.vocab_size,
@@ -252,6 +256,9 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
         raise InvalidArgument(f"compute_seconds must be finite, >= 0 and at most {COMPUTE_SECONDS_MAX:g}")
     if len(request.proof_digests) > 2 * 64 + 1 or any(len(d) != 32 for d in request.proof_digests):
         raise InvalidArgument("proof_digests holds at most 129 sha256 digests of 32 bytes each")
+    if len(request.state_changes) > len(losses) + 1 or any(c > len(losses) for c in request.state_changes):
+        raise InvalidArgument("state_changes name micro-batch boundaries: at most one per micro-batch, each at most "
+                              "the number of losses")
     seq_len = ctx.spec.seq_len
 
     def sign(*, samples: int, **fields) -> str:
@@ -261,7 +268,7 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
                                 compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
                                 now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,
                                 sign_receipt=sign, verify=ctx.verify,
-                                digests=list(request.proof_digests))
+                                digests=list(request.proof_digests), state_changes=list(request.state_changes))
     # per work unit: debug (hundreds a second on a busy coordinator); the ledger's events keep every one
     log.debug("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,
              outcome.credit)

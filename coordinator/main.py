@@ -19,6 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.credit import KEY_DIR
 from coordinator.handlers import Context
 from coordinator.http import make_metrics, start_http
+from coordinator.ledger import is_postgres
 from coordinator.ledger.schema import MAX_UNVERIFIED
 from coordinator.lock import WorkdirLock
 from coordinator.run import LEDGER_ENV, SPEC_FILE, ledger_location, open_run
@@ -149,7 +150,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         key = _signing_key(config, ledger)
         if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
             ledger.set_keeper_maddrs([])
-        elif config.verify_ceiling > 0:
+        elif config.verify_ceiling > 0 and is_postgres(config.ledger):
             log.warning("--no-keeper: results sampled for verification wait for the keeper of another coordinator "
                         "on this ledger; with none, pass --verify-ceiling 0 or peers stall after %d unchecked "
                         "results", MAX_UNVERIFIED)

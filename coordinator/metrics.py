@@ -56,6 +56,16 @@ class _SwarmCollector(Collector):
                     sum(p.get("banned", False) for p in s["peers"]))
         yield gauge("hivefold_peers_reported", "Peers that at least one other peer caught poisoning the averaging",
                     sum(p.get("poison_reports", 0) > 0 for p in s["peers"]))
+        v = s.get("verification")
+        if v:
+            checks = GaugeMetricFamily("hivefold_verifications", "Results sampled for a proof-of-training check, by "
+                                       "state (awaiting_proof, queued, valid, invalid)", labels=["state"])
+            for state in ("awaiting_proof", "queued", "valid", "invalid"):
+                checks.add_metric([state], v[state])
+            yield checks
+            yield gauge("hivefold_verification_share", "Share of results checked by the keeper", v["share_checked"])
+            yield gauge("hivefold_verification_keeper_seconds", "The keeper's mean time to check one result",
+                        v["keeper_seconds_per_check"])
         shards = GaugeMetricFamily("hivefold_shards", "Work units of the current data pass by state", labels=["state"])
         for state, n in s["shards"].items():
             if state != "total":

@@ -13,9 +13,10 @@ cannot commit, before it knows the segment, to end states that a replay of its o
 reaches (the idea of Jia et al., "Proof-of-Learning", IEEE S&P 2021). The segment's change of the parameters is also
 scored on held-out data, as Templar's Gauntlet scores contributions: validation loss before minus after.
 
-Replay stops where the swarm moved the parameters under the peer (an outer step landing, a state
-download: the loss's epoch changes); the end check then does not apply. In ``sync`` mode parameters
-move only at the swarm's steps, so the replay is forward passes at the segment's state.
+A segment in which the swarm replaced the parameters under the peer (an outer step landing, a state
+download: the result's ``state_changes``) cannot be replayed; the coordinator picks segments
+uniformly, so a result that claims changes everywhere is simply never credited. In ``sync`` mode
+parameters move only at the swarm's steps, so the replay is forward passes at the segment's state.
 Proofs are tensors saved with ``torch.save`` and read with ``weights_only=True``: nothing a peer
 sends is unpickled.
 """
@@ -33,7 +34,7 @@ import torch
 from hivefold.errors import IntegrityError
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
-from hivefold.training import evaluate, inner_optimizer
+from hivefold.training import evaluate, inner_optimizer, lr_lambda
 
 DEFAULT_SEGMENTS = 4
 SCORE_SEQUENCES = 32  # held-out sequences the Gauntlet-style score is measured on
@@ -160,6 +161,7 @@ def _load(data: bytes, model: GPT) -> dict:
                     or row[1].shape != s or row[2].shape != s or row[0].numel() != 1 \
                     or not all(bool(torch.isfinite(t).all()) for t in row) or bool((row[2] < 0).any()):
                 raise IntegrityError("proof field 'moments' does not match the model")
+        doc["moments"] = [[t.float() for t in row] for row in m]
     for name in ("segment", "start", "end", "micro_batch"):
         if not isinstance(doc.get(name), int):
             raise IntegrityError(f"proof field {name!r} must be an integer")
@@ -168,16 +170,40 @@ def _load(data: bytes, model: GPT) -> dict:
     return doc
 
 
+def segment_is_whole(bounds: tuple[int, int], state_changes: list[int]) -> bool:
+    """True if the swarm never replaced the parameters inside the segment or at its end: it can be replayed whole."""
+    start, end = bounds
+    return not any(start < c <= end for c in state_changes)
+
+
+def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
+    """The inner learning rates a peer at outer step ``epoch`` can have used (``DiLoCo._set_lr``): its schedule
+    runs ``inner_steps`` per outer step, plus the steps of a round still in flight (up to two more rounds)."""
+    h = spec.averaging.inner_steps
+    rates = [spec.optimizer.lr * lr_lambda(s, cfg=spec.optimizer) for s in range(epoch * h, (epoch + 3) * h + 1)]
+    return min(rates), max(rates)
+
+
 def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray,
-                losses: list[tuple[float, int]], digests: list[bytes], segments: int, segment: int,
+                losses: list[tuple[float, int]], digests: list[bytes], state_changes: list[int], segment: int,
                 tolerance: float, held_out: np.ndarray | None = None) -> Check:
     """Replay ``segment`` of a shard's training from the peer's proof and compare it with what the peer reported.
 
     ``model`` is the keeper's scratch copy of the run's model (its parameters are overwritten);
-    ``losses``: the result's ``(loss, epoch)`` per micro-batch; ``digests``: its commitments
-    (:meth:`ShardRecorder.digests`); ``tolerance``: the largest relative
-    difference allowed between a reported and a replayed loss (the end check allows 4x that).
+    ``losses``: the result's ``(loss, epoch)`` per micro-batch; ``digests`` and ``state_changes``: its
+    commitments (:meth:`ShardRecorder.digests`, the trainer's state changes); ``tolerance``: the largest
+    relative difference allowed between a reported and a replayed loss (the end check allows 4x that).
     """
+    model.zero_grad(set_to_none=True)
+    try:
+        return _check(data, spec=spec, model=model, sequences=sequences, losses=losses, digests=digests,
+                      state_changes=state_changes, segment=segment, tolerance=tolerance, held_out=held_out)
+    finally:
+        model.zero_grad(set_to_none=True)  # a replay that failed mid-step must not leave gradients to the next
+
+
+def _check(data: bytes, *, spec, model, sequences, losses, digests, state_changes, segment, tolerance,
+           held_out) -> Check:
     try:
         doc = _load(data, model)
     except IntegrityError as e:
@@ -185,23 +211,33 @@ def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray
     mb = doc["micro_batch"]
     if not 1 <= mb <= spec.micro_batch or math.ceil(len(sequences) / mb) != len(losses):
         return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
+    segments = (len(digests) - 1) // 2
     bounds = segment_bounds(len(losses), segments)
-    if not 1 <= segment <= len(bounds) or doc["segment"] != segment or (doc["start"], doc["end"]) != bounds[
-            segment - 1]:
-        return Check(False, f"the proof is not for segment {segment} {bounds[segment - 1] if bounds else ''}")
+    if len(digests) != 2 * len(bounds) + 1 or not 1 <= segment <= len(bounds):
+        return Check(False, f"the result committed to {len(digests)} states, which does not fit its losses")
+    if doc["segment"] != segment or (doc["start"], doc["end"]) != bounds[segment - 1]:
+        return Check(False, f"the proof is not for segment {segment} {bounds[segment - 1]}")
     start, end = bounds[segment - 1]
+    if not segment_is_whole(bounds[segment - 1], state_changes):
+        return Check(False, f"segment {segment} cannot be replayed: the swarm replaced the parameters in it")
     k = segment - 1
-    if len(digests) != 2 * len(bounds) + 1:
-        return Check(False, f"the result committed to {len(digests)} states, not {2 * len(bounds) + 1}")
-    end_digest = digests[2 * k + 2]
     if (digest(doc["params"]), digest(_flat(doc["moments"])), digest(doc["end_params"])) != (
-            digests[2 * k], digests[2 * k + 1], end_digest):
+            digests[2 * k], digests[2 * k + 1], digests[2 * k + 2]):
         return Check(False, "the proof's states are not those the result committed to")
     diloco = spec.averaging.mode == "diloco"
-    if diloco and (doc["moments"] is None or len(doc["lrs"]) != end - start
-                   or not all(0.0 <= lr <= spec.optimizer.lr * (1 + 1e-6) for lr in doc["lrs"])):
-        return Check(False, "a diloco proof needs the inner optimizer's moments and one learning rate per step "
-                            "within the run's")
+    if diloco:
+        low, high = _lr_range(spec, losses[start][1])
+        if doc["moments"] is None or len(doc["lrs"]) != end - start or not all(
+                low * (1 - 1e-6) <= lr <= high * (1 + 1e-6) for lr in doc["lrs"]):
+            return Check(False, f"a diloco proof needs the inner optimizer's moments and one learning rate per step "
+                                f"within the schedule's [{low:.3g}, {high:.3g}] at step {losses[start][1]}")
+        clip = spec.optimizer.grad_clip
+        if clip:  # clipped gradients bound AdamW's moments: a huge second moment would freeze the replay
+            m1 = math.sqrt(sum(float(row[1].pow(2).sum()) for row in doc["moments"]))
+            m2 = sum(float(row[2].sum()) for row in doc["moments"])
+            if m1 > clip * (1 + 1e-3) or m2 > clip * clip * (1 + 1e-3):
+                return Check(False, f"the inner optimizer's moments ({m1:.3g}, {m2:.3g}) exceed what gradients "
+                                    f"clipped at {clip:g} can give")
     params = list(model.parameters())
     with torch.no_grad():
         for p, t in zip(params, doc["params"], strict=True):
@@ -212,20 +248,15 @@ def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray
         for p, (step, m1, m2) in zip(params, doc["moments"], strict=True):
             opt.state[p] = {"step": step.reshape(()).float().clone(), "exp_avg": m1.clone(), "exp_avg_sq": m2.clone()}
     model.train()
-    epoch0 = losses[start][1]
-    replayed = 0
     for i in range(start, end):
-        reported, epoch = losses[i]
-        if epoch != epoch0:
-            break  # the swarm moved the parameters here: the peer's state is no longer the replay's
+        reported = losses[i][0]
         block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
         with torch.set_grad_enabled(diloco):
             _, loss = model(block[:, :-1], block[:, 1:])
         value = float(loss.detach())
         if not abs(value - reported) <= tolerance * max(1.0, abs(value)):
             return Check(False, f"micro-batch {i}: reported loss {reported:.4f}, replayed {value:.4f}",
-                         batches=replayed + 1)
-        replayed += 1
+                         batches=i - start + 1)
         if diloco:
             (loss * len(block)).backward()
             grads = [p.grad for p in params if p.grad is not None]
@@ -236,26 +267,31 @@ def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray
                 g["lr"] = doc["lrs"][i - start]
             opt.step()
             opt.zero_grad(set_to_none=True)
+    replayed = end - start
     detail = f"{replayed} micro-batches replayed"
-    if replayed == end - start:  # the whole segment under one state: its end must be where the peer was
+    score = math.nan
+    if diloco:  # the replay must end where the peer committed to having ended
         with torch.no_grad():
             moved = math.sqrt(sum(float((e - s).pow(2).sum()) for e, s in zip(doc["end_params"], doc["params"],
                                                                                strict=True)))
             off = math.sqrt(sum(float((p - e).pow(2).sum()) for p, e in zip(params, doc["end_params"],
                                                                             strict=True)))
-        if diloco and not off <= 4 * tolerance * moved:
+        if moved == 0 or not off <= 4 * tolerance * moved:
             return Check(False, f"the replay ends {off:.3g} from the peer's end state (it moved {moved:.3g})",
                          batches=replayed)
-        detail += ", end state matches" if diloco else ""
-    score = math.nan
-    if held_out is not None and len(held_out) and diloco and replayed == end - start:
-        sample = held_out[:SCORE_SEQUENCES]
-        with torch.no_grad():
-            for p, t in zip(params, doc["params"], strict=True):
-                p.copy_(t)
-        before = evaluate(model, sample)
-        with torch.no_grad():
-            for p, t in zip(params, doc["end_params"], strict=True):
-                p.copy_(t)
-        score = before - evaluate(model, sample)
+        detail += ", end state matches"
+        if held_out is not None and len(held_out):
+            score = _score(model, params, doc, held_out[:SCORE_SEQUENCES])
     return Check(True, detail, score=score, batches=replayed)
+
+
+def _score(model: GPT, params: list[torch.Tensor], doc: dict, sample: np.ndarray) -> float:
+    """Held-out loss at the segment's start minus at its end (Gauntlet-style: positive means it helped)."""
+    with torch.no_grad():
+        for p, t in zip(params, doc["params"], strict=True):
+            p.copy_(t)
+    before = evaluate(model, sample)
+    with torch.no_grad():
+        for p, t in zip(params, doc["end_params"], strict=True):
+            p.copy_(t)
+    return before - evaluate(model, sample)

@@ -83,15 +83,40 @@ def render(status: dict, *, clock: str = "") -> Group:
         status.get("averaging") or "",
     )
     peers = Table("peer", "name", "device", "batch", "online", "shards", "samples", "samples/s", "compute", "loss",
-                  "step", box=None)
+                  "step", "verified", box=None)
     for p in status["peers"]:
         # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
         peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
                       online_cell(p), str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
-                      fmt(p["recent_loss"]), str(p["epoch"]))
-    return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status), peers,
-                 leaderboard(status))
+                      fmt(p["recent_loss"]), str(p["epoch"]), verified_cell(p))
+    return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status),
+                 *verification_lines(status), peers, leaderboard(status))
+
+
+def verified_cell(peer: dict) -> str:
+    """``3 ok`` / ``2 ok, 1 bad (rep 0.43)``: the peer's results checked by the keeper; ``—`` if none yet."""
+    valid, invalid = peer.get("results_valid", 0), peer.get("results_invalid", 0)
+    if not valid and not invalid:
+        return "—"
+    return f"{valid} ok" + (f", {invalid} bad (rep {peer.get('reputation', 0):.2f})" if invalid else "")
+
+
+def verification_lines(status: dict) -> list[Text]:
+    """How much work the keeper checks and what it costs (absent from older coordinators)."""
+    v, settings = status.get("verification"), (status.get("run") or {}).get("verification")
+    if not v or not settings:
+        return []
+    if not settings["segments"]:
+        return [Text("verification: off (results are credited unchecked)", style="yellow")]
+    line = Text(f"verification: {v['checked']} results checked ({percent(v['share_checked'])})"
+                f" · {v['valid']} valid, {v['invalid']} invalid, {v['awaiting_proof'] + v['queued']} waiting")
+    if v["keeper_seconds_per_check"] is not None:
+        line.append(f" · keeper {v['keeper_seconds_per_check']:.2f}s a check "
+                    f"(shards trained in {v['train_seconds_per_check']:.2f}s)")
+    n = settings["ban_after_invalid"]
+    line.append(f" · banned after {n} invalid" if n else " · never banned automatically")
+    return [line]
 
 
 def access_lines(status: dict) -> list[Text]:

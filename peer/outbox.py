@@ -69,5 +69,5 @@ class Outbox:
         (self.dir / "verifying" / f"{lease_id}.pb").unlink(missing_ok=True)
 
     def clear(self) -> None:
-        for path in self.dir.glob("*.pb"):
+        for path in (*self.dir.glob("*.pb"), *self.dir.glob("verifying/*.pb")):
             path.unlink(missing_ok=True)

@@ -45,7 +45,7 @@ STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 DHT_JOIN_ATTEMPTS = 6  # the bootstrap node is the coordinator's: tries (2, 4, ... 30 s apart) while it restarts
 LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its leases last: its default
-PROOFS_KEPT = 4  # shards whose proof-of-training records are kept (training, and results not yet answered)
+PROOFS_KEPT = 3  # shards whose proof-of-training records are kept (training, and results not yet answered)
 PARKED_POLL_S = 10.0  # how often to ask about results pending verification
 
 
@@ -273,7 +273,7 @@ class Session:
             return
         if resp.proof_segment:
             with self._recorders_lock:
-                recorder = self.recorders.pop(lease_id, None)
+                recorder = self.recorders.get(lease_id)
             try:
                 proof = recorder.proof(resp.proof_segment) if recorder else None
             except IntegrityError as e:
@@ -286,11 +286,18 @@ class Session:
             elif len(proof) > resp.proof_max_bytes:
                 log.warning("the proof for lease %s is %d bytes, over the coordinator's %d", lease_id, len(proof),
                             resp.proof_max_bytes)
-            else:
+            else:  # a failed upload raises: the result stays in the outbox, the proof is sent again with it
                 client.submit_proof(lease_id, resp.proof_segment, proof)
                 log.info("lease %s picked for verification: sent the proof of segment %d (%.1f MB)", lease_id,
                          resp.proof_segment, len(proof) / 1e6)
+        with self._recorders_lock:
+            self.recorders.pop(lease_id, None)
         self.outbox.park(request)
+
+    def drop_recorder(self, lease_id: str) -> None:
+        """A lease given back unfinished: nothing of it will be checked."""
+        with self._recorders_lock:
+            self.recorders.pop(lease_id, None)
 
     def poll_parked(self, client, every: float = PARKED_POLL_S) -> None:
         """Ask again about results pending verification, at most every ``every`` seconds."""
@@ -298,7 +305,15 @@ class Session:
             return
         self._parked_at = time.monotonic()
         for request in self.outbox.parked():
-            resp = client.submit(request)
+            try:
+                resp = client.submit(request)
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+                                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                log.warning("forgetting the result for lease %s: %s", request.lease_id, describe_rpc_error(e))
+                self.outbox.unpark(request.lease_id)
+                continue
             if resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
                 log.info("result for lease %s verified: %s (credit %.3f)", request.lease_id, resp.detail, resp.credit)
                 self.keep_receipt(resp)

@@ -39,6 +39,7 @@ class ShardResult:
     compute_seconds: float = 0.0
     interrupted: bool = False
     proof_digests: list[bytes] = field(default_factory=list)  # commitments to the states kept (hivefold.proof)
+    state_changes: list[int] = field(default_factory=list)  # where the swarm replaced the parameters mid-shard
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Trainer:
             data = data.pin_memory()
         losses: list[torch.Tensor] = []
         epochs: list[int] = []
+        versions: list = []  # the averaging's parameter version at each micro-batch (hivefold.proof)
         pending, window_start = 0, time.perf_counter()
 
         def step() -> float:
@@ -165,6 +167,7 @@ class Trainer:
             (loss * len(block)).backward()  # summed here, divided by the sample count at the step
             losses.append(loss.detach())
             epochs.append(self.averaging.epoch)
+            versions.append(self.averaging.version)
             result.samples += len(block)
             pending += len(block)
             busy = time.perf_counter() - t0
@@ -181,6 +184,8 @@ class Trainer:
         values = torch.stack(losses).float().tolist() if losses else []  # one device-to-host sync per shard
         self.meter.busy_seconds += time.perf_counter() - t0  # queued device work finishing
         result.losses = list(zip(values, epochs, strict=True))
+        versions.append(self.averaging.version)
+        result.state_changes = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
         if recorder is not None:
             recorder.finish(params)
             result.proof_digests = recorder.digests()

@@ -184,6 +184,7 @@ class WorkLoop:
                  work.shard_id, work.lease_id, len(sequences), trainer.global_step)
         result = self._train(work, sequences, progress)
         if result.interrupted:
+            self.session.drop_recorder(work.lease_id)
             if self.stop.is_set():
                 self.session.release(work, "peer stopping")
                 return STOPPED
@@ -194,7 +195,7 @@ class WorkLoop:
         request = pb.SubmitResultRequest(
             lease_id=work.lease_id, samples=result.samples, compute_seconds=result.compute_seconds,
             losses=[pb.MicroBatchLoss(loss=loss, epoch=epoch) for loss, epoch in result.losses],
-            proof_digests=result.proof_digests)
+            proof_digests=result.proof_digests, state_changes=result.state_changes)
         self.session.outbox.put(request)  # survives a coordinator outage or a crash before the ack
         self.shards_done += 1
         first, last = result.losses[0][0], result.losses[-1][0]

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\x0bhivefold.v1\"@\n\x0c\x44\x65viceReport\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\"=\n\x08PeerAuth\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\"\xbe\x01\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12)\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x19.hivefold.v1.DeviceReport\x12\x1a\n\x12\x65xpected_spec_hash\x18\x06 \x01(\t\x12\x0c\n\x04team\x18\x07 \x01(\t\x12\x0e\n\x06invite\x18\x08 \x01(\t\"\xeb\x01\n\x10RegisterResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x11\n\tspec_hash\x18\x04 \x01(\t\x12\x12\n\ndht_maddrs\x18\x05 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x06 \x01(\x01\x12\x14\n\x0cswarm_maddrs\x18\x07 \x03(\t\x12\x1a\n\x12receipt_public_key\x18\x08 \x01(\x0c\x12\x15\n\rlease_seconds\x18\t \x01(\x01\x12\x16\n\x0eproof_segments\x18\n \x01(\r\"j\n\x11LeaseShardRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x16\n\x0eheld_lease_ids\x18\x02 \x03(\t\x12\x18\n\x10inline_max_bytes\x18\x03 \x01(\x04\"\x9b\x01\n\x08WorkUnit\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x01\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x15\n\rnum_sequences\x18\x06 \x01(\r\x12\x11\n\tdata_pass\x18\x07 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\"f\n\x12LeaseShardResponse\x12#\n\x04work\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.WorkUnit\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x14\n\x0crun_complete\x18\x03 \x01(\x08\"J\n\x11\x46\x65tchShardRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"-\n\x0eMicroBatchLoss\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xba\x01\n\x13SubmitResultRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\r\x12+\n\x06losses\x18\x04 \x03(\x0b\x32\x1b.hivefold.v1.MicroBatchLoss\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x15\n\rproof_digests\x18\x06 \x03(\x0c\"\xa4\x01\n\x14SubmitResultResponse\x12+\n\x07verdict\x18\x01 \x01(\x0e\x32\x1a.hivefold.v1.ResultVerdict\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07receipt\x18\x04 \x01(\t\x12\x15\n\rproof_segment\x18\x05 \x01(\r\x12\x17\n\x0fproof_max_bytes\x18\x06 \x01(\x04\"\x8e\x01\n\x12SubmitProofRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"9\n\x13SubmitProofResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"\\\n\x13ReleaseLeaseRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xaf\x02\n\x10HeartbeatRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0fsamples_trained\x18\x03 \x01(\x04\x12\x13\n\x0brecent_loss\x18\x04 \x01(\x02\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x02\x12\x12\n\ndht_maddrs\x18\x06 \x03(\t\x12\x1b\n\x13\x63ompute_utilization\x18\x07 \x01(\x02\x12\x13\n\x0bmicro_batch\x18\x08 \x01(\r\x12\x0e\n\x06paused\x18\t \x01(\x08\x12\x14\n\x0cpause_reason\x18\n \x01(\t\x12\x31\n\x0epoison_reports\x18\x0b \x03(\x0b\x32\x19.hivefold.v1.PoisonReport\"6\n\x0cPoisonReport\x12\x16\n\x0elibp2p_peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"X\n\x11HeartbeatResponse\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x01 \x03(\t\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x04\x12\x14\n\x0cswarm_maddrs\x18\x03 \x03(\t\"a\n\x12\x45xtendLeaseRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x14\n\x0csamples_done\x18\x03 \x01(\r\"H\n\x13\x45xtendLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"R\n\x0cLeaveRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\rLeaveResponse\x12\x0c\n\x04hold\x18\x01 \x01(\x08\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63heckpoint_step\x18\x03 \x01(\x04\"\x12\n\x10GetStatusRequest\"(\n\x11GetStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"*\n\x16\x46\x65tchCheckpointRequest\x12\x10\n\x08min_step\x18\x01 \x01(\x04\"h\n\x11SwarmTokenRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x16\n\x0elibp2p_peer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64ht_public_key\x18\x03 \x01(\x0c\"7\n\x12SwarmTokenResponse\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x01*\xb3\x01\n\rResultVerdict\x12\x1e\n\x1aRESULT_VERDICT_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESULT_VERDICT_ACCEPTED\x10\x01\x12 \n\x1cRESULT_VERDICT_REJECTED_LATE\x10\x02\x12\'\n#RESULT_VERDICT_PENDING_VERIFICATION\x10\x03\x12\x1a\n\x16RESULT_VERDICT_INVALID\x10\x04\x32\xb4\x07\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.hivefold.v1.RegisterRequest\x1a\x1d.hivefold.v1.RegisterResponse\x12M\n\nLeaseShard\x12\x1e.hivefold.v1.LeaseShardRequest\x1a\x1f.hivefold.v1.LeaseShardResponse\x12\x46\n\nFetchShard\x12\x1e.hivefold.v1.FetchShardRequest\x1a\x16.hivefold.v1.DataChunk0\x01\x12S\n\x0cSubmitResult\x12 .hivefold.v1.SubmitResultRequest\x1a!.hivefold.v1.SubmitResultResponse\x12S\n\x0cReleaseLease\x12 .hivefold.v1.ReleaseLeaseRequest\x1a!.hivefold.v1.ReleaseLeaseResponse\x12J\n\tHeartbeat\x12\x1d.hivefold.v1.HeartbeatRequest\x1a\x1e.hivefold.v1.HeartbeatResponse\x12P\n\x0b\x45xtendLease\x12\x1f.hivefold.v1.ExtendLeaseRequest\x1a .hivefold.v1.ExtendLeaseResponse\x12>\n\x05Leave\x12\x19.hivefold.v1.LeaveRequest\x1a\x1a.hivefold.v1.LeaveResponse\x12J\n\tGetStatus\x12\x1d.hivefold.v1.GetStatusRequest\x1a\x1e.hivefold.v1.GetStatusResponse\x12P\n\x0f\x46\x65tchCheckpoint\x12#.hivefold.v1.FetchCheckpointRequest\x1a\x16.hivefold.v1.DataChunk0\x01\x12M\n\nSwarmToken\x12\x1e.hivefold.v1.SwarmTokenRequest\x1a\x1f.hivefold.v1.SwarmTokenResponse\x12P\n\x0bSubmitProof\x12\x1f.hivefold.v1.SubmitProofRequest\x1a .hivefold.v1.SubmitProofResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\x0bhivefold.v1\"@\n\x0c\x44\x65viceReport\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\"=\n\x08PeerAuth\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\"\xbe\x01\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12)\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x19.hivefold.v1.DeviceReport\x12\x1a\n\x12\x65xpected_spec_hash\x18\x06 \x01(\t\x12\x0c\n\x04team\x18\x07 \x01(\t\x12\x0e\n\x06invite\x18\x08 \x01(\t\"\xeb\x01\n\x10RegisterResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x11\n\tspec_hash\x18\x04 \x01(\t\x12\x12\n\ndht_maddrs\x18\x05 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x06 \x01(\x01\x12\x14\n\x0cswarm_maddrs\x18\x07 \x03(\t\x12\x1a\n\x12receipt_public_key\x18\x08 \x01(\x0c\x12\x15\n\rlease_seconds\x18\t \x01(\x01\x12\x16\n\x0eproof_segments\x18\n \x01(\r\"j\n\x11LeaseShardRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x16\n\x0eheld_lease_ids\x18\x02 \x03(\t\x12\x18\n\x10inline_max_bytes\x18\x03 \x01(\x04\"\x9b\x01\n\x08WorkUnit\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x01\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x15\n\rnum_sequences\x18\x06 \x01(\r\x12\x11\n\tdata_pass\x18\x07 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\"f\n\x12LeaseShardResponse\x12#\n\x04work\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.WorkUnit\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x14\n\x0crun_complete\x18\x03 \x01(\x08\"J\n\x11\x46\x65tchShardRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"-\n\x0eMicroBatchLoss\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xd1\x01\n\x13SubmitResultRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07samples\x18\x03 \x01(\r\x12+\n\x06losses\x18\x04 \x03(\x0b\x32\x1b.hivefold.v1.MicroBatchLoss\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x15\n\rproof_digests\x18\x06 \x03(\x0c\x12\x15\n\rstate_changes\x18\x07 \x03(\r\"\xa4\x01\n\x14SubmitResultResponse\x12+\n\x07verdict\x18\x01 \x01(\x0e\x32\x1a.hivefold.v1.ResultVerdict\x12\x0e\n\x06\x63redit\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07receipt\x18\x04 \x01(\t\x12\x15\n\rproof_segment\x18\x05 \x01(\r\x12\x17\n\x0fproof_max_bytes\x18\x06 \x01(\x04\"\x8e\x01\n\x12SubmitProofRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"9\n\x13SubmitProofResponse\x12\x10\n\x08received\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"\\\n\x13ReleaseLeaseRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xaf\x02\n\x10HeartbeatRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x17\n\x0fsamples_trained\x18\x03 \x01(\x04\x12\x13\n\x0brecent_loss\x18\x04 \x01(\x02\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x02\x12\x12\n\ndht_maddrs\x18\x06 \x03(\t\x12\x1b\n\x13\x63ompute_utilization\x18\x07 \x01(\x02\x12\x13\n\x0bmicro_batch\x18\x08 \x01(\r\x12\x0e\n\x06paused\x18\t \x01(\x08\x12\x14\n\x0cpause_reason\x18\n \x01(\t\x12\x31\n\x0epoison_reports\x18\x0b \x03(\x0b\x32\x19.hivefold.v1.PoisonReport\"6\n\x0cPoisonReport\x12\x16\n\x0elibp2p_peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"X\n\x11HeartbeatResponse\x12\x18\n\x10\x61\x63tive_lease_ids\x18\x01 \x03(\t\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x04\x12\x14\n\x0cswarm_maddrs\x18\x03 \x03(\t\"a\n\x12\x45xtendLeaseRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x14\n\x0csamples_done\x18\x03 \x01(\r\"H\n\x13\x45xtendLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"R\n\x0cLeaveRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\rLeaveResponse\x12\x0c\n\x04hold\x18\x01 \x01(\x08\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x63heckpoint_step\x18\x03 \x01(\x04\"\x12\n\x10GetStatusRequest\"(\n\x11GetStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"*\n\x16\x46\x65tchCheckpointRequest\x12\x10\n\x08min_step\x18\x01 \x01(\x04\"h\n\x11SwarmTokenRequest\x12#\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x15.hivefold.v1.PeerAuth\x12\x16\n\x0elibp2p_peer_id\x18\x02 \x01(\t\x12\x16\n\x0e\x64ht_public_key\x18\x03 \x01(\x0c\"7\n\x12SwarmTokenResponse\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x01*\xb3\x01\n\rResultVerdict\x12\x1e\n\x1aRESULT_VERDICT_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESULT_VERDICT_ACCEPTED\x10\x01\x12 \n\x1cRESULT_VERDICT_REJECTED_LATE\x10\x02\x12\'\n#RESULT_VERDICT_PENDING_VERIFICATION\x10\x03\x12\x1a\n\x16RESULT_VERDICT_INVALID\x10\x04\x32\xb4\x07\n\x0b\x43oordinator\x12G\n\x08Register\x12\x1c.hivefold.v1.RegisterRequest\x1a\x1d.hivefold.v1.RegisterResponse\x12M\n\nLeaseShard\x12\x1e.hivefold.v1.LeaseShardRequest\x1a\x1f.hivefold.v1.LeaseShardResponse\x12\x46\n\nFetchShard\x12\x1e.hivefold.v1.FetchShardRequest\x1a\x16.hivefold.v1.DataChunk0\x01\x12S\n\x0cSubmitResult\x12 .hivefold.v1.SubmitResultRequest\x1a!.hivefold.v1.SubmitResultResponse\x12S\n\x0cReleaseLease\x12 .hivefold.v1.ReleaseLeaseRequest\x1a!.hivefold.v1.ReleaseLeaseResponse\x12J\n\tHeartbeat\x12\x1d.hivefold.v1.HeartbeatRequest\x1a\x1e.hivefold.v1.HeartbeatResponse\x12P\n\x0b\x45xtendLease\x12\x1f.hivefold.v1.ExtendLeaseRequest\x1a .hivefold.v1.ExtendLeaseResponse\x12>\n\x05Leave\x12\x19.hivefold.v1.LeaveRequest\x1a\x1a.hivefold.v1.LeaveResponse\x12J\n\tGetStatus\x12\x1d.hivefold.v1.GetStatusRequest\x1a\x1e.hivefold.v1.GetStatusResponse\x12P\n\x0f\x46\x65tchCheckpoint\x12#.hivefold.v1.FetchCheckpointRequest\x1a\x16.hivefold.v1.DataChunk0\x01\x12M\n\nSwarmToken\x12\x1e.hivefold.v1.SwarmTokenRequest\x1a\x1f.hivefold.v1.SwarmTokenResponse\x12P\n\x0bSubmitProof\x12\x1f.hivefold.v1.SubmitProofRequest\x1a .hivefold.v1.SubmitProofResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTVERDICT']._serialized_start=2911
-  _globals['_RESULTVERDICT']._serialized_end=3090
+  _globals['_RESULTVERDICT']._serialized_start=2934
+  _globals['_RESULTVERDICT']._serialized_end=3113
   _globals['_DEVICEREPORT']._serialized_start=41
   _globals['_DEVICEREPORT']._serialized_end=105
   _globals['_PEERAUTH']._serialized_start=107
@@ -54,41 +54,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MICROBATCHLOSS']._serialized_start=1110
   _globals['_MICROBATCHLOSS']._serialized_end=1155
   _globals['_SUBMITRESULTREQUEST']._serialized_start=1158
-  _globals['_SUBMITRESULTREQUEST']._serialized_end=1344
-  _globals['_SUBMITRESULTRESPONSE']._serialized_start=1347
-  _globals['_SUBMITRESULTRESPONSE']._serialized_end=1511
-  _globals['_SUBMITPROOFREQUEST']._serialized_start=1514
-  _globals['_SUBMITPROOFREQUEST']._serialized_end=1656
-  _globals['_SUBMITPROOFRESPONSE']._serialized_start=1658
-  _globals['_SUBMITPROOFRESPONSE']._serialized_end=1715
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1717
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1809
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1811
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1851
-  _globals['_HEARTBEATREQUEST']._serialized_start=1854
-  _globals['_HEARTBEATREQUEST']._serialized_end=2157
-  _globals['_POISONREPORT']._serialized_start=2159
-  _globals['_POISONREPORT']._serialized_end=2213
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2215
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2303
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=2305
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=2402
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=2404
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=2476
-  _globals['_LEAVEREQUEST']._serialized_start=2478
-  _globals['_LEAVEREQUEST']._serialized_end=2560
-  _globals['_LEAVERESPONSE']._serialized_start=2562
-  _globals['_LEAVERESPONSE']._serialized_end=2639
-  _globals['_GETSTATUSREQUEST']._serialized_start=2641
-  _globals['_GETSTATUSREQUEST']._serialized_end=2659
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2661
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2701
-  _globals['_FETCHCHECKPOINTREQUEST']._serialized_start=2703
-  _globals['_FETCHCHECKPOINTREQUEST']._serialized_end=2745
-  _globals['_SWARMTOKENREQUEST']._serialized_start=2747
-  _globals['_SWARMTOKENREQUEST']._serialized_end=2851
-  _globals['_SWARMTOKENRESPONSE']._serialized_start=2853
-  _globals['_SWARMTOKENRESPONSE']._serialized_end=2908
-  _globals['_COORDINATOR']._serialized_start=3093
-  _globals['_COORDINATOR']._serialized_end=4041
+  _globals['_SUBMITRESULTREQUEST']._serialized_end=1367
+  _globals['_SUBMITRESULTRESPONSE']._serialized_start=1370
+  _globals['_SUBMITRESULTRESPONSE']._serialized_end=1534
+  _globals['_SUBMITPROOFREQUEST']._serialized_start=1537
+  _globals['_SUBMITPROOFREQUEST']._serialized_end=1679
+  _globals['_SUBMITPROOFRESPONSE']._serialized_start=1681
+  _globals['_SUBMITPROOFRESPONSE']._serialized_end=1738
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1740
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1832
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1834
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1874
+  _globals['_HEARTBEATREQUEST']._serialized_start=1877
+  _globals['_HEARTBEATREQUEST']._serialized_end=2180
+  _globals['_POISONREPORT']._serialized_start=2182
+  _globals['_POISONREPORT']._serialized_end=2236
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2238
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2326
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=2328
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=2425
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=2427
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=2499
+  _globals['_LEAVEREQUEST']._serialized_start=2501
+  _globals['_LEAVEREQUEST']._serialized_end=2583
+  _globals['_LEAVERESPONSE']._serialized_start=2585
+  _globals['_LEAVERESPONSE']._serialized_end=2662
+  _globals['_GETSTATUSREQUEST']._serialized_start=2664
+  _globals['_GETSTATUSREQUEST']._serialized_end=2682
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2684
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2724
+  _globals['_FETCHCHECKPOINTREQUEST']._serialized_start=2726
+  _globals['_FETCHCHECKPOINTREQUEST']._serialized_end=2768
+  _globals['_SWARMTOKENREQUEST']._serialized_start=2770
+  _globals['_SWARMTOKENREQUEST']._serialized_end=2874
+  _globals['_SWARMTOKENRESPONSE']._serialized_start=2876
+  _globals['_SWARMTOKENRESPONSE']._serialized_end=2931
+  _globals['_COORDINATOR']._serialized_start=3116
+  _globals['_COORDINATOR']._serialized_end=4064
 # @@protoc_insertion_point(module_scope)

@@ -151,20 +151,22 @@ class MicroBatchLoss(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class SubmitResultRequest(_message.Message):
-    __slots__ = ("auth", "lease_id", "samples", "losses", "compute_seconds", "proof_digests")
+    __slots__ = ("auth", "lease_id", "samples", "losses", "compute_seconds", "proof_digests", "state_changes")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROOF_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHANGES_FIELD_NUMBER: _ClassVar[int]
     auth: PeerAuth
     lease_id: str
     samples: int
     losses: _containers.RepeatedCompositeFieldContainer[MicroBatchLoss]
     compute_seconds: float
     proof_digests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples: _Optional[int] = ..., losses: _Optional[_Iterable[_Union[MicroBatchLoss, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., proof_digests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    state_changes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, auth: _Optional[_Union[PeerAuth, _Mapping]] = ..., lease_id: _Optional[str] = ..., samples: _Optional[int] = ..., losses: _Optional[_Iterable[_Union[MicroBatchLoss, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., proof_digests: _Optional[_Iterable[bytes]] = ..., state_changes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitResultResponse(_message.Message):
     __slots__ = ("verdict", "credit", "detail", "receipt", "proof_segment", "proof_max_bytes")

@@ -14,7 +14,8 @@ from coordinator.ledger.store import LedgerStore
 
 # What the dashboard's event list shows: the swarm's life, not every lease (those are in the ledger).
 NOTABLE_EVENTS = ("run_created", "peer_registered", "peer_left", "lease_expired", "lease_released",
-                  "result_rejected_late", "checkpoint", "data_pass_started", "run_complete", "leases_resumed")
+                  "result_rejected_late", "result_invalid", "peer_banned", "checkpoint", "data_pass_started",
+                  "run_complete", "leases_resumed")
 
 
 class SwarmHistory(LedgerStore):

@@ -97,6 +97,8 @@ class ShardLeases(LedgerStore):
                     return LeaseOutcome(None, run_complete=True)
                 out = c.execute("SELECT COALESCE(SUM(s.num_sequences), 0) FROM leases l JOIN shards s USING "
                                 "(shard_id) WHERE l.state = ?", (LeaseState.ACTIVE.value,)).fetchone()[0]
+                out += c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = ?",
+                                 (Verdict.PENDING.value,)).fetchone()[0]  # done, unless its check fails
                 if done + out >= budget:
                     return LeaseOutcome(None)
             data_pass = int(meta["data_pass"])
@@ -204,7 +206,8 @@ class ShardLeases(LedgerStore):
     def submit(self, peer_id: str, lease_id: str, *, samples: int, losses: list[tuple[float, int]],
                compute_seconds: float, credit_per_sample: float, now: float, qrb_k: float = 0.0,
                qrb_deadline_s: float = 0.0, sign_receipt: Callable[..., str] | None = None,
-               verify: VerifyPolicy | None = None, digests: list[bytes] = ()) -> SubmitOutcome:
+               verify: VerifyPolicy | None = None, digests: list[bytes] = (),
+               state_changes: list[int] = ()) -> SubmitOutcome:
         """Record a result. Idempotent: a second submission of a lease returns the first outcome.
 
         Accepted results earn ``samples × credit_per_sample`` points, times the quick-return bonus
@@ -240,10 +243,13 @@ class ShardLeases(LedgerStore):
                 credit = quick_return_points(samples * credit_per_sample, deadline_s=allotted or qrb_deadline_s,
                                              elapsed_s=now - issued_at, k=qrb_k)
                 detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
-                segment = self.sample_for_verification(
+                segment, unverifiable = self.sample_for_verification(
                     c, peer_id, lease_id, shard_id=lease.shard_id, data_pass=lease.data_pass, losses=losses,
-                    digests=list(digests), credit=credit, compute_seconds=compute_seconds, policy=verify, now=now)
-                if segment:
+                    digests=list(digests), state_changes=list(state_changes), credit=credit,
+                    compute_seconds=compute_seconds, policy=verify, now=now)
+                if unverifiable:  # no credit; the shard is trained again
+                    verdict, credit, detail = Verdict.INVALID, 0.0, f"invalid: {unverifiable}"
+                elif segment:
                     verdict, credit, detail = Verdict.PENDING, 0.0, f"{detail}; credit waits for verification"
                 elif sign_receipt is not None:
                     receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,
@@ -254,7 +260,8 @@ class ShardLeases(LedgerStore):
                 else:
                     c.execute("UPDATE leases SET state = ?, close_reason = 'late result' WHERE lease_id = ?",
                               (LeaseState.COMPLETED.value, lease_id))
-                c.execute("UPDATE shards SET state = ? WHERE shard_id = ?", (ShardState.DONE.value, lease.shard_id))
+                c.execute("UPDATE shards SET state = ? WHERE shard_id = ?",
+                          ((ShardState.PENDING if unverifiable else ShardState.DONE).value, lease.shard_id))
             else:
                 verdict, credit = Verdict.REJECTED_LATE, 0.0
                 detail = f"lease {lease.state.value} and shard {lease.shard_id} was reassigned"
@@ -265,7 +272,7 @@ class ShardLeases(LedgerStore):
                           [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
             if losses:
                 _raise_global_step(c, max(epoch for _, epoch in losses))
-            if verdict not in (Verdict.ACCEPTED, Verdict.PENDING):  # the results table is their record
+            if verdict in (Verdict.REJECTED_LATE,):  # the results table (and verifications) record the others
                 _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
             return SubmitOutcome(verdict, credit, detail, receipt)
 

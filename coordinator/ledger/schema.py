@@ -211,6 +211,7 @@ MIGRATIONS: list[str] = [
         requested_at REAL NOT NULL,
         proof_deadline REAL NOT NULL,
         digests BLOB NOT NULL,
+        state_changes TEXT NOT NULL DEFAULT '',
         proof_bytes INTEGER NOT NULL DEFAULT 0,
         checked_at REAL,
         keeper_seconds REAL,

@@ -22,8 +22,10 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Pe
 from coordinator.ledger.access import ban_in
 from coordinator.ledger.schema import CheckState, ShardState, Verdict
 from coordinator.ledger.store import LedgerStore, _event
+from hivefold.proof import segment_bounds, segment_is_whole
 
 AWAITING, QUEUED, VALID, INVALID = (s.value for s in CheckState)
+CHUNK_GRACE_S = 60.0  # each proof chunk received keeps the deadline at least this far ahead
 
 
 @dataclass
@@ -43,15 +45,18 @@ class VerifyPolicy:
     def probability(self, valid_streak: int) -> float:
         return min(self.ceiling, max(self.floor, 1.0 / max(1, valid_streak)))
 
-    def choose_segment(self, losses: list[tuple[float, int]]) -> int:
-        """A segment (1-based) to check, preferring those trained under one state up to the next segment's
-        first micro-batch (their end can be checked too)."""
-        from hivefold.proof import segment_bounds
-
-        bounds = segment_bounds(len(losses), self.segments)
-        whole = [k for k, (a, b) in enumerate(bounds, 1)
-                 if b < len(losses) and len({epoch for _, epoch in losses[a:b + 1]}) == 1]
-        return self.rng.choice(whole or list(range(1, len(bounds) + 1)))
+    def choose(self, n_losses: int, digests: list[bytes], state_changes: list[int]) -> tuple[int, int, str]:
+        """``(segment, segments, why not)``: the segment (1-based, uniform: a peer cannot steer the check) and
+        the result's segment count, with why it cannot be checked ('' if it can)."""
+        segments = (len(digests) - 1) // 2
+        bounds = segment_bounds(n_losses, segments) if segments > 0 else []
+        if not n_losses or len(digests) != 2 * len(bounds) + 1 or not bounds:
+            return 1, max(segments, 0), "the result carries no commitments to its training states (proof_digests)"
+        segment = self.rng.randrange(1, len(bounds) + 1)
+        if not segment_is_whole(bounds[segment - 1], state_changes):
+            return segment, segments, (f"unverifiable: the swarm replaced the parameters during segment {segment}, "
+                                       "so it cannot be replayed")
+        return segment, segments, ""
 
 
 @dataclass(frozen=True)
@@ -65,27 +70,35 @@ class ProofTask:
     segments: int
     losses: list[tuple[float, int]]
     digests: list[bytes]  # the result's commitments to the states its proof must show (hivefold.proof)
+    state_changes: list[int]  # where the swarm replaced the peer's parameters mid-shard
     proof: bytes
     train_seconds: float
 
 
 class Verifications(LedgerStore):
     def sample_for_verification(self, c, peer_id: str, lease_id: str, *, shard_id: int, data_pass: int,
-                                losses: list[tuple[float, int]], digests: list[bytes], credit: float,
-                                compute_seconds: float, policy: VerifyPolicy | None, now: float) -> int:
-        """Inside ``submit``'s transaction: 0, or the segment the result must prove (the result is then pending)."""
-        if policy is None or not policy.enabled or not losses:
-            return 0
+                                losses: list[tuple[float, int]], digests: list[bytes], state_changes: list[int],
+                                credit: float, compute_seconds: float, policy: VerifyPolicy | None,
+                                now: float) -> tuple[int, str]:
+        """Inside ``submit``'s transaction, before the result is recorded: ``(0, '')`` if not checked, else the
+        segment the result must prove and, when it cannot be checked at all, why (it is then invalid at once,
+        without counting against the peer; its streak starts over)."""
+        if policy is None or not policy.enabled:
+            return 0, ""
         streak = c.execute("SELECT valid_streak FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()[0]
         if policy.rng.random() >= policy.probability(streak):
-            return 0
-        segment = policy.choose_segment(losses)
+            return 0, ""
+        segment, segments, why = policy.choose(len(losses), digests, state_changes)
         c.execute("INSERT INTO verifications (lease_id, peer_id, shard_id, data_pass, segment, segments, state, "
-                  "held_credit, train_seconds, requested_at, proof_deadline, digests) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (lease_id, peer_id, shard_id, data_pass, segment, policy.segments, AWAITING, credit,
-                   compute_seconds, now, now + policy.proof_seconds, b"".join(digests)))
-        return segment
+                  "held_credit, train_seconds, requested_at, proof_deadline, digests, state_changes, detail) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (lease_id, peer_id, shard_id, data_pass, segment, segments, INVALID if why else AWAITING, credit,
+                   compute_seconds, now, now + policy.proof_seconds, b"".join(digests),
+                   ",".join(map(str, state_changes)), why))
+        if why:
+            c.execute("UPDATE peers SET valid_streak = 0 WHERE peer_id = ?", (peer_id,))
+            _event(c, now, "result_invalid", peer_id=peer_id, shard_id=shard_id, detail=f"{lease_id}: {why}"[:300])
+        return segment, why
 
     def proof_wanted(self, lease_id: str) -> int:
         """The segment whose proof a pending result still waits for; 0 if none (received, or not sampled)."""
@@ -104,6 +117,9 @@ class Verifications(LedgerStore):
                 raise NotFound(f"no proof was asked for lease {lease_id}")
             if row[0] != peer_id:
                 raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+            have = row[4]
+            if segment == row[1] and offset + len(data) <= have and row[2] in (AWAITING, QUEUED):
+                return have, row[2] == QUEUED  # a chunk sent again (its answer was lost): already in
             if row[2] != AWAITING:
                 raise FailedPrecondition(f"the proof for lease {lease_id} is no longer awaited ({row[2]})")
             if now > row[3]:
@@ -111,7 +127,6 @@ class Verifications(LedgerStore):
             if segment != row[1]:
                 raise InvalidArgument(f"segment {segment} was not asked for; lease {lease_id} must prove segment "
                                       f"{row[1]}")
-            have = row[4]
             if offset != have:
                 raise InvalidArgument(f"proof chunk at offset {offset}, but {have} bytes are in: send chunks in order")
             if offset + len(data) > total:
@@ -121,14 +136,15 @@ class Verifications(LedgerStore):
             c.execute("INSERT INTO proof_chunks VALUES (?, ?, ?)", (lease_id, offset, data))
             have += len(data)
             complete = have == total
-            c.execute("UPDATE verifications SET proof_bytes = ?, state = ? WHERE lease_id = ?",
-                      (have, QUEUED if complete else AWAITING, lease_id))
+            # a proof still arriving keeps its deadline a minute ahead: a slow uplink is not a missing proof
+            c.execute("UPDATE verifications SET proof_bytes = ?, state = ?, proof_deadline = ? WHERE lease_id = ?",
+                      (have, QUEUED if complete else AWAITING, max(row[3], now + CHUNK_GRACE_S), lease_id))
             return have, complete
 
     def next_proof(self) -> ProofTask | None:
         """The oldest proof waiting for the keeper, if any."""
-        rows = self._read("SELECT lease_id, peer_id, shard_id, segment, segments, train_seconds, digests "
-                          "FROM verifications WHERE state = ? ORDER BY requested_at LIMIT 1", (QUEUED,))
+        rows = self._read("SELECT lease_id, peer_id, shard_id, segment, segments, train_seconds, digests, "
+                          "state_changes FROM verifications WHERE state = ? ORDER BY requested_at LIMIT 1", (QUEUED,))
         if not rows:
             return None
         r = rows[0]
@@ -138,7 +154,8 @@ class Verifications(LedgerStore):
                                                          "ORDER BY byte_offset", (r[0],)))
         packed = bytes(r[6])
         digests = [packed[i:i + 32] for i in range(0, len(packed), 32)]
-        return ProofTask(r[0], r[1], r[2], r[3], r[4], losses, digests, proof, r[5])
+        changes = [int(x) for x in r[7].split(",") if x]
+        return ProofTask(r[0], r[1], r[2], r[3], r[4], losses, digests, changes, proof, r[5])
 
     def record_verification(self, lease_id: str, *, valid: bool, detail: str, now: float, score: float | None = None,
                             keeper_seconds: float | None = None, ban_after: int = 0, strike: bool = True,

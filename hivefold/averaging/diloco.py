@@ -78,6 +78,7 @@ class DiLoCo:
         self.global_params = [p.detach().float().clone() for p in self.params]
         self.momentum = [torch.zeros_like(g) for g in self.global_params]
         self.epoch = 0  # outer steps applied to global_params
+        self.version = 0  # counts every change of the local parameters from outside the inner steps (hivefold.proof)
         self.samples_in_round = 0
         self.rounds_ok = self.rounds_alone = 0
         self.last_round_seconds = 0.0  # how long the latest all-reduce took, matchmaking included
@@ -327,6 +328,7 @@ class DiLoCo:
                     p.sub_(sent).add_(g.to(dtype=p.dtype))
             if r.refused and self.inner is not None:
                 self.inner.state.clear()  # its moments went bad with the parameters: AdamW starts them afresh
+            self.version += 1
         self._pending = None
         self.agreement.note_step(before, self._share_priority())
         if r.control is not None:
@@ -344,6 +346,7 @@ class DiLoCo:
             for p, g in zip(self.params, self.global_params, strict=True):
                 p.copy_(g.to(device=p.device, dtype=p.dtype))
             self.epoch = epoch
+            self.version += 1
         self.samples_in_round = 0
         if self.tracker:
             with self.tracker.pause_updates():

@@ -23,6 +23,8 @@ from hivefold.training import lr_lambda, param_groups
 class SyncAveraging:
     """See ``hivefold.averaging`` for the interface. Must be built in a process's main thread."""
 
+    _loads = 0  # state downloads tried (``version``)
+
     def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
                  trains: bool = True):
         self.spec, self.model = spec, model
@@ -45,6 +47,11 @@ class SyncAveraging:
         return self.opt.local_epoch
 
     @property
+    def version(self) -> tuple[int, int]:
+        """Changes when the parameters change other than by training: a swarm step, a state download."""
+        return self.opt.local_epoch, self._loads
+
+    @property
     def global_epoch(self) -> int:
         return max(self.opt.tracker.global_epoch, self.opt.local_epoch)
 
@@ -61,6 +68,7 @@ class SyncAveraging:
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """One bounded attempt (hivemind's own ``Optimizer.load_state_from_peers`` retries forever)."""
         before = self.opt.local_epoch
+        self._loads += 1  # a download may replace the parameters even when the epoch stays
         try:
             self.opt.state_averager.load_state_from_peers(timeout=timeout)
         except FutureTimeout:  # no state, not a crash (see hivefold.averaging)

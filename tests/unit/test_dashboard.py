@@ -120,6 +120,8 @@ def test_metrics_are_prometheus_text_with_the_swarm_and_rpc_latency(served):
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     assert samples[("hivefold_peers_online", ())] == 2
     assert samples[("hivefold_peers_banned", ())] == 0 and samples[("hivefold_peers_reported", ())] == 0
+    assert samples[("hivefold_verifications", (("state", "invalid"),))] == 0  # this test's run verifies nothing
+    assert samples[("hivefold_verification_share", ())] == 0
     assert samples[("hivefold_shards", (("state", "done"),))] == 2
     assert samples[("hivefold_tokens_trained_total", ())] == 2 * 16 * 32
     assert samples[("hivefold_samples_per_second", ())] == pytest.approx(21.0)

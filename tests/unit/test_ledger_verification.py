@@ -7,7 +7,7 @@ import pytest
 
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger import ShardState, Verdict, VerifyPolicy
-from tests.unit.ledger_cases import lease
+from tests.unit.ledger_cases import SHARDS, lease
 
 DIGESTS = [bytes([i]) * 32 for i in range(9)]
 
@@ -33,10 +33,24 @@ def test_the_sampling_rate_follows_the_streak_between_floor_and_ceiling():
     assert not VerifyPolicy(ceiling=0.0).enabled and not VerifyPolicy(segments=0).enabled
 
 
-def test_a_segment_whose_end_can_be_checked_is_preferred():
+def test_the_segment_is_chosen_uniformly_and_one_the_swarm_changed_cannot_be_checked():
     policy = VerifyPolicy(segments=4, rng=random.Random(1))
-    losses = [(1.0, 0)] * 2 + [(1.0, 1)] * 6  # the epoch changes at micro-batch 2: segment 1 ends there
-    assert {policy.choose_segment(losses) for _ in range(50)} == {2, 3}  # 4 is last: its end is not in the losses
+    assert {policy.choose(8, DIGESTS, [])[0] for _ in range(60)} == {1, 2, 3, 4}  # the last one too
+    picks = [policy.choose(8, DIGESTS, [3]) for _ in range(60)]  # a change inside segment 2 = [2, 4)
+    assert all(why.startswith("unverifiable") for seg, _, why in picks if seg == 2)
+    assert all(not why for seg, _, why in picks if seg != 2)
+    assert "no commitments" in policy.choose(8, [], [])[2] and "no commitments" in policy.choose(0, DIGESTS, [])[2]
+    assert policy.choose(8, DIGESTS[:5], [])[1] == 2  # the result's own segment count (2), whatever the policy's
+
+
+def test_a_result_that_cannot_be_checked_earns_nothing_at_once_without_a_strike(ledger):
+    work = lease(ledger, "a")
+    out = ledger.submit("a", work.lease_id, samples=8, losses=[(2.0, 0)] * 8, compute_seconds=1.0,
+                        credit_per_sample=0.5, now=2.0, verify=always(), digests=[])
+    assert out.verdict is Verdict.INVALID and out.credit == 0 and "no commitments" in out.detail
+    assert ledger.proof_wanted(work.lease_id) == 0 and ledger.shard_counts()["pending"] == len(SHARDS)
+    a = peer(ledger, "a")
+    assert a["results_invalid"] == 0 and not ledger.is_banned("a")
 
 
 def test_a_sampled_result_holds_its_credit_until_a_valid_proof(ledger):
@@ -51,11 +65,16 @@ def test_a_sampled_result_holds_its_credit_until_a_valid_proof(ledger):
     assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=0, total=len(proof), data=proof[:1000],
                                 max_bytes=10_000, now=3.0) == (1000, False)
     assert ledger.next_proof() is None  # not complete yet
+    assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=0, total=len(proof), data=proof[:1000],
+                                max_bytes=10_000, now=3.0) == (1000, False)  # sent again (a lost answer): no-op
+    assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=1000, total=len(proof),
+                                data=proof[1000:], max_bytes=10_000, now=3.0) == (len(proof), True)
     assert ledger.receive_proof("a", work.lease_id, segment=segment, offset=1000, total=len(proof),
                                 data=proof[1000:], max_bytes=10_000, now=3.0) == (len(proof), True)
     assert ledger.proof_wanted(work.lease_id) == 0
     task = ledger.next_proof()
     assert task.proof == proof and task.digests == DIGESTS and task.segment == segment and len(task.losses) == 8
+    assert task.state_changes == [] and task.segments == 4
     assert not ledger.record_verification(work.lease_id, valid=True, detail="ok", now=4.0, score=0.01,
                                           keeper_seconds=0.2, sign_receipt=lambda **f: f"signed {f['points']:.1f}")
     final = submit(ledger, "a", work, always())

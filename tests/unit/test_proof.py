@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hivefold.model import build_model
-from hivefold.proof import ShardRecorder, check_proof, proof_max_bytes, segment_bounds
+from hivefold.proof import ShardRecorder, check_proof, digest, proof_max_bytes, segment_bounds
 from hivefold.spec import AveragingConfig, OptimizerConfig
 from hivefold.training import inner_optimizer
 from tests.unit.test_spec import make_spec
@@ -23,7 +23,7 @@ def spec_for(mode="diloco"):
                      averaging=dataclasses.replace(AveragingConfig(), mode=mode))
 
 
-def honest(spec, sequences, *, epochs=None, train=True):
+def honest(spec, sequences, *, train=True):
     """Train like the peer's trainer does (diloco: one inner AdamW step per micro-batch), recording the proof;
     ``train=False``: a cheater's forward passes, recorded the same way."""
     torch.manual_seed(0)
@@ -37,10 +37,10 @@ def honest(spec, sequences, *, epochs=None, train=True):
         rec.before_batch(i, params, opt)
         block = torch.from_numpy(sequences[i * MB:(i + 1) * MB].astype(np.int64))
         _, loss = model(block[:, :-1], block[:, 1:])
-        losses.append((float(loss.detach()), epochs[i] if epochs else 0))
+        losses.append((float(loss.detach()), 0))
         if opt is not None:
             for g in opt.param_groups:
-                g["lr"] = spec.optimizer.lr * (0.5 + 0.5 * i / n)  # a schedule the replay must follow
+                g["lr"] = spec.optimizer.lr * (0.5 + 0.5 * i / n)  # varies: the replay must follow it
             rec.record_lr(opt)
         if opt is not None and train:
             (loss * len(block)).backward()
@@ -58,14 +58,14 @@ def shard():
     return rng.integers(0, 200, size=(32, 17), dtype=np.uint16)  # 8 micro-batches of 4
 
 
-def check(spec, rec_or_bytes, losses, shard, segment, digests=None, **kw):
+def check(spec, rec_or_bytes, losses, shard, segment, digests=None, state_changes=(), model=None, **kw):
     if isinstance(rec_or_bytes, bytes):
         data = rec_or_bytes
     else:
         data, digests = rec_or_bytes.proof(segment), digests or rec_or_bytes.digests()
     digests = digests if digests is not None else [b"\0" * 32] * (2 * SEGMENTS + 1)
-    return check_proof(data, spec=spec, model=build_model(spec.model, 1), sequences=shard, losses=losses,
-                       digests=digests, segments=SEGMENTS, segment=segment, tolerance=1e-3, **kw)
+    return check_proof(data, spec=spec, model=model or build_model(spec.model, 1), sequences=shard, losses=losses,
+                       digests=digests, state_changes=list(state_changes), segment=segment, tolerance=1e-3, **kw)
 
 
 def test_segments_cover_the_shard_without_gaps():
@@ -117,12 +117,49 @@ def test_a_proof_for_another_segment_or_shard_is_refused(shard):
     assert not check(spec, rec, losses, other, 2).valid
 
 
-def test_replay_stops_where_the_swarm_moved_the_parameters(shard):
-    """An outer step landing mid-segment (the epoch changes): the losses before it are checked, not the end."""
+def test_a_segment_where_the_swarm_replaced_the_parameters_is_not_replayed(shard):
+    """An outer step landing in segment 2 (after micro-batch 2, or at its end): that segment cannot be checked."""
     spec = spec_for()
-    rec, losses = honest(spec, shard, epochs=[0, 0, 0, 1, 1, 1, 1, 1])
-    result = check(spec, rec, losses, shard, 2)
-    assert result.valid and result.batches == 1 and "end state" not in result.detail
+    rec, losses = honest(spec, shard)
+    for change in (3, 4):  # inside segment 2 = micro-batches [2, 4), and at its end
+        result = check(spec, rec, losses, shard, 2, state_changes=[change])
+        assert not result.valid and "replaced the parameters" in result.detail
+    assert check(spec, rec, losses, shard, 2, state_changes=[2, 5]).valid  # at its start, or elsewhere: fine
+
+
+def test_learning_rates_and_moments_must_be_ones_training_could_have(shard):
+    """A forward-only cheater could otherwise commit to a zero learning rate (or huge second moments) so that
+    the replay never moves: both are refused, and so is an end state equal to the start."""
+    spec = spec_for()
+    lazy, losses = honest(spec, shard, train=False)
+    lazy.lrs = [0.0] * len(lazy.lrs)
+    result = check(spec, lazy, losses, shard, 2)
+    assert not result.valid and "within the schedule" in result.detail
+    lazy, losses = honest(spec, shard, train=False)
+    params, moments = lazy.states[1]
+    huge = [[st, m1, torch.full_like(m2, 1e30)] for st, m1, m2 in moments]
+    lazy.states[1] = (params, huge)
+    lazy._digests[1] = (lazy._digests[1][0], digest([t for row in huge for t in row]))
+    result = check(spec, lazy, losses, shard, 2)
+    assert not result.valid and "exceed what gradients" in result.detail
+
+
+def test_a_replay_that_fails_mid_step_leaves_no_gradients_behind(shard, monkeypatch):
+    """The keeper reuses one scratch model: a replay that raises after a backward pass must not leak gradients
+    into the next peer's replay."""
+    spec = spec_for()
+    rec, losses = honest(spec, shard)
+    model = build_model(spec.model, 1)
+
+    def broken(self, closure=None):
+        raise RuntimeError("optimizer failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", broken)
+        with pytest.raises(RuntimeError, match="optimizer failed"):
+            check(spec, rec, losses, shard, 2, model=model)
+    assert all(p.grad is None for p in model.parameters())
+    assert check(spec, rec, losses, shard, 2, model=model).valid
 
 
 def test_sync_mode_replays_forward_passes(shard):

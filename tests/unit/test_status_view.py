@@ -49,7 +49,7 @@ def test_piped_rows_are_never_wrapped(status, monkeypatch):
     for i in range(3):
         rows = [line for line in lines if line.lstrip().startswith(f"{i}" * 8)]
         assert len(rows) == 1, text
-        assert f"{LONG_NAME}-{i}" in rows[0] and "1234.5" in rows[0] and rows[0].rstrip().endswith("123456")
+        assert f"{LONG_NAME}-{i}" in rows[0] and "1234.5" in rows[0] and rows[0].rstrip().endswith("123456  —")
     assert any(line.startswith("keeper: ") and "(checkpoint every 10)" in line for line in lines), text
     warning = [line for line in lines if line.startswith("warning: ")]
     assert len(warning) == 1 and warning[0].endswith("no peer answered [timeout 30s]"), text
@@ -106,3 +106,18 @@ def test_a_paused_peer_shows_as_paused(status, monkeypatch):
     rows = {line.split()[0]: line for line in rendered(status, monkeypatch).splitlines()
             if line.lstrip()[:1].isdigit() and LONG_NAME in line}
     assert " paused " in rows["0" * 8] and " yes " in rows["1" * 8] and " no " in rows["2" * 8], rows
+
+
+def test_the_verification_line_and_column_show_checked_work(status, monkeypatch):
+    from hivefold.status_view import verified_cell
+
+    assert "verification:" not in rendered(status, monkeypatch)  # an older coordinator's document
+    status["run"] = {"verification": {"segments": 4, "ban_after_invalid": 2}}
+    status["verification"] = {"awaiting_proof": 1, "queued": 0, "valid": 9, "invalid": 2, "checked": 12,
+                              "share_checked": 0.25, "keeper_seconds_per_check": 0.21, "train_seconds_per_check": 1.5}
+    assert ("verification: 12 results checked (25%) · 9 valid, 2 invalid, 1 waiting · keeper 0.21s a check (shards "
+            "trained in 1.50s) · banned after 2 invalid") in rendered(status, monkeypatch)
+    status["run"]["verification"]["segments"] = 0
+    assert "verification: off" in rendered(status, monkeypatch)
+    assert verified_cell({}) == "—" and verified_cell({"results_valid": 3}) == "3 ok"
+    assert verified_cell({"results_valid": 1, "results_invalid": 2, "reputation": 0.2}) == "1 ok, 2 bad (rep 0.20)"

@@ -98,6 +98,12 @@ function drawStatus(s) {
   const k = s.keeper;
   $("keeper").textContent = k ? (k.warning ? `keeper: ${k.warning}` : k.checkpoint_step != null ? `latest checkpoint at step ${k.checkpoint_step}` : "no checkpoint yet") : "";
   $("keeper").className = k && k.warning ? "error" : "muted";
+  const v = s.verification, vs = run.verification;
+  $("verification").textContent = !v || !vs ? "" : !vs.segments ? "verification off: results are credited unchecked" :
+    `verification: ${num(v.checked)} results checked (${pct(v.share_checked)}) · ${num(v.valid)} valid, ` +
+    `${num(v.invalid)} invalid, ${num(v.awaiting_proof + v.queued)} waiting` +
+    (v.keeper_seconds_per_check == null ? "" : ` · keeper ${v.keeper_seconds_per_check.toFixed(2)} s a check ` +
+      `(shards trained in ${v.train_seconds_per_check.toFixed(2)} s)`);
   drawPeers();
   drawLeaderboard(s.peers, s.teams);
 }
@@ -118,6 +124,7 @@ function drawPeers() {
     <td class="num">${esc(p.micro_batch || "?")}</td><td class="num">${num(p.samples_per_second, 1)}</td>
     <td class="num">${pct(p.utilization)}</td><td class="num">${num(p.shards_done)}</td><td class="num">${num(p.credit, 1)}</td>
     <td class="num">${p.recent_loss == null ? "—" : p.recent_loss.toFixed(3)}</td>
+    <td class="num" title="${verifiedTitle(p)}">${verified(p)}</td>
     <td class="${p.online && !p.banned ? "online" : "offline"}" title="${esc(p.ban_reason || p.pause_reason || "")}">${
       p.banned ? "banned" : (p.online ? (p.paused ? "paused" : "online") : "seen " + ago(now - p.last_seen)) +
       (p.poison_reports ? `, reported by ${p.poison_reports}` : "")}</td></tr>`).join("");
@@ -125,6 +132,17 @@ function drawPeers() {
     th.classList.toggle("sorted", th.dataset.key === sortKey);
     th.classList.toggle("asc", th.dataset.key === sortKey && sortAsc);
   });
+}
+
+// Results the keeper checked: "3 ok", "2 ok, 1 bad"; the reputation and Gauntlet-style score in the tooltip.
+function verified(p) {
+  if (!p.results_valid && !p.results_invalid) return "—";
+  return `${num(p.results_valid)} ok` + (p.results_invalid ? `, ${num(p.results_invalid)} bad` : "");
+}
+
+function verifiedTitle(p) {
+  const score = p.contribution_score == null ? "" : `, held-out loss change ${p.contribution_score.toFixed(4)}`;
+  return esc(`reputation ${p.reputation == null ? "—" : p.reputation.toFixed(2)}, ${p.valid_streak || 0} valid in a row${score}`);
 }
 
 function drawLeaderboard(peers, teams) {
@@ -137,11 +155,12 @@ function drawLeaderboard(peers, teams) {
 function drawEvents(events, now) {
   const what = {
     run_created: "run created", peer_registered: "joined", peer_left: "left", lease_expired: "lease expired",
-    lease_released: "handed a lease back", result_rejected_late: "result rejected (late)", checkpoint: "checkpoint",
+    lease_released: "handed a lease back", result_rejected_late: "result rejected (late)",
+    result_invalid: "result failed verification", peer_banned: "banned", checkpoint: "checkpoint",
     data_pass_started: "data pass started", run_complete: "run complete", leases_resumed: "coordinator restarted, leases resumed",
   };
   $("events").innerHTML = events.map((e) => `<li>${e.peer ? `<b>${esc(e.peer)}</b> ` : ""}${esc(what[e.kind] || e.kind)}` +
-    `${e.shard_id != null ? ` (shard ${esc(e.shard_id)})` : ""}${["checkpoint", "peer_left", "run_complete"].includes(e.kind) ? ` <span class="muted">${esc(e.detail)}</span>` : ""}` +
+    `${e.shard_id != null ? ` (shard ${esc(e.shard_id)})` : ""}${["checkpoint", "peer_left", "run_complete", "result_invalid", "peer_banned"].includes(e.kind) ? ` <span class="muted">${esc(e.detail)}</span>` : ""}` +
     ` <span class="when">${ago(now - e.at)}</span></li>`).join("");
 }
 
