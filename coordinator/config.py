@@ -172,9 +172,9 @@ class CoordinatorConfig:
         if not 0 <= self.ban_after_reports <= 1000:
             raise ConfigError(f"--ban-after-reports must be between 0 (never ban) and 1000, "
                               f"got {self.ban_after_reports}")
-        if not 0 <= self.verify_floor <= self.verify_ceiling <= 1:
+        if not 0 <= self.verify_ceiling <= 1 or not 0 <= self.verify_floor <= (self.verify_ceiling or 1):
             raise ConfigError(f"need 0 <= --verify-floor ({self.verify_floor}) <= --verify-ceiling "
-                              f"({self.verify_ceiling}) <= 1")
+                              f"({self.verify_ceiling}) <= 1 (a ceiling of 0 turns checks off)")
         if not 1e-6 <= self.verify_tolerance <= 1:
             raise ConfigError(f"--verify-tolerance must be between 1e-6 and 1 (relative), got {self.verify_tolerance}")
         if not 1 <= self.proof_segments <= 64:

@@ -282,6 +282,9 @@ def submit_proof(request: pb.SubmitProofRequest, ctx: Context, now: float) -> pb
     peer_id = _auth(request.auth, ctx)
     if not request.lease_id:
         raise InvalidArgument("lease_id is required")
+    if request.total_size == 0 and not request.data:  # the peer has none (it restarted since it trained)
+        ctx.ledger.decline_proof(peer_id, request.lease_id, why="it restarted since it trained the shard", now=now)
+        return pb.SubmitProofResponse(received=0, complete=True)
     if not request.data or len(request.data) > PROOF_CHUNK_MAX:
         raise InvalidArgument(f"a proof chunk holds 1 to {PROOF_CHUNK_MAX} bytes, not {len(request.data)}")
     received, complete = ctx.ledger.receive_proof(

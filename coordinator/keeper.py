@@ -70,7 +70,7 @@ class Keeper:
                                 seq_len=self.spec.seq_len, vocab_size=self.spec.model.vocab_size)
         self.model = build_model(self.spec.model, self.spec.seed)
         self.verifier = Verifier(workdir, self.spec, self.ledger, tolerance=verify_tolerance,
-                                 ban_after=ban_after_invalid, held_out=self.val)
+                                 ban_after=ban_after_invalid, held_out=self.val, online_seconds=online_seconds)
         latest = self.ledger.latest_checkpoint(on_disk=True)
         ckpt = load_checkpoint(Path(latest[1])) if latest else None
         if ckpt is not None:

@@ -30,9 +30,10 @@ BUDGET_S = 10.0  # verification time per keeper poll, at most (a proof is always
 
 class Verifier:
     def __init__(self, workdir: Path, spec: RunSpec, ledger: Ledger, *, tolerance: float, ban_after: int,
-                 held_out: np.ndarray | None = None):
+                 held_out: np.ndarray | None = None, online_seconds: float = 30.0):
         self.workdir, self.spec, self.ledger = workdir, spec, ledger
         self.tolerance, self.ban_after, self.held_out = tolerance, ban_after, held_out
+        self.online_seconds = online_seconds  # a peer silent this long is offline: its missing proof will not come
         self.model = build_model(spec.model, spec.seed)  # scratch: every replay overwrites its parameters
         self.signer = ReceiptSigner(workdir, spec.run_id)
 
@@ -46,7 +47,7 @@ class Verifier:
 
     def run_pending(self, budget_s: float = BUDGET_S) -> int:
         """Check queued proofs for up to ``budget_s``; how many were checked. Late proofs expire first."""
-        for lease_id in self.ledger.expire_proofs(time.time()):
+        for lease_id in self.ledger.expire_proofs(time.time(), self.online_seconds):
             log.warning("lease %s: no proof of training came in time; the result earns nothing", lease_id)
         done, deadline = 0, time.monotonic() + budget_s
         while time.monotonic() < deadline:

@@ -133,7 +133,12 @@ class CoordinatorClient:
         return self._retry(lambda: self.stub.SubmitResult(request, timeout=RPC_TIMEOUT_S), "SubmitResult")
 
     def submit_proof(self, lease_id: str, segment: int, proof: bytes, *, chunk: int = 512 << 10) -> None:
-        """Upload a proof of training in order, chunk by chunk (each a signed request under the 1 MiB limit)."""
+        """Upload a proof of training in order, chunk by chunk (each a signed request under the 1 MiB limit);
+        an empty ``proof`` says this peer has none."""
+        if not proof:
+            req = pb.SubmitProofRequest(auth=self.auth, lease_id=lease_id, segment=segment, total_size=0)
+            self._retry(lambda: self.stub.SubmitProof(req, timeout=RPC_TIMEOUT_S), "SubmitProof")
+            return
         for offset in range(0, len(proof), chunk):
             req = pb.SubmitProofRequest(auth=self.auth, lease_id=lease_id, segment=segment, offset=offset,
                                         total_size=len(proof), data=proof[offset:offset + chunk])

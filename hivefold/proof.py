@@ -131,6 +131,8 @@ class Check:
     detail: str
     score: float = math.nan  # held-out loss before the segment minus after (higher: the update helped)
     batches: int = 0  # micro-batches replayed
+    loss_error: float = 0.0  # the largest relative difference between a reported and a replayed loss
+    end_error: float = 0.0  # the replay's distance from the committed end state, relative to the segment's movement
 
 
 def _load(data: bytes, model: GPT) -> dict:
@@ -178,9 +180,11 @@ def segment_is_whole(bounds: tuple[int, int], state_changes: list[int]) -> bool:
 
 def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
     """The inner learning rates a peer at outer step ``epoch`` can have used (``DiLoCo._set_lr``): its schedule
-    runs ``inner_steps`` per outer step, plus the steps of a round still in flight (up to two more rounds)."""
+    runs ``inner_steps`` per outer step, plus the steps of a round still in flight (up to two more rounds); the
+    step right after an outer step lands still uses the rate set before it (one round back)."""
     h = spec.averaging.inner_steps
-    rates = [spec.optimizer.lr * lr_lambda(s, cfg=spec.optimizer) for s in range(epoch * h, (epoch + 3) * h + 1)]
+    steps = range(max(0, epoch - 1) * h, (epoch + 3) * h + 1)
+    rates = [spec.optimizer.lr * lr_lambda(s, cfg=spec.optimizer) for s in steps]
     return min(rates), max(rates)
 
 
@@ -227,10 +231,11 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     diloco = spec.averaging.mode == "diloco"
     if diloco:
         low, high = _lr_range(spec, losses[start][1])
-        if doc["moments"] is None or len(doc["lrs"]) != end - start or not all(
-                low * (1 - 1e-6) <= lr <= high * (1 + 1e-6) for lr in doc["lrs"]):
-            return Check(False, f"a diloco proof needs the inner optimizer's moments and one learning rate per step "
-                                f"within the schedule's [{low:.3g}, {high:.3g}] at step {losses[start][1]}")
+        if doc["moments"] is None or len(doc["lrs"]) != end - start:
+            return Check(False, "a diloco proof needs the inner optimizer's moments and one learning rate per step")
+        if not all(low * (1 - 1e-6) <= lr <= high * (1 + 1e-6) for lr in doc["lrs"]):
+            return Check(False, f"learning rates {min(doc['lrs']):.4g}..{max(doc['lrs']):.4g} outside the schedule's "
+                                f"[{low:.4g}, {high:.4g}] at step {losses[start][1]}")
         clip = spec.optimizer.grad_clip
         if clip:  # clipped gradients bound AdamW's moments: a huge second moment would freeze the replay
             m1 = math.sqrt(sum(float(row[1].pow(2).sum()) for row in doc["moments"]))
@@ -248,15 +253,18 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
         for p, (step, m1, m2) in zip(params, doc["moments"], strict=True):
             opt.state[p] = {"step": step.reshape(()).float().clone(), "exp_avg": m1.clone(), "exp_avg_sq": m2.clone()}
     model.train()
+    loss_error = 0.0
     for i in range(start, end):
         reported = losses[i][0]
         block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
         with torch.set_grad_enabled(diloco):
             _, loss = model(block[:, :-1], block[:, 1:])
         value = float(loss.detach())
-        if not abs(value - reported) <= tolerance * max(1.0, abs(value)):
+        error = abs(value - reported) / max(1.0, abs(value))
+        loss_error = max(loss_error, error) if math.isfinite(error) else math.inf
+        if not error <= tolerance:
             return Check(False, f"micro-batch {i}: reported loss {reported:.4f}, replayed {value:.4f}",
-                         batches=i - start + 1)
+                         batches=i - start + 1, loss_error=loss_error)
         if diloco:
             (loss * len(block)).backward()
             grads = [p.grad for p in params if p.grad is not None]
@@ -269,20 +277,21 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
             opt.zero_grad(set_to_none=True)
     replayed = end - start
     detail = f"{replayed} micro-batches replayed"
-    score = math.nan
+    score, end_error = math.nan, 0.0
     if diloco:  # the replay must end where the peer committed to having ended
         with torch.no_grad():
             moved = math.sqrt(sum(float((e - s).pow(2).sum()) for e, s in zip(doc["end_params"], doc["params"],
                                                                                strict=True)))
             off = math.sqrt(sum(float((p - e).pow(2).sum()) for p, e in zip(params, doc["end_params"],
                                                                             strict=True)))
-        if moved == 0 or not off <= 4 * tolerance * moved:
+        end_error = off / moved if moved > 0 else math.inf
+        if not end_error <= 4 * tolerance:
             return Check(False, f"the replay ends {off:.3g} from the peer's end state (it moved {moved:.3g})",
-                         batches=replayed)
+                         batches=replayed, loss_error=loss_error, end_error=end_error)
         detail += ", end state matches"
         if held_out is not None and len(held_out):
             score = _score(model, params, doc, held_out[:SCORE_SEQUENCES])
-    return Check(True, detail, score=score, batches=replayed)
+    return Check(True, detail, score=score, batches=replayed, loss_error=loss_error, end_error=end_error)
 
 
 def _score(model: GPT, params: list[torch.Tensor], doc: dict, sample: np.ndarray) -> float:

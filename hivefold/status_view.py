@@ -83,23 +83,15 @@ def render(status: dict, *, clock: str = "") -> Group:
         status.get("averaging") or "",
     )
     peers = Table("peer", "name", "device", "batch", "online", "shards", "samples", "samples/s", "compute", "loss",
-                  "step", "verified", box=None)
+                  "step", box=None)
     for p in status["peers"]:
         # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
         peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
                       online_cell(p), str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
-                      fmt(p["recent_loss"]), str(p["epoch"]), verified_cell(p))
+                      fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status),
                  *verification_lines(status), peers, leaderboard(status))
-
-
-def verified_cell(peer: dict) -> str:
-    """``3 ok`` / ``2 ok, 1 bad (rep 0.43)``: the peer's results checked by the keeper; ``—`` if none yet."""
-    valid, invalid = peer.get("results_valid", 0), peer.get("results_invalid", 0)
-    if not valid and not invalid:
-        return "—"
-    return f"{valid} ok" + (f", {invalid} bad (rep {peer.get('reputation', 0):.2f})" if invalid else "")
 
 
 def verification_lines(status: dict) -> list[Text]:
@@ -136,11 +128,14 @@ def access_lines(status: dict) -> list[Text]:
 
 def online_cell(peer: dict) -> str:
     """``yes``, ``no``, ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...) or
-    ``banned``; with ``, reported N`` when N peers caught it poisoning the averaging."""
+    ``banned``; with ``, reported N`` when N peers caught it poisoning the averaging, and ``, N invalid`` when
+    N of its results failed the keeper's check (the dashboard shows every peer's checked results)."""
     if peer.get("banned"):
         return "banned"
     cell = "no" if not peer["online"] else "paused" if peer.get("paused") else "yes"
-    return f"{cell}, reported {peer['poison_reports']}" if peer.get("poison_reports") else cell
+    if peer.get("poison_reports"):
+        cell += f", reported {peer['poison_reports']}"
+    return cell + (f", {peer['results_invalid']} invalid" if peer.get("results_invalid") else "")
 
 
 def duration(seconds: float) -> str:

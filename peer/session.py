@@ -283,6 +283,7 @@ class Session:
             if proof is None:
                 log.warning("lease %s was picked for verification, but no proof is kept (%s): it earns no credit",
                             lease_id, why)
+                client.submit_proof(lease_id, resp.proof_segment, b"")  # say so: the shard goes out again now
             elif len(proof) > resp.proof_max_bytes:
                 log.warning("the proof for lease %s is %d bytes, over the coordinator's %d", lease_id, len(proof),
                             resp.proof_max_bytes)

@@ -105,8 +105,11 @@ class ShardLeases(LedgerStore):
             row = _take_next_shard(c)
             if row is None:
                 busy = c.execute("SELECT COUNT(*) FROM shards WHERE state = ?", (ShardState.LEASED.value,)).fetchone()
-                if busy[0]:
-                    return LeaseOutcome(None)  # every shard is out: wait for one to finish or expire
+                checking = c.execute("SELECT COUNT(*) FROM results WHERE verdict = ? AND data_pass = ?",
+                                     (Verdict.PENDING.value, data_pass)).fetchone()
+                if busy[0] or checking[0]:
+                    # every shard is out, or waits for its check (a failed one is trained again in this pass)
+                    return LeaseOutcome(None)
                 passes = int(meta["data_passes"])
                 if passes and data_pass + 1 >= passes:
                     _complete(c, now, f"{passes} data passes done")
@@ -250,7 +253,8 @@ class ShardLeases(LedgerStore):
                 if unverifiable:  # no credit; the shard is trained again
                     verdict, credit, detail = Verdict.INVALID, 0.0, f"invalid: {unverifiable}"
                 elif segment:
-                    verdict, credit, detail = Verdict.PENDING, 0.0, f"{detail}; credit waits for verification"
+                    verdict, credit = Verdict.PENDING, 0.0
+                    detail = "pending verification: the shard counts, its credit waits for the keeper's check"
                 elif sign_receipt is not None:
                     receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,
                                            samples=samples, points=credit, accepted_at=now)

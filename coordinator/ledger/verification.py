@@ -15,6 +15,7 @@ invalid without counting against the peer (it may have crashed), but its streak 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -200,13 +201,28 @@ class Verifications(LedgerStore):
             self._peer_cache.pop(peer_id, None)
         return banned
 
-    def expire_proofs(self, now: float) -> list[str]:
-        """Results whose proof did not come in time become invalid (no strike); their lease ids."""
-        late = [r[0] for r in self._read("SELECT lease_id FROM verifications WHERE state = ? AND proof_deadline < ?",
-                                         (AWAITING, now))]
+    def expire_proofs(self, now: float, online_seconds: float = math.inf) -> list[str]:
+        """Results whose proof did not come in time, or whose peer went offline before sending any of it, become
+        invalid (no strike: it may have crashed); their lease ids."""
+        late = [r[0] for r in self._read(
+            "SELECT v.lease_id FROM verifications v JOIN peers p USING (peer_id) WHERE v.state = ? AND "
+            "(v.proof_deadline < ? OR (v.proof_bytes = 0 AND p.last_seen < ? AND p.last_seen < v.requested_at))",
+            (AWAITING, now, now - online_seconds))]
         for lease_id in late:
-            self.record_verification(lease_id, valid=False, detail="no proof came in time", now=now, strike=False)
+            self.record_verification(lease_id, valid=False, detail="no proof came (the peer went away, or took too "
+                                     "long)", now=now, strike=False)
         return late
+
+    def decline_proof(self, peer_id: str, lease_id: str, *, why: str, now: float) -> None:
+        """The peer has no proof to send (it restarted since it trained the shard): invalid at once, no strike."""
+        rows = self._read("SELECT peer_id, state FROM verifications WHERE lease_id = ?", (lease_id,))
+        if not rows:
+            raise NotFound(f"no proof was asked for lease {lease_id}")
+        if rows[0][0] != peer_id:
+            raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+        if rows[0][1] == AWAITING:
+            self.record_verification(lease_id, valid=False, detail=f"the peer has no proof: {why}"[:200], now=now,
+                                     strike=False)
 
     def verification_summary(self) -> dict:
         with self._snapshot() as c:

@@ -151,7 +151,6 @@ def test_a_peer_with_too_many_unchecked_results_waits_and_a_ban_voids_the_rest(l
         works.append(lease(ledger, "b", now=1.0 + i))
         assert submit(ledger, "b", works[-1], always(), now=1.5 + i).verdict is Verdict.PENDING
     assert ledger.lease_shard("b", lease_seconds=60.0, now=10.0).lease is None
-    assert lease(ledger, "a", now=10.0) is not None  # others are not held back
     for w in works[:2]:
         ledger.record_verification(w.lease_id, valid=False, detail="forged", now=11.0, ban_after=2)
     assert ledger.is_banned("b")
@@ -160,3 +159,32 @@ def test_a_peer_with_too_many_unchecked_results_waits_and_a_ban_voids_the_rest(l
     b = peer(ledger, "b")
     assert b["results_invalid"] == 2 and b["credit"] == 0
     assert ledger.verification_summary()["invalid"] == MAX_UNVERIFIED
+
+
+def test_a_pass_ends_only_once_its_checks_are_done(ledger):
+    works = []
+    for i, name in enumerate("aaab"):
+        works.append(lease(ledger, name, now=1.0 + i))
+        assert submit(ledger, name, works[-1], always(), now=1.5 + i).verdict is Verdict.PENDING
+    outcome = ledger.lease_shard("b", lease_seconds=60.0, now=5.0)
+    assert outcome.lease is None and not outcome.run_complete  # the pass waits: a failed check is trained again
+    assert ledger.status(now=5.0, online_seconds=1e9, seq_len=16)["data_pass"] == 0
+    ledger.record_verification(works[0].lease_id, valid=False, detail="forged", now=6.0)
+    again = ledger.lease_shard("b", lease_seconds=60.0, now=7.0).lease
+    assert again.shard_id == works[0].shard_id and again.data_pass == 0  # trained again in the same pass
+
+
+def test_a_proof_that_will_not_come_is_not_waited_for(ledger):
+    mine, theirs = lease(ledger, "a"), lease(ledger, "b")
+    for w in (mine, theirs):
+        submit(ledger, w.peer_id, w, always())
+    ledger.heartbeat("b", epoch=0, samples=0, recent_loss=None, samples_per_second=0.0, now=35.0,
+                     utilization=0.0, micro_batch=4)
+    # a went silent before its result was sampled (it crashed): no strike, and the shard goes out again
+    assert ledger.expire_proofs(now=40.0, online_seconds=30.0) == [mine.lease_id]
+    ledger.decline_proof("b", theirs.lease_id, why="it restarted", now=41.0)  # b restarted and said so
+    with pytest.raises(PermissionDenied):
+        ledger.decline_proof("a", theirs.lease_id, why="?", now=41.0)
+    for name, w in (("a", mine), ("b", theirs)):
+        assert submit(ledger, name, w, always()).verdict is Verdict.INVALID
+        assert peer(ledger, name)["results_invalid"] == 0

@@ -134,7 +134,7 @@ def test_learning_rates_and_moments_must_be_ones_training_could_have(shard):
     lazy, losses = honest(spec, shard, train=False)
     lazy.lrs = [0.0] * len(lazy.lrs)
     result = check(spec, lazy, losses, shard, 2)
-    assert not result.valid and "within the schedule" in result.detail
+    assert not result.valid and "outside the schedule" in result.detail
     lazy, losses = honest(spec, shard, train=False)
     params, moments = lazy.states[1]
     huge = [[st, m1, torch.full_like(m2, 1e30)] for st, m1, m2 in moments]

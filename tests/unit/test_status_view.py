@@ -49,7 +49,7 @@ def test_piped_rows_are_never_wrapped(status, monkeypatch):
     for i in range(3):
         rows = [line for line in lines if line.lstrip().startswith(f"{i}" * 8)]
         assert len(rows) == 1, text
-        assert f"{LONG_NAME}-{i}" in rows[0] and "1234.5" in rows[0] and rows[0].rstrip().endswith("123456  —")
+        assert f"{LONG_NAME}-{i}" in rows[0] and "1234.5" in rows[0] and rows[0].rstrip().endswith("123456")
     assert any(line.startswith("keeper: ") and "(checkpoint every 10)" in line for line in lines), text
     warning = [line for line in lines if line.startswith("warning: ")]
     assert len(warning) == 1 and warning[0].endswith("no peer answered [timeout 30s]"), text
@@ -109,7 +109,7 @@ def test_a_paused_peer_shows_as_paused(status, monkeypatch):
 
 
 def test_the_verification_line_and_column_show_checked_work(status, monkeypatch):
-    from hivefold.status_view import verified_cell
+    from hivefold.status_view import online_cell
 
     assert "verification:" not in rendered(status, monkeypatch)  # an older coordinator's document
     status["run"] = {"verification": {"segments": 4, "ban_after_invalid": 2}}
@@ -119,5 +119,5 @@ def test_the_verification_line_and_column_show_checked_work(status, monkeypatch)
             "trained in 1.50s) · banned after 2 invalid") in rendered(status, monkeypatch)
     status["run"]["verification"]["segments"] = 0
     assert "verification: off" in rendered(status, monkeypatch)
-    assert verified_cell({}) == "—" and verified_cell({"results_valid": 3}) == "3 ok"
-    assert verified_cell({"results_valid": 1, "results_invalid": 2, "reputation": 0.2}) == "1 ok, 2 bad (rep 0.20)"
+    assert online_cell({"online": True, "results_valid": 3}) == "yes"
+    assert online_cell({"online": True, "results_invalid": 1, "poison_reports": 2}) == "yes, reported 2, 1 invalid"
