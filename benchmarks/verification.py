@@ -74,9 +74,14 @@ def run(root: Path, seconds: float, *, verify: bool, cheater: bool) -> dict:
             cheater_results = (db.execute("SELECT COUNT(*) FROM results WHERE peer_id = ?", (ids["mallory"],))
                                .fetchone()[0] if "mallory" in ids else None)
             steady, whole = share(wall + seconds / 2), share(0.0)
+            honest_invalid = [r[0] for r in db.execute(
+                "SELECT detail FROM verifications WHERE state = 'invalid' AND peer_id IN (?, ?)",
+                (ids.get("alice", ""), ids.get("bob", ""))).fetchall()]
+            evals = db.execute("SELECT step, val_loss FROM evaluations ORDER BY step DESC LIMIT 1").fetchone()
         v = status["verification"]
         out = {"tokens_per_s": round(status["tokens_trained"] / seconds, 1), "val_loss_last": status["val_loss"],
-               "global_step": status["global_step"], "keeper_seconds_per_check": v["keeper_seconds_per_check"],
+               "global_step": status["global_step"], "val_loss_step": evals[0] if evals else None,
+               "honest_invalid": honest_invalid, "keeper_seconds_per_check": v["keeper_seconds_per_check"],
                "train_seconds_per_check": v["train_seconds_per_check"], "checks": v["checked"],
                "checks_valid": v["valid"], "checks_invalid": v["invalid"], "share_checked_honest": whole,
                "share_checked_honest_second_half": steady}
@@ -101,7 +106,10 @@ def main() -> None:
     result = {"seconds": args.seconds, **runs,
               "tokens_per_s_ratio": round(runs["checked"]["tokens_per_s"] / base, 3) if base else None}
     for name, r in runs.items():
-        print(f"{name:21s} {r['tokens_per_s']:8.1f} tokens/s, val loss {r['val_loss_last']}, step {r['global_step']}")
+        print(f"{name:21s} {r['tokens_per_s']:8.1f} tokens/s, val loss {r['val_loss_last']} at step "
+              f"{r['val_loss_step']} (swarm at step {r['global_step']})")
+        for why in r["honest_invalid"]:
+            print(f"{'':21s} an honest result was not credited: {why}")
         if r["checks"]:
             print(f"{'':21s} {r['checks']} checks ({r['checks_valid']} valid, {r['checks_invalid']} invalid): keeper "
                   f"{r['keeper_seconds_per_check']} s per check for shards trained in {r['train_seconds_per_check']} s;"

@@ -146,7 +146,6 @@ class Keeper:
                 log.error("the coordinator that started this keeper is gone; taking a final checkpoint and exiting")
                 break
             self.swarm_pass.announce_if_due(self.dht)
-            self.verifier.run_pending()
             # The swarm's step: from hivemind's tracker (sync), and from what peers report to the coordinator.
             global_step = self.ledger.observe_global_step(self.averaging.global_epoch)
             now = time.time()
@@ -159,6 +158,7 @@ class Keeper:
                     self.evaluate_and_checkpoint(f"handed over by leaving peer {peer}")
             elif global_step >= self.last_step + self.checkpoint_every and self.catch_up(global_step):
                 self.evaluate_and_checkpoint("periodic")
+            self.verifier.run_pending()  # after the checkpoint: checks wait a poll, the swarm's state may not
         self.final_checkpoint()
 
     def final_checkpoint(self) -> None:

@@ -25,7 +25,7 @@ from hivefold.spec import RunSpec
 
 log = logging.getLogger("hivefold.keeper")
 
-BUDGET_S = 10.0  # verification time per keeper poll, at most (a proof is always finished once started)
+BUDGET_S = 4.0  # verification time per keeper poll, at most (a proof is always finished once started)
 
 
 class Verifier:

@@ -37,7 +37,7 @@ from hivefold.spec import RunSpec
 from hivefold.training import evaluate, inner_optimizer, lr_lambda
 
 DEFAULT_SEGMENTS = 4
-SCORE_SEQUENCES = 32  # held-out sequences the Gauntlet-style score is measured on
+SCORE_SEQUENCES = 16  # held-out sequences the Gauntlet-style score is measured on (two forward passes each)
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
 
 
