@@ -24,7 +24,6 @@ from hivefold.client import CoordinatorClient, describe_rpc_error
 from hivefold.dht import BootstrapFailed, join_dht
 from hivefold.errors import HivefoldError, IntegrityError
 from hivefold.identity import Identity
-from hivefold.proof import ShardRecorder
 from hivefold.receipts import ReceiptBook
 from hivefold.retry import Stopped
 from hivefold.spec import RunSpec, verify_spec
@@ -33,6 +32,7 @@ from peer.config import PeerConfig
 from peer.device import describe_device, limit_memory, resolve_device
 from peer.leases import LeaseClock
 from peer.outbox import Outbox
+from peer.proofs import Proofs
 from peer.swarm_pass import SwarmPass
 from peer.trainer import Trainer
 from protos import coordinator_pb2 as pb
@@ -45,7 +45,6 @@ STATE_FILE = "state.json"  # {"spec_hash": ...}: the run this workdir trains for
 HANDOVER_WAIT_S = 90.0  # on a clean leave, how long to stay reachable for the keeper to take this peer's state
 DHT_JOIN_ATTEMPTS = 6  # the bootstrap node is the coordinator's: tries (2, 4, ... 30 s apart) while it restarts
 LEASE_SECONDS_DEFAULT = 120.0  # a coordinator too old to say how long its leases last: its default
-PROOFS_KEPT = 3  # shards whose proof-of-training records are kept (training, and results not yet answered)
 PARKED_POLL_S = 10.0  # how often to ask about results pending verification
 
 
@@ -71,10 +70,7 @@ class Session:
         self.run_complete = False  # the coordinator said the run is over (token budget or data passes spent)
         self.receipts = ReceiptBook(self.workdir)
         self.receipt_key = b""  # the coordinator's receipt-signing key, from Register
-        self.proof_segments = 0  # from Register: 0 = this run does not verify results
-        self.recorders: dict[str, ShardRecorder] = {}  # lease id -> what its proof of training needs
-        self._recorders_lock = threading.Lock()  # the trainer adds, the submitter thread takes
-        self._parked_at = 0.0
+        self.proofs = Proofs()  # what sampled results need to prove their training (peer.proofs)
         self.bootstrap_maddrs: list[str] = []  # the coordinator's DHT node, from Register
         self.swarm_pass: SwarmPass | None = None  # the token that admits this peer's DHT node (swarm_pass.py)
 
@@ -104,7 +100,7 @@ class Session:
             state_path.write_text(json.dumps({"spec_hash": resp.spec_hash, "run_id": self.spec.run_id}))
         self.heartbeat_interval = resp.heartbeat_interval_s or 10.0
         self.lease_seconds = resp.lease_seconds or LEASE_SECONDS_DEFAULT
-        self.proof_segments = resp.proof_segments
+        self.proofs.segments = resp.proof_segments
         log.info("peer %s joined run %s (spec %s), %d shards; DHT %s", resp.peer_id, self.spec.run_id,
                  resp.spec_hash[:12], len(self.spec.shards), " ".join(resp.dht_maddrs))
         resp = self._join_dht(resp)
@@ -249,73 +245,25 @@ class Session:
         except (grpc.RpcError, HivefoldError) as e:
             log.warning("could not submit results on exit (%s); they will be sent on the next start", e)
 
-    def recorder(self, lease_id: str, n_batches: int, micro_batch: int) -> ShardRecorder | None:
-        """What to keep while training ``lease_id`` for a proof of training; None if the run does not verify."""
-        if not self.proof_segments:
-            return None
-        recorder = ShardRecorder(n_batches, self.proof_segments, micro_batch)
-        with self._recorders_lock:
-            while len(self.recorders) >= PROOFS_KEPT:  # the oldest: answered long ago, its proof is not wanted
-                self.recorders.pop(next(iter(self.recorders)))
-            self.recorders[lease_id] = recorder
-        return recorder
-
     def submitted(self, client, request: pb.SubmitResultRequest, resp: pb.SubmitResultResponse) -> None:
-        """The coordinator answered for a result: keep the receipt, or send the proof it asks for and park it."""
+        """The coordinator answered for a result: keep the receipt, or answer its verification and park it."""
         lease_id = request.lease_id
         self.leases.forget(lease_id)
         if resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
             self.keep_receipt(resp)
             self.outbox.done(lease_id)
             self.outbox.unpark(lease_id)
-            with self._recorders_lock:
-                self.recorders.pop(lease_id, None)
+            self.proofs.drop(lease_id)
             return
-        if resp.proof_segment:
-            with self._recorders_lock:
-                recorder = self.recorders.get(lease_id)
-            try:
-                proof = recorder.proof(resp.proof_segment) if recorder else None
-            except IntegrityError as e:
-                proof, why = None, str(e)
-            else:
-                why = "this peer restarted since it trained the shard"
-            if proof is None:
-                log.warning("lease %s was picked for verification, but no proof is kept (%s): it earns no credit",
-                            lease_id, why)
-                client.submit_proof(lease_id, resp.proof_segment, b"")  # say so: the shard goes out again now
-            elif len(proof) > resp.proof_max_bytes:
-                log.warning("the proof for lease %s is %d bytes, over the coordinator's %d", lease_id, len(proof),
-                            resp.proof_max_bytes)
-            else:  # a failed upload raises: the result stays in the outbox, the proof is sent again with it
-                client.submit_proof(lease_id, resp.proof_segment, proof)
-                log.info("lease %s picked for verification: sent the proof of segment %d (%.1f MB)", lease_id,
-                         resp.proof_segment, len(proof) / 1e6)
-        with self._recorders_lock:
-            self.recorders.pop(lease_id, None)
+        self.proofs.answer(client, lease_id, resp)
         self.outbox.park(request)
 
-    def drop_recorder(self, lease_id: str) -> None:
-        """A lease given back unfinished: nothing of it will be checked."""
-        with self._recorders_lock:
-            self.recorders.pop(lease_id, None)
-
     def poll_parked(self, client, every: float = PARKED_POLL_S) -> None:
-        """Ask again about results pending verification, at most every ``every`` seconds."""
-        if time.monotonic() - self._parked_at < every:
-            return
-        self._parked_at = time.monotonic()
-        for request in self.outbox.parked():
-            try:
-                resp = client.submit(request)
-            except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
-                                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-                log.warning("forgetting the result for lease %s: %s", request.lease_id, describe_rpc_error(e))
+        """Ask again about results pending verification (at most every ``every`` seconds) for their verdicts."""
+        for request, resp in self.proofs.poll(client, self.outbox.parked(), every):
+            if resp is None:
                 self.outbox.unpark(request.lease_id)
-                continue
-            if resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
+            elif resp.verdict != pb.RESULT_VERDICT_PENDING_VERIFICATION:
                 log.info("result for lease %s verified: %s (credit %.3f)", request.lease_id, resp.detail, resp.credit)
                 self.keep_receipt(resp)
                 self.outbox.unpark(request.lease_id)

@@ -101,8 +101,8 @@ class WorkLoop:
                                 rate=trainer.meter.samples_per_second)
 
         try:
-            recorder = self.session.recorder(work.lease_id, -(-len(sequences) // trainer.micro_batch),
-                                             trainer.micro_batch)
+            recorder = self.session.proofs.recorder(work.lease_id, -(-len(sequences) // trainer.micro_batch),
+                                                    trainer.micro_batch)
             return trainer.train_shard(sequences, self.stop, on_batch, pause=_MidShard(self), recorder=recorder)
         finally:
             if progress is not None:
@@ -184,7 +184,7 @@ class WorkLoop:
                  work.shard_id, work.lease_id, len(sequences), trainer.global_step)
         result = self._train(work, sequences, progress)
         if result.interrupted:
-            self.session.drop_recorder(work.lease_id)
+            self.session.proofs.drop(work.lease_id)
             if self.stop.is_set():
                 self.session.release(work, "peer stopping")
                 return STOPPED
