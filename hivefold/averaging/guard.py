@@ -24,10 +24,6 @@ NORM_FACTOR = 10.0  # an update more than this many times the recent median norm
 STATE_FACTOR = 10.0  # a downloaded state whose parameters' norm is over this many times this peer's is refused
 HISTORY = 16  # accepted update norms remembered
 WARMUP = 3  # below this many, the bound is relative to this peer's own pseudo-gradient
-# Refusals in a row after which the recent range is taken to be stale (the learning rate's warmup grows updates
-# round over round; rounds where nobody trained average to almost nothing) and is started afresh: a guard that
-# refuses every round would keep the peer out of training for good.
-RESET_AFTER = 2
 
 
 def total_norm(tensors: list[torch.Tensor]) -> float:
@@ -41,7 +37,6 @@ class UpdateGuard:
         self.norms: deque[float] = deque(maxlen=HISTORY)
         self.refused_out = 0
         self.refused_in = 0
-        self._refused_in_a_row = 0
 
     def recent_norm(self) -> float:
         """The median norm of the recently accepted updates; 0.0 until there are a few."""
@@ -60,12 +55,8 @@ class UpdateGuard:
             return norm, "it has non-finite values"
         limit = self._limit(None)
         if limit is not None and norm > limit:
-            self._refused_in_a_row += 1
-            if self._refused_in_a_row <= RESET_AFTER:
-                self.refused_out += 1
-                return norm, f"its norm {norm:.3g} is over {self.factor:.0f}x the recent outer updates' ({limit:.3g})"
-            self.norms.clear()  # stale: the range starts afresh from the rounds to come
-        self._refused_in_a_row = 0
+            self.refused_out += 1
+            return norm, f"its norm {norm:.3g} is over {self.factor:.0f}x the recent outer updates' ({limit:.3g})"
         return norm, None
 
     def check_incoming(self, update: list[torch.Tensor], own_norm: float) -> str | None:
