@@ -30,7 +30,7 @@ class Context:
         n = self.spec.model
         params = n.n_layer * 12 * n.d_model ** 2 + n.vocab_size * n.d_model
         self.credit_per_sample = base_points(1, seq_len=self.spec.seq_len, parameters=params)
-        self.signer = ReceiptSigner(self.config.workdir, self.spec.run_id)
+        self.signer = ReceiptSigner(self.config.workdir, self.spec.run_id, self.spec.seq_len)
         self.shard_sequences = max(s.num_sequences for s in self.spec.shards)  # the work of one lease, at most
         c = self.config
         # Replaying training needs determinism: dropout draws random masks no replay can repeat.

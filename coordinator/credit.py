@@ -32,13 +32,18 @@ def quick_return_points(base: float, *, deadline_s: float, elapsed_s: float, k: 
 class ReceiptSigner:
     """Signs receipts with the coordinator's key, made on first use in its workdir."""
 
-    def __init__(self, workdir: Path, run_id: str):
+    def __init__(self, workdir: Path, run_id: str, seq_len: int = 0):
         self.key = Identity.load_or_create(workdir / KEY_DIR)
-        self.run_id = run_id
+        self.run_id, self.seq_len = run_id, seq_len
 
     @property
     def public_key_hex(self) -> str:
         return self.key.public_key.hex()
+
+    def sign_result(self, *, samples: int, **fields) -> str:
+        """A receipt for a result of ``samples`` sequences (the ledger's ``sign_receipt``: tokens from the run's
+        sequence length)."""
+        return self.sign(tokens=samples * self.seq_len, **fields)
 
     def sign(self, *, peer_id: str, lease_id: str, shard_id: int, tokens: int, points: float,
              accepted_at: float) -> str:

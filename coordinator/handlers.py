@@ -206,15 +206,10 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
     if len(request.state_changes) > len(losses) + 1 or any(c > len(losses) for c in request.state_changes):
         raise InvalidArgument("state_changes name micro-batch boundaries: at most one per micro-batch, each at most "
                               "the number of losses")
-    seq_len = ctx.spec.seq_len
-
-    def sign(*, samples: int, **fields) -> str:
-        return ctx.signer.sign(tokens=samples * seq_len, **fields)
-
     outcome = ctx.ledger.submit(peer_id, request.lease_id, samples=request.samples, losses=losses,
                                 compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
                                 now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,
-                                sign_receipt=sign, verify=ctx.verify,
+                                sign_receipt=ctx.signer.sign_result, verify=ctx.verify,
                                 digests=list(request.proof_digests), state_changes=list(request.state_changes))
     # per work unit: debug (hundreds a second on a busy coordinator); the ledger's events keep every one
     log.debug("peer %s submitted lease %s: %s (%.3f points)", peer_id, request.lease_id, outcome.detail,

@@ -35,10 +35,7 @@ class Verifier:
         self.tolerance, self.ban_after, self.held_out = tolerance, ban_after, held_out
         self.online_seconds = online_seconds  # a peer silent this long is offline: its missing proof will not come
         self.model = build_model(spec.model, spec.seed)  # scratch: every replay overwrites its parameters
-        self.signer = ReceiptSigner(workdir, spec.run_id)
-
-    def _sign(self, *, samples: int, **fields) -> str:
-        return self.signer.sign(tokens=samples * self.spec.seq_len, **fields)
+        self.signer = ReceiptSigner(workdir, spec.run_id, spec.seq_len)
 
     def _sequences(self, shard_id: int) -> np.ndarray:
         info = self.spec.shards[shard_id]
@@ -60,7 +57,7 @@ class Verifier:
             except (OSError, IntegrityError, IndexError) as e:  # the coordinator's own data: not the peer's fault
                 log.error("cannot verify lease %s: shard %d unreadable (%s)", task.lease_id, task.shard_id, e)
                 self.ledger.record_verification(task.lease_id, valid=True, detail=f"unchecked: shard unreadable ({e})",
-                                                now=time.time(), sign_receipt=self._sign)
+                                                now=time.time(), sign_receipt=self.signer.sign_result)
                 continue
             try:
                 check = check_proof(task.proof, spec=self.spec, model=self.model, sequences=sequences,
@@ -73,7 +70,7 @@ class Verifier:
             banned = self.ledger.record_verification(
                 task.lease_id, valid=check.valid, detail=check.detail, now=time.time(),
                 score=None if check.score != check.score else check.score, keeper_seconds=seconds,
-                ban_after=self.ban_after, sign_receipt=self._sign)
+                ban_after=self.ban_after, sign_receipt=self.signer.sign_result)
             level = logging.INFO if check.valid else logging.WARNING
             log.log(level, "verified lease %s of peer %s (segment %d/%d, %.2fs for a %.2fs shard): %s, %s",
                     task.lease_id, task.peer_id, task.segment, task.segments, seconds, task.train_seconds,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hivefold.averaging.guard import total_norm
 from hivefold.errors import IntegrityError
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
@@ -238,7 +239,7 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
                                 f"[{low:.4g}, {high:.4g}] at step {losses[start][1]}")
         clip = spec.optimizer.grad_clip
         if clip:  # clipped gradients bound AdamW's moments: a huge second moment would freeze the replay
-            m1 = math.sqrt(sum(float(row[1].pow(2).sum()) for row in doc["moments"]))
+            m1 = total_norm([row[1] for row in doc["moments"]])
             m2 = sum(float(row[2].sum()) for row in doc["moments"])
             if m1 > clip * (1 + 1e-3) or m2 > clip * clip * (1 + 1e-3):
                 return Check(False, f"the inner optimizer's moments ({m1:.3g}, {m2:.3g}) exceed what gradients "
@@ -280,10 +281,8 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     score, end_error = math.nan, 0.0
     if diloco:  # the replay must end where the peer committed to having ended
         with torch.no_grad():
-            moved = math.sqrt(sum(float((e - s).pow(2).sum()) for e, s in zip(doc["end_params"], doc["params"],
-                                                                               strict=True)))
-            off = math.sqrt(sum(float((p - e).pow(2).sum()) for p, e in zip(params, doc["end_params"],
-                                                                            strict=True)))
+            moved = total_norm([e - s for e, s in zip(doc["end_params"], doc["params"], strict=True)])
+            off = total_norm([p - e for p, e in zip(params, doc["end_params"], strict=True)])
         end_error = off / moved if moved > 0 else math.inf
         if not end_error <= 4 * tolerance:
             return Check(False, f"the replay ends {off:.3g} from the peer's end state (it moved {moved:.3g})",
