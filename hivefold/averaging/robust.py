@@ -6,14 +6,16 @@ in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weig
 (returning garbage for its parts). hivemind's own reducer trusts both. Here, in the averager's process:
 
 - **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part and leaves
-  out, flagging its sender: a non-finite slice; one over ``RANGE_FACTOR`` × the norm of the swarm's
-  recent averaged updates (the check that still holds in a group of two, where a flipped and scaled
-  update has no majority against it); with three or more senders that trained this round, one over
-  ``OUTLIER`` × the others' median distance from the center; with two, one over ``NORM_FACTOR`` × the
-  reducer's own slice when both did comparable work (weights within ``COMPARABLE``). It combines the
-  rest by centered clipping (Karimireddy et al., 2021, the aggregator BTARD builds on): from the
-  coordinate-wise median, a few steps each moving by the weighted mean of the members' differences
-  clipped to ``CLIP`` × their median distance. A weight is the samples a member trained this round,
+  out, flagging its sender: a non-finite slice; one over ``RANGE_FACTOR`` × the norm of the swarm's recent
+  averaged updates (the check that still holds in a group of two, where a flipped and scaled update has no
+  majority against it); with three or more senders that trained this round, one larger than the others' and
+  over ``OUTLIER`` × their median distance from the center, times how much more it trained than they did (an
+  update grows at most linearly with its samples: a member that trained a whole round beside two that just
+  joined lies far from their small updates); with two, one over ``NORM_FACTOR`` × the reducer's own slice
+  when both did comparable work (weights within ``COMPARABLE``). It combines the rest by centered clipping
+  (Karimireddy et al., 2021, the aggregator BTARD builds on): from the coordinate-wise median, a few steps
+  each moving by the weighted mean of the members' differences clipped to ``CLIP`` × their median distance
+  (times the same allowance for what each trained). A weight is the samples a member trained this round,
   which nobody can check: it is capped at ``max_weight`` (twice a round's samples);
 - **as a receiver** (:func:`check_returned`), it refuses a non-finite averaged part: the reducer is
   flagged, and the member keeps its own slice for that part.
@@ -74,6 +76,14 @@ def _mean(kept: list[tuple[int, torch.Tensor, float]]) -> torch.Tensor:
     return sum(t * (w / total) for _, t, w in kept)
 
 
+def _allowance(weight: float, others: list[float]) -> float:
+    """How much further than the others a member that trained ``weight`` samples may honestly lie: an inner AdamW
+    step moves each parameter by about the learning rate, so an update grows at most linearly with the samples
+    trained. A member that trained a whole round beside two that just joined is far from their (small) updates."""
+    reference = statistics.median(others) if others else 0.0
+    return max(1.0, weight / reference) if reference > 0 else 1.0
+
+
 def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None, recent_norm: float = 0.0,
                    max_weight: float = 0.0) -> tuple[torch.Tensor | None, list[Flag]]:
     """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
@@ -122,27 +132,31 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     stacked = torch.stack([t for _, t, _ in kept])
     center = stacked.median(dim=0).values
     distances = [_norm(t - center) for _, t, _ in kept]
+    norms = [_norm(t) for _, t, _ in kept]
+    allowances = [_allowance(w, [v for j, (_, _, v) in enumerate(kept) if j != i]) for i, (_, _, w) in enumerate(kept)]
     honest = []
     for i, (s, t, w) in enumerate(kept):
         others = statistics.median(d for j, d in enumerate(distances) if j != i)
-        if distances[i] > OUTLIER * others and distances[i] > TINY:
+        larger = norms[i] > statistics.median(n for j, n in enumerate(norms) if j != i)
+        if larger and distances[i] > OUTLIER * allowances[i] * others and distances[i] > TINY:
             flags.append((s, f"its slice lies {distances[i] / max(others, TINY):.1f}x further from the others' "
                              f"center than they do (a flipped, scaled or unrelated update)"))
         else:
-            honest.append((t, w, distances[i]))
+            honest.append((t, w, distances[i], allowances[i]))
     if not honest:  # no way to tell who is right (cannot happen with one outlier): clip around everyone
-        honest, flags = [(t, w, d) for (_, t, w), d in zip(kept, distances, strict=True)], flags[:-len(kept)]
-    radius = CLIP * statistics.median(d for _, _, d in honest)
-    honest += [(t, w, 0.0) for _, t, w in extra]  # their (tiny) weight still counts, as in a plain average
-    total = sum(w for _, w, _ in honest)
-    weights = [w / total if total > 0 else 1 / len(honest) for _, w, _ in honest]
+        honest = [(t, w, d, a) for (_, t, w), d, a in zip(kept, distances, allowances, strict=True)]
+        flags = flags[:-len(kept)]
+    radius = CLIP * statistics.median(d for _, _, d, _ in honest)
+    honest += [(t, w, 0.0, 1.0) for _, t, w in extra]  # their (tiny) weight still counts, as in a plain average
+    total = sum(w for _, w, _, _ in honest)
+    weights = [w / total if total > 0 else 1 / len(honest) for _, w, _, _ in honest]
     v = center
     for _ in range(CLIP_ITERATIONS):
         step = torch.zeros_like(v)
-        for (t, _, _), w in zip(honest, weights, strict=True):
+        for (t, _, _, allowance), w in zip(honest, weights, strict=True):
             diff = t - v
             n = _norm(diff)
-            step += diff * (w * (min(1.0, radius / n) if n > TINY else 1.0))
+            step += diff * (w * (min(1.0, allowance * radius / n) if n > TINY else 1.0))
         v = v + step
     return v, flags
 

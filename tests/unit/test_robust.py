@@ -135,3 +135,36 @@ def test_members_that_add_nothing_this_round_do_not_make_an_honest_one_the_outli
     slices = [(0, 1e-4 * honest(2, common), 1e-6), (1, full, 8.0), (2, torch.zeros(N), 1e-6)]
     result, flags = robust_combine(slices, own_index=0)
     assert flags == [] and rel(result, full) < 1e-3
+
+
+def test_a_member_that_trained_a_whole_round_beside_two_newcomers_is_not_the_outlier(common):
+    """Found by the chaos run (a peer killed and one started afresh joined the same round): the two newcomers
+    trained a few steps (1/32 of the round, updates 1/20 as large), so the center lies by them, and the one
+    member that trained the whole round was banned as a poisoner. An update may grow linearly with its weight."""
+    full = honest(1, common)
+    slices = [(0, 0.05 * honest(2, common), 0.25), (1, full, 8.0), (2, 0.05 * honest(3, common), 0.25)]
+    result, flags = robust_combine(slices, own_index=0, max_weight=16.0)
+    assert flags == []
+    weighted = (0.25 * slices[0][1] + 8.0 * full + 0.25 * slices[2][1]) / 8.5
+    assert rel(result, weighted) < 0.1  # nor is its update clipped away
+    # the same weights, but its update flipped and 16x larger than its weight allows: still caught
+    slices[1] = (1, -32 * 16 * full, 8.0)
+    _, flags = robust_combine(slices, own_index=0, max_weight=16.0)
+    assert [s for s, _ in flags] == [1], flags
+
+
+def test_a_smaller_update_than_the_others_is_never_the_outlier(common):
+    """A newcomer's few steps beside two members whose updates agree closely (early training): it lies far from
+    their center, yet an update smaller than the others' can only slow the swarm down."""
+    a, b = honest(1, common, noise=0.05), honest(2, common, noise=0.05)
+    small = 0.3 * honest(3, common)
+    result, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, small, 1.0)], own_index=0)
+    assert flags == [] and rel(result, mean([a, b])) < 0.2
+
+
+def test_claiming_the_largest_weight_buys_a_poisoner_little(common):
+    """The allowance grows with the claimed weight, which is capped at max_weight: a scaled flip is still caught."""
+    a, b = honest(1, common), honest(2, common)
+    _, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, -64 * honest(3, common), 1e9)], own_index=0,
+                              max_weight=16.0)
+    assert [s for s, _ in flags] == [2], flags
