@@ -1,7 +1,7 @@
 """DiLoCo between real hivemind peers in separate processes (see diloco_worker.py).
 
 Two workers complete outer steps together; after each outer step their global parameters agree
-(exactly in fp32, within the quantization error with int8; a first round that one of them took
+(in fp32 up to rounding, within the quantization error with int8; a first round that one of them took
 alone, before the progress trackers saw each other, is reconciled by the next), and their training
 loss falls. A worker killed mid-round does not stop the other from completing its next outer steps.
 """
@@ -47,7 +47,13 @@ def rms(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors) / sum(t.numel() for t in tensors))
 
 
-@pytest.mark.parametrize("compression,tolerance", [("fp32", 1e-6), ("int8", INT8_TOLERANCE)])
+# fp32 members agree up to rounding: hivemind hands each member its part of the average as a difference from its
+# own slice (own + (average - own) is not bit-exact), and Nesterov momentum carries that over the rounds; the clean
+# CI run saw 5e-6 after 8 rounds, a thousandth of the int8 bound and of one outer step.
+FP32_TOLERANCE = 2e-5
+
+
+@pytest.mark.parametrize("compression,tolerance", [("fp32", FP32_TOLERANCE), ("int8", INT8_TOLERANCE)])
 def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression, tolerance):
     rounds = 8
     workers = [start(tmp_path, i, "--rounds", str(rounds), "--compression", compression) for i in range(2)]
