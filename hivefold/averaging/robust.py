@@ -44,10 +44,18 @@ from collections.abc import Callable
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.partition import AllreduceException, TensorPartReducer
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor
 
 CLIP = 2.0  # clipping radius, in median distances from the center: honest slices are rarely clipped
 OUTLIER = 10.0  # a sender this many times further from the center than the others' median is flagged
+# ... where the others' median distance counts as at least an honest slice's expected norm (recent_norm scaled to
+# the part) over OUTLIER_FLOOR: members sending (almost) nothing, a converged one or an idle poisoner, do not shrink
+# the reference until an honest update stands out; a sender must then lie OUTLIER / OUTLIER_FLOOR expected norms
+# out (a flipped update 16x too large lies 17)
+OUTLIER_FLOOR = 2.0
 # With two senders the only reference is this member's own slice: a slice this many times larger is flagged, and
 # only when both did comparable work (weights within COMPARABLE): one that reloaded the state or joined mid-round
 # trained a few steps, and the other's honest slice is far larger. The main process's guard (guard.py) bounds the
@@ -85,10 +93,13 @@ def _allowance(weight: float, others: list[float]) -> float:
 
 
 def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None, recent_norm: float = 0.0,
-                   max_weight: float = 0.0) -> tuple[torch.Tensor | None, list[Flag]]:
+                   max_weight: float = 0.0, share: float = 1.0) -> tuple[torch.Tensor | None, list[Flag]]:
     """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
 
     ``recent_norm``: the norm of the swarm's recent averaged updates as this member saw them (0: not known yet);
+    ``share``: this part's share of the whole vector's values (an honest slice's norm is about ``recent_norm``
+    times its square root: the least spread the outlier test assumes, so that members sending (almost) nothing,
+    a converged one or an idle poisoner, cannot make an honest update the outlier);
     ``max_weight``: the largest weight a member may claim (0: no cap). None when no slice can be used.
     """
     flags: list[Flag] = []
@@ -132,11 +143,12 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     stacked = torch.stack([t for _, t, _ in kept])
     center = stacked.median(dim=0).values
     distances = [_norm(t - center) for _, t, _ in kept]
+    typical = recent_norm * math.sqrt(share) / OUTLIER_FLOOR
     norms = [_norm(t) for _, t, _ in kept]
     allowances = [_allowance(w, [v for j, (_, _, v) in enumerate(kept) if j != i]) for i, (_, _, w) in enumerate(kept)]
     honest = []
     for i, (s, t, w) in enumerate(kept):
-        others = statistics.median(d for j, d in enumerate(distances) if j != i)
+        others = max(statistics.median(d for j, d in enumerate(distances) if j != i), typical)
         larger = norms[i] > statistics.median(n for j, n in enumerate(norms) if j != i)
         if larger and distances[i] > OUTLIER * allowances[i] * others and distances[i] > TINY:
             flags.append((s, f"its slice lies {distances[i] / max(others, TINY):.1f}x further from the others' "
@@ -170,12 +182,20 @@ def check_returned(own: torch.Tensor, averaged: torch.Tensor) -> str | None:
 
 
 class RobustReducer(TensorPartReducer):
-    """hivemind's reducer, but each part is combined by :func:`robust_combine` once every sender sent it."""
+    """hivemind's reducer, but each part is combined by :func:`robust_combine` once every sender sent it.
+
+    With ``encode(part index, tensor)`` (the wire codec), each part's average is encoded once: every sender
+    gets those same bytes back (:attr:`encoded`), and this member's own part is their decoding too.
+    """
 
     def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None],
-                 recent_norm: float = 0.0, max_weight: float = 0.0):
+                 recent_norm: float = 0.0, max_weight: float = 0.0, total_size: int = 0,
+                 encode: Callable[[int, torch.Tensor], runtime_pb2.Tensor] | None = None):
         self.own_index, self.on_flag, self.recent_norm, self.max_weight = own_index, on_flag, recent_norm, max_weight
+        self.total_size = total_size  # values in the whole averaged vector (0: unknown, each part counts as whole)
+        self.encode = encode
         self.slices: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
+        self.encoded: dict[int, runtime_pb2.Tensor] = {}
         super().__init__(part_shapes, num_senders)
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
@@ -189,12 +209,17 @@ class RobustReducer(TensorPartReducer):
             return
         part = self.current_part_index
         slices = [(s, t, w) for s, t, w in self.slices.pop(part, []) if part < self.sender_failed_after[s]]
-        result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight)
+        share = math.prod(self.part_shapes[part]) / self.total_size if self.total_size else 1.0
+        result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight, min(share, 1.0))
         for sender, why in flags:
             self.on_flag(sender, why)
         if result is None:
             result = torch.zeros(self.part_shapes[part])
-        self.current_part_future.set_result(result.to(self.accumulator.dtype))
+        result = result.to(self.accumulator.dtype)
+        if self.encode is not None:
+            self.encoded[part] = self.encode(part, result)
+            result = deserialize_torch_tensor(self.encoded[part]).to(self.accumulator.dtype)
+        self.current_part_future.set_result(result)
         self.reset_accumulators()
 
 
@@ -203,6 +228,13 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
     """An ``AllReduceRunner`` whose reducer is robust (bounded by ``recent_norm()`` and ``max_weight``, see
     :func:`robust_combine`) and whose received averages are checked. Flags go to ``on_flag(libp2p peer id in
     base58, why)``. It refuses to run in a group with an ``excluded`` member.
+
+    Members end a round with the same averaged tensors (up to float rounding), also through a lossy codec:
+    hivemind's reducer returns each sender the average minus that sender's slice, encoded, and a member adds
+    that to its own unencoded slice, so members differ by their own slices' and their deltas' quantization
+    error (with int8, a few percent of an outer step each round, adding up until a member reloads the whole
+    state). Here a reducer encodes each part's average once and returns those bytes to every sender; every
+    member, the reducer too, takes their decoding.
     """
 
     class GuardedAllReduceRunner(AllReduceRunner):
@@ -217,24 +249,56 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
                 if peer != me:
                     on_flag(peer, why)
 
+            container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
+            infos = [info for _, info in container._input_parts_by_peer[my_index]]  # the parts this member reduces
             own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+            self.tensor_part_reducer.finished.set()  # hivemind's own, replaced unused (else it warns it got nothing)
             self.tensor_part_reducer = RobustReducer(
                 tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), own_index=own,
                 on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"),
-                recent_norm=recent_norm(), max_weight=max_weight)
-            container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
+                recent_norm=recent_norm(), max_weight=max_weight, total_size=container.total_size,
+                encode=lambda part, t: container.compression.compress(t, infos[part]))
             register = container.register_processed_part
 
-            def checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
-                if peer_index != my_index:
-                    own = container._input_parts_by_peer[peer_index][part_index][0]  # a view of this member's tensor
-                    why = check_returned(own, own + delta)
-                    if why:
-                        flag(self.ordered_peer_ids[peer_index].to_base58(), f"as a reducer: {why}")
-                        delta = torch.zeros_like(delta)  # keep this member's own slice for that part
-                register(peer_index, part_index, delta)
+            def received(peer_index: int, part_index: int, part: torch.Tensor) -> None:
+                own_slice = container._input_parts_by_peer[peer_index][part_index][0]  # a view of this member's
+                if peer_index == my_index:  # from this member's own reducer: already the average minus own_slice
+                    register(peer_index, part_index, part)
+                    return
+                why = check_returned(own_slice, part)  # another reducer's part: the average itself
+                if why:
+                    flag(self.ordered_peer_ids[peer_index].to_base58(), f"as a reducer: {why}")
+                    register(peer_index, part_index, torch.zeros_like(own_slice))  # keep this member's own slice
+                else:
+                    register(peer_index, part_index, part.to(own_slice.dtype) - own_slice)
 
-            container.register_processed_part = checked
+            container.register_processed_part = received
+
+            def failed(peer_index: int) -> None:  # hivemind's, which would register its zero deltas as averages
+                for part_index in range(container._outputs_registered_by_peer[peer_index],
+                                        container.num_parts_by_peer[peer_index]):
+                    own_slice = container._input_parts_by_peer[peer_index][part_index][0]
+                    register(peer_index, part_index, torch.zeros_like(own_slice))  # keep this member's own slice
+                    container.failed_size += own_slice.numel()
+
+            container.register_failed_reducer = failed
+
+        async def _accumulate_parts_streaming(self, stream, sender_index: int):
+            """hivemind's, but what goes back is the part's average as the reducer encoded it for everyone."""
+            reducer, part_index = self.tensor_part_reducer, 0
+            try:
+                async for tensor_part, weight in amap_in_executor(
+                        lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight), stream,
+                        max_prefetch=self.tensor_part_container.prefetch):
+                    try:
+                        await reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                    except BannedException:
+                        break  # the sender failed: nothing more to aggregate from it
+                    part_index += 1
+                    yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                      tensor_part=reducer.encoded[part_index - 1])
+            finally:
+                if part_index != reducer.num_parts:
+                    await self._ban_sender(self.sender_peer_ids[sender_index])
 
     return GuardedAllReduceRunner
-

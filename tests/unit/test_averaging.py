@@ -130,27 +130,31 @@ def test_rounds_where_nobody_trained_do_not_shrink_the_guards_range():
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
 def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_not(codec):
-    """As hivemind's all-reduce does: the part's owner gets the exact average, another member adds the
-    codec's round trip of (average - its part) to its own part. Both must agree; a member that applied its own
-    pseudo-gradient instead (a round it took alone) must not."""
+    """As the robust all-reduce does (robust.py): a part's reducer encodes the average once and every member takes
+    its decoding, the reducer by its own delta, another member as ``own + (decoded - own)``. Both must agree to
+    rounding; a member that applied its own pseudo-gradient instead (a round it took alone), or kept its own
+    slice of one part (a partial round: a reducer failed for it), must not."""
     from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
     from hivefold.averaging import agreement
 
     gen = torch.Generator().manual_seed(2)
-    start = [torch.randn(64, 64, generator=gen) * 0.02, torch.randn(300, generator=gen)]
-    own_a = [torch.randn_like(t) * 1e-3 for t in start]
-    own_b = [torch.randn_like(t) * 1e-3 for t in start]
+    start = [torch.randn(64, 64, generator=gen) * 0.02, torch.randn(300, generator=gen), torch.zeros(32)]
+    scale = [1e-3, 1e-3, 1e-4]  # the last (a bias, say) moves less than the rest
+    own_a = [torch.randn_like(t) * k for t, k in zip(start, scale, strict=True)]
+    own_b = [torch.randn_like(t) * k for t, k in zip(start, scale, strict=True)]
     avg = [(a + b) / 2 for a, b in zip(own_a, own_b, strict=True)]
 
     def wire(t):
         return deserialize_torch_tensor(compression(codec).compress(t, CompressionInfo.from_tensor(t)))
 
-    got_a = avg  # the owner of every part
-    got_b = [b + wire(m - wire(b)) for b, m in zip(own_b, avg, strict=True)]
+    decoded = [wire(m) for m in avg]
+    got_a = [a + (d - a) for a, d in zip(own_a, decoded, strict=True)]
+    got_b = [b + (d - b) for b, d in zip(own_b, decoded, strict=True)]
+    partial = decoded[:2] + own_b[2:]  # a few percent of the step, on a few of the sampled values
     check = agreement.Agreement()
     views = {}
-    for name, update in [("a", got_a), ("b", got_b), ("alone", own_b)]:
+    for name, update in [("a", got_a), ("b", got_b), ("alone", own_b), ("partial", partial)]:
         params, momentum = [t.clone() for t in start], [torch.zeros_like(t) for t in start]
         before = agreement.sample(params)
         nesterov_outer_step(params, momentum, update, lr=0.7, mu=0.9)
@@ -159,5 +163,6 @@ def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_no
     assert check.step_rms > 0
     assert check.agrees(views["a"], views["b"]) and check.agrees(views["b"], views["a"])
     assert not check.agrees(views["a"], views["alone"])
+    assert not check.agrees(views["a"], views["partial"])
     assert not check.agrees(views["a"], views["a"][:-1]), "a sample of another shape is another model"
     assert agreement.fingerprint(views["a"]) != agreement.fingerprint(views["alone"])

@@ -168,3 +168,22 @@ def test_claiming_the_largest_weight_buys_a_poisoner_little(common):
     _, flags = robust_combine([(0, a, 8.0), (1, b, 8.0), (2, -64 * honest(3, common), 1e9)], own_index=0,
                               max_weight=16.0)
     assert [s for s, _ in flags] == [2], flags
+
+
+def test_members_sending_almost_nothing_do_not_make_an_honest_update_the_outlier(common):
+    """Found by the poisoning test: an idle poisoner sends zeros (claiming a full round) and the other honest member
+    has converged (its update ~0): the one member still learning lay 700x further from their center than they did,
+    and both reported it. Once the swarm's recent range is known, it sets the least spread the test assumes."""
+    live = honest(1, common)
+    slices = [(0, 1e-4 * honest(2, common), 8.0), (1, live, 8.0), (2, torch.zeros(N), 8.0)]
+    recent = float(live.norm())  # a part that is the whole vector: share 1
+    result, flags = robust_combine(slices, own_index=0, recent_norm=recent)
+    assert flags == []
+    _, flags = robust_combine(slices, own_index=0)  # the first rounds, no range known yet: it is flagged
+    assert [s for s, _ in flags] == [1]
+    # a scaled flip beside the same two is still caught, and so is one in a part a quarter of the vector
+    slices[1] = (1, -16 * live, 8.0)
+    _, flags = robust_combine(slices, own_index=0, recent_norm=recent)
+    assert [s for s, _ in flags] == [1], flags
+    _, flags = robust_combine(slices, own_index=0, recent_norm=2 * recent, share=0.25)
+    assert [s for s, _ in flags] == [1], flags
