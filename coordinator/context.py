@@ -36,7 +36,14 @@ class Context:
         # Replaying training needs determinism: dropout draws random masks no replay can repeat.
         # The keeper checks; without one here only a shared ledger's other coordinator can have one.
         checker = c.keeper or is_postgres(c.ledger)
-        segments = c.proof_segments if c.verify_ceiling > 0 and n.dropout == 0 and checker else 0
+        off = ("--verify-ceiling 0" if c.verify_ceiling <= 0 else
+               "no keeper to replay results" if not checker else
+               "dropout: no replay can repeat its random masks" if n.dropout > 0 else
+               # hivemind's Optimizer replaces the parameters at every swarm step, a few times per shard: no
+               # segment could be replayed, and every checked result of an honest peer would earn nothing
+               "sync averaging: the swarm replaces the parameters every step" if self.spec.averaging.mode == "sync"
+               else "")
+        segments = 0 if off else c.proof_segments
         self.proof_max_bytes = proof_max_bytes(params + n.max_seq_len * n.d_model)
         # two minutes, plus a second per MB of the largest proof (a 1 MB/s uplink)
         self.verify = VerifyPolicy(floor=c.verify_floor, ceiling=c.verify_ceiling, segments=segments,
@@ -54,7 +61,7 @@ class Context:
             "access": {"tls": not self.config.insecure, "invite_only": self.config.invite_only,
                        "swarm_token_seconds": self.config.swarm_token_seconds,
                        "ban_after_reports": self.config.ban_after_reports},
-            "verification": {"segments": segments, "floor": c.verify_floor, "ceiling": c.verify_ceiling,
+            "verification": {"segments": segments, "off": off, "floor": c.verify_floor, "ceiling": c.verify_ceiling,
                              "tolerance": c.verify_tolerance, "ban_after_invalid": c.ban_after_invalid},
         }
 

@@ -100,7 +100,8 @@ def verification_lines(status: dict) -> list[Text]:
     if not v or not settings:
         return []
     if not settings["segments"]:
-        return [Text("verification: off (results are credited unchecked)", style="yellow")]
+        why = f"{settings['off']}: " if settings.get("off") else ""
+        return [Text(f"verification: off ({why}results are credited unchecked)", style="yellow")]
     line = Text(f"verification: {v['checked']} results checked ({percent(v['share_checked'])})"
                 f" · {v['valid']} valid, {v['invalid']} invalid, {v['awaiting_proof'] + v['queued']} waiting")
     if v["keeper_seconds_per_check"] is not None:

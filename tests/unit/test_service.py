@@ -338,3 +338,22 @@ def test_a_peer_past_its_rate_is_told_to_retry_later_and_others_are_not(service,
         calm.close()
     finally:
         server.stop(0)
+
+
+def test_verification_is_off_where_no_result_could_be_replayed_and_status_says_why(service):
+    """The wan benchmark's sync swarm never had a result accepted: hivemind's Optimizer replaces the parameters at
+    every swarm step, so every checked result was unverifiable and earned nothing."""
+    ctx, _, _ = service
+
+    def verification(spec=ctx.spec, **config):
+        c = Context(config=dataclasses.replace(ctx.config, **config), spec=spec, ledger=ctx.ledger,
+                    dht_maddrs=[FAKE_MADDR])
+        return c.run_summary["verification"]["segments"], c.run_summary["verification"]["off"]
+
+    diloco = dataclasses.replace(ctx.spec, averaging=dataclasses.replace(ctx.spec.averaging, mode="diloco"))
+    sync = dataclasses.replace(ctx.spec, averaging=dataclasses.replace(ctx.spec.averaging, mode="sync"))
+    assert verification(diloco, keeper=True, verify_ceiling=1.0) == (4, "")
+    assert verification(sync, keeper=True, verify_ceiling=1.0) == (
+        0, "sync averaging: the swarm replaces the parameters every step")
+    assert verification(diloco, keeper=False, verify_ceiling=1.0) == (0, "no keeper to replay results")
+    assert verification(diloco, keeper=True, verify_ceiling=0.0) == (0, "--verify-ceiling 0")

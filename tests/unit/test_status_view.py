@@ -118,6 +118,9 @@ def test_the_verification_line_and_column_show_checked_work(status, monkeypatch)
     assert ("verification: 12 results checked (25%) · 9 valid, 2 invalid, 1 waiting · keeper 0.21s a check (shards "
             "trained in 1.50s) · banned after 2 invalid") in rendered(status, monkeypatch)
     status["run"]["verification"]["segments"] = 0
-    assert "verification: off" in rendered(status, monkeypatch)
+    assert "verification: off (results are credited unchecked)" in rendered(status, monkeypatch)
+    status["run"]["verification"]["off"] = "sync averaging: the swarm replaces the parameters every step"
+    assert ("verification: off (sync averaging: the swarm replaces the parameters every step: results are credited "
+            "unchecked)") in rendered(status, monkeypatch)
     assert online_cell({"online": True, "results_valid": 3}) == "yes"
     assert online_cell({"online": True, "results_invalid": 1, "poison_reports": 2}) == "yes, reported 2, 1 invalid"
