@@ -13,9 +13,10 @@ python3 -c "import torch, hivemind; print('torch', torch.__version__, 'cuda', to
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_device.py 2>&1 | tail -3
 timeout 150 python3 benchmarks/device_throughput.py --device cuda --models small base --seq-len 512 --micro-batch 32 \
     --seconds ${DT_SECONDS:-12} --json "$OUT/device_throughput.json"
-# Rounds of ~64k samples: at GPU speed a CPU-sized round (512 samples) would be a few milliseconds.
+# Rounds of ~64k samples: at GPU speed a CPU-sized round (512 samples) would be a few milliseconds. Checks off: the
+# keeper replays on the CPU, far slower than the GPU trains (README, "Verified work").
 timeout ${TTL_TIMEOUT:-330} python3 benchmarks/time_to_loss.py --device cuda --model small --seconds ${TTL_SECONDS:-100} \
     --inner-steps 8192 --warmup-steps 200 --decay-steps 200000 --single-batch auto --shard-sequences 1024 --checkpoint-every 2 \
-    --eval-every 5 --json "$OUT/time_to_loss.json" --plot "$OUT/time_to_loss.png" --keep
+    --eval-every 5 --verify-ceiling 0 --json "$OUT/time_to_loss.json" --plot "$OUT/time_to_loss.png" --keep
 cp -r /tmp/hivefold-ttl-*/*.log "$OUT/" 2>/dev/null
 echo done

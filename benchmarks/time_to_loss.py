@@ -172,7 +172,9 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int, *, listen: str = "1
     try:
         start("coordinator", "coordinator", "--workdir", str(workdir), "--listen", listen, "--http", "",
               "--dht-listen", dht_listen, "--lease-seconds", "60",
-              "--checkpoint-every", str(args.checkpoint_every), "--keeper-poll", "1", "--keep-checkpoints", "2")
+              "--checkpoint-every", str(args.checkpoint_every), "--keeper-poll", "1", "--keep-checkpoints", "2",
+              *(["--verify-ceiling", str(args.verify_ceiling)] if getattr(args, "verify_ceiling", None) is not None
+                else []))
         endpoints = workdir / "coordinator.json"
         deadline = time.monotonic() + 180
         while not endpoints.exists():
@@ -307,6 +309,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=5,
                         help="swarm: the keeper's validation loss every N swarm steps (its CPU time counts against "
                              "the swarm, as in a real run; the single process's evaluations stop its clock)")
+    parser.add_argument("--verify-ceiling", type=float,
+                        help="swarm: the coordinator's --verify-ceiling (default: its own; 0 turns checks off, as a "
+                             "GPU swarm needs while the keeper replays on the CPU: see the README)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the run's workdir and logs")

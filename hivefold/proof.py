@@ -62,7 +62,7 @@ def digest(tensors: list[torch.Tensor]) -> bytes:
     """sha256 over the tensors' float32 bytes in order: the commitment a result carries for each state kept."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().to("cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", dtype=torch.float32).contiguous().numpy())  # its buffer: no copy
     return h.digest()
 
 
@@ -214,7 +214,8 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     except IntegrityError as e:
         return Check(False, str(e))
     mb = doc["micro_batch"]
-    if not 1 <= mb <= spec.micro_batch or math.ceil(len(sequences) / mb) != len(losses):
+    # a peer picks its own micro-batch (a GPU's is far larger than the run's): the replay splits it into chunks
+    if not isinstance(mb, int) or mb < 1 or math.ceil(len(sequences) / mb) != len(losses):
         return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
     segments = (len(digests) - 1) // 2
     bounds = segment_bounds(len(losses), segments)
@@ -255,19 +256,25 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
             opt.state[p] = {"step": step.reshape(()).float().clone(), "exp_avg": m1.clone(), "exp_avg_sq": m2.clone()}
     model.train()
     loss_error = 0.0
+    chunk = spec.micro_batch  # what the keeper's memory must hold at once, whatever the peer's micro-batch
     for i in range(start, end):
         reported = losses[i][0]
-        block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
+        block = sequences[i * mb:(i + 1) * mb]
+        total = 0.0
         with torch.set_grad_enabled(diloco):
-            _, loss = model(block[:, :-1], block[:, 1:])
-        value = float(loss.detach())
+            for c in range(0, len(block), chunk):  # the micro-batch's mean loss and gradient, a chunk at a time
+                part = torch.from_numpy(block[c:c + chunk].astype(np.int64))
+                _, loss = model(part[:, :-1], part[:, 1:])
+                total += float(loss.detach()) * len(part)
+                if diloco:
+                    (loss * len(part)).backward()
+        value = total / len(block)
         error = abs(value - reported) / max(1.0, abs(value))
         loss_error = max(loss_error, error) if math.isfinite(error) else math.inf
         if not error <= tolerance:
             return Check(False, f"micro-batch {i}: reported loss {reported:.4f}, replayed {value:.4f}",
                          batches=i - start + 1, loss_error=loss_error)
         if diloco:
-            (loss * len(block)).backward()
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_div_(grads, float(len(block)))
             if spec.optimizer.grad_clip:

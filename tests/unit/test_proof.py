@@ -23,19 +23,19 @@ def spec_for(mode="diloco"):
                      averaging=dataclasses.replace(AveragingConfig(), mode=mode))
 
 
-def honest(spec, sequences, *, train=True):
-    """Train like the peer's trainer does (diloco: one inner AdamW step per micro-batch), recording the proof;
-    ``train=False``: a cheater's forward passes, recorded the same way."""
+def honest(spec, sequences, *, train=True, mb=MB):
+    """Train like the peer's trainer does (diloco: one inner AdamW step per micro-batch of ``mb``), recording the
+    proof; ``train=False``: a cheater's forward passes, recorded the same way."""
     torch.manual_seed(0)
     model = build_model(spec.model, spec.seed)
     params = list(model.parameters())
     opt = inner_optimizer(spec, model) if spec.averaging.mode == "diloco" else None
-    n = -(-len(sequences) // MB)
-    rec = ShardRecorder(n, SEGMENTS, MB)
+    n = -(-len(sequences) // mb)
+    rec = ShardRecorder(n, SEGMENTS, mb)
     losses = []
     for i in range(n):
         rec.before_batch(i, params, opt)
-        block = torch.from_numpy(sequences[i * MB:(i + 1) * MB].astype(np.int64))
+        block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
         _, loss = model(block[:, :-1], block[:, 1:])
         losses.append((float(loss.detach()), 0))
         if opt is not None:
@@ -85,6 +85,20 @@ def test_an_honest_diloco_record_replays_and_its_update_is_scored(shard, segment
     assert result.valid, result.detail
     assert result.batches == 2 and "end state matches" in result.detail
     assert np.isfinite(result.score)  # held-out loss before the segment minus after
+
+
+def test_a_peer_at_a_larger_micro_batch_than_the_runs_replays_in_chunks(shard):
+    """Found on an H200: peers pick their micro-batch (256 there, the run's 16), and every check of an honest GPU
+    peer failed ("micro-batch 256 does not fit"), which banned both. The keeper replays it in run-sized chunks."""
+    spec = spec_for()
+    rec, losses = honest(spec, shard, mb=4 * MB)  # 2 micro-batches of 16 in the shard: segments of one each
+    assert len(losses) == 2
+    for segment in (1, 2):
+        result = check(spec, rec, losses, shard, segment)
+        assert result.valid, result.detail
+        assert result.loss_error < 1e-5 and result.end_error < 1e-3
+    rec, losses = honest(spec, shard, mb=4 * MB, train=False)  # and a cheater at that size is still caught
+    assert not check(spec, rec, losses, shard, 1).valid
 
 
 def test_fabricated_losses_are_caught(shard):
