@@ -74,6 +74,14 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def coordinator_command(workdir: Path, *, corpus: str, model: str, gpu: bool) -> list[str]:
+    """The demo's coordinator. On a GPU its checks are off: the demo's peers are the user's own, and the keeper
+    would replay their work on the CPU, far slower than the GPU trains (README, "Verified work"), holding their
+    leases back until it caught up."""
+    return [sys.executable, "-m", "hivefold", "coordinator", "--workdir", str(workdir), "--corpus", corpus,
+            "--model", model, *DEMO_RUN_FLAGS, *DEMO_SERVICE_FLAGS, *(["--verify-ceiling", "0"] if gpu else [])]
+
+
 def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", workdir: Path | None = None,
              model: str = "tiny", console: Console | None = None) -> dict:
     """Run the demo; returns the final status document with ``sample`` added."""
@@ -89,12 +97,8 @@ def run_demo(*, peers: int = 2, minutes: float = 3.0, corpus: str = "stdlib", wo
     cores = os.cpu_count() or 2
     threads = max(1, cores // peers)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # The demo's peers are the user's own GPU: the keeper would replay their work on the CPU, far slower than it
-    # trains (README, "Verified work"), and hold their leases back until it caught up.
     gpu = _cuda_available()
-    cmd = [sys.executable, "-m", "hivefold", "coordinator", "--workdir", str(workdir / "coordinator"),
-           "--corpus", corpus, "--model", model, *DEMO_RUN_FLAGS, *DEMO_SERVICE_FLAGS,
-           *(["--verify-ceiling", "0"] if gpu else [])]
+    cmd = coordinator_command(workdir / "coordinator", corpus=corpus, model=model, gpu=gpu)
     coord_log = workdir / "coordinator.log"
     console.print(f"[bold]hivefold demo[/]: 1 coordinator + {peers} peers, {minutes:g} min, corpus {corpus!r}; "
                   f"logs in {workdir}" + ("; on the GPU, results are not checked (the keeper replays on the CPU)"

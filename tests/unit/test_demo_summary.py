@@ -61,3 +61,15 @@ def test_the_final_checkpoint_written_after_the_read_is_the_one_summarized(statu
     assert f"checkpoint │ {final} (step 14)" in flat and sampled == [final]
     assert "behind" not in flat
     assert status["checkpoint"]["step"] == 10  # the caller's document is left as it was read
+
+
+def test_the_demo_checks_results_on_a_cpu_and_not_on_a_gpu(tmp_path):
+    """On a GPU the keeper's CPU replays would hold the demo's peers back (README, "Verified work")."""
+    from coordinator.config import config_from_args
+    from hivefold.cli import build_parser
+
+    for gpu in (False, True):
+        cmd = demo.coordinator_command(tmp_path, corpus="stdlib", model="tiny", gpu=gpu)
+        assert cmd[1:3] == ["-m", "hivefold"]
+        config = config_from_args(build_parser().parse_args(cmd[3:]))  # what `hivefold coordinator` would run
+        assert config.verify_ceiling == (0.0 if gpu else 1.0)
