@@ -25,9 +25,10 @@ pytestmark = pytest.mark.integration
 # Members that averaged together take the same decoded average whatever the codec (hivefold/averaging/robust.py),
 # so they agree up to fp32 rounding: the clean CI run saw 5e-6 after 8 fp32 rounds back when each member added
 # its own delta to its own slice (int8 then left members a few percent of a step apart each round); now ~1e-8.
-# A partial round (a reducer failed for one member) leaves a difference until the agreement check reloads the
-# state a round or two later, so the last of three rounds is what must agree; no round may drift a third of
-# a step (a round taken alone is a whole step).
+# Two rounds in a row must agree that closely (right after a state download members agree exactly, whatever the
+# codec, so one round is no evidence); a later partial round (a reducer failed for one member) may leave them a
+# few percent of a step apart, which the agreement check tolerates. No round may drift a third of a step (a round
+# taken alone is a whole step).
 FP32_TOLERANCE = 2e-5
 STEP_FRACTION = 0.35
 
@@ -74,7 +75,7 @@ def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression)
     # apart; the next rounds find that and reconcile them, and from then on they agree.
     assert sum(s in apart for s in common[-3:]) >= 2, steps  # not a pass for want of steps to compare
     assert all(apart.get(s, 0.0) <= STEP_FRACTION for s in common[-3:]), (apart, diffs)
-    assert any(diffs[s] <= FP32_TOLERANCE for s in common[-3:]), diffs
+    assert any(diffs[s] <= FP32_TOLERANCE and diffs.get(s + 1, 1.0) <= FP32_TOLERANCE for s in common), diffs
     last = saved(tmp_path, 0, rounds)
     assert last["stats"]["rounds_ok"] >= rounds - 3, last["stats"]  # the rounds were averaged, not taken alone
     assert last["loss"] < 0.5 * math.log(64), last["loss"]  # from ln(64) = 4.16 nats at the random init

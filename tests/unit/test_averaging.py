@@ -132,8 +132,7 @@ def test_rounds_where_nobody_trained_do_not_shrink_the_guards_range():
 def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_not(codec):
     """As the robust all-reduce does (robust.py): a part's reducer encodes the average once and every member takes
     its decoding, the reducer by its own delta, another member as ``own + (decoded - own)``. Both must agree to
-    rounding; a member that applied its own pseudo-gradient instead (a round it took alone), or kept its own
-    slice of one part (a partial round: a reducer failed for it), must not."""
+    rounding; a member that applied its own pseudo-gradient instead (a round it took alone) must not."""
     from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
     from hivefold.averaging import agreement
@@ -151,10 +150,9 @@ def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_no
     decoded = [wire(m) for m in avg]
     got_a = [a + (d - a) for a, d in zip(own_a, decoded, strict=True)]
     got_b = [b + (d - b) for b, d in zip(own_b, decoded, strict=True)]
-    partial = decoded[:2] + own_b[2:]  # a few percent of the step, on a few of the sampled values
     check = agreement.Agreement()
     views = {}
-    for name, update in [("a", got_a), ("b", got_b), ("alone", own_b), ("partial", partial)]:
+    for name, update in [("a", got_a), ("b", got_b), ("alone", own_b)]:
         params, momentum = [t.clone() for t in start], [torch.zeros_like(t) for t in start]
         before = agreement.sample(params)
         nesterov_outer_step(params, momentum, update, lr=0.7, mu=0.9)
@@ -163,6 +161,5 @@ def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_no
     assert check.step_rms > 0
     assert check.agrees(views["a"], views["b"]) and check.agrees(views["b"], views["a"])
     assert not check.agrees(views["a"], views["alone"])
-    assert not check.agrees(views["a"], views["partial"])
     assert not check.agrees(views["a"], views["a"][:-1]), "a sample of another shape is another model"
     assert agreement.fingerprint(views["a"]) != agreement.fingerprint(views["alone"])
