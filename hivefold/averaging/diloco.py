@@ -34,7 +34,7 @@ from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from hivefold.averaging import agreement
-from hivefold.averaging.guard import UpdateGuard
+from hivefold.averaging.guard import UpdateGuard, update_ceiling
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
 from hivefold.model import GPT
@@ -245,8 +245,10 @@ class DiLoCo:
         with torch.no_grad():
             sent_local = [p.detach().clone() for p in self.params]
             own = [torch.sub(g, p.float()) for g, p in zip(self.global_params, sent_local, strict=True)]
+            o = self.spec.optimizer  # a member claims at most two rounds' samples, at worst one per step
+            self.guard.ceiling = update_ceiling(o.lr, o.betas, 2.0 * self.spec.round_samples, self.global_params)
             own_norm, refused = self.guard.check_outgoing(own)
-            self.averager.set_recent_norm(self.guard.recent_norm())
+            self.averager.set_range(self.guard.recent_norm(), self.guard.ceiling)
             if refused:
                 log.error("outer round %d: not sending this peer's pseudo-gradient: %s; it takes part with nothing "
                           "and restarts from the global parameters", self.epoch, refused)

@@ -1,15 +1,17 @@
 """Bounds on what enters and leaves each outer all-reduce, so one bad or hostile peer cannot wreck the model.
 
-Before this peer sends its pseudo-gradient, the guard refuses one with non-finite values or a norm far
-beyond the recent outer updates (a diverged local model, a bug): the peer then takes part with nothing
-and starts the next round from the global parameters. After the all-reduce, it refuses an averaged
-update with non-finite values or such a norm (a member sent NaNs or a huge tensor): the peer applies
-its own pseudo-gradient instead, as if no group had formed, and says so. The recent range is the
-median norm of the last accepted updates; until there are a few, a bound relative to this peer's own
-pseudo-gradient applies. A downloaded outer state (a resync, a newcomer) is refused when it has non-finite
-values or parameters far larger than this peer's (a member that applied a huge update would otherwise hand
-it on). Sign flips and subtler poison are the robust all-reduce's to catch (robust.py): it sees each
-member's slice, where this guard sees only the average.
+Before this peer sends its pseudo-gradient, the guard refuses one with non-finite values or a norm far beyond
+the recent outer updates (a diverged local model, a bug): the peer then takes part with nothing and starts the
+next round from the global parameters. After the all-reduce, it refuses an averaged update with non-finite
+values or such a norm (a member sent NaNs or a huge tensor): the peer applies its own pseudo-gradient instead,
+as if no group had formed, and says so. The recent range is the median norm of the last accepted updates;
+until there are a few, a bound relative to this peer's own pseudo-gradient applies. Whatever the range, no
+update may exceed the :func:`update_ceiling`: the most any member's inner optimizer can move the model in the
+samples it may claim (without it, a member that had just reloaded the state, with no history and nothing of
+its own, would accept any finite average). A downloaded outer state (a resync, a newcomer) is refused when it
+has non-finite values or parameters far larger than this peer's (a member that applied a huge update would
+otherwise hand it on). Sign flips and subtler poison are the robust all-reduce's to catch (robust.py): it sees
+each member's slice, where this guard sees only the average.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ HISTORY = 16  # accepted update norms remembered
 WARMUP = 3  # below this many, the bound is relative to this peer's own pseudo-gradient
 
 
+ADAM_MARGIN = 2.0  # over the largest move of one AdamW step per parameter
+
+
+def update_ceiling(lr: float, betas: tuple[float, float], steps: float, params: list[torch.Tensor]) -> float:
+    """The largest norm an honest pseudo-gradient can have after ``steps`` inner AdamW steps at peak learning rate
+    ``lr`` from ``params``: an Adam step moves each parameter by at most about lr × max(1, (1-β1)/sqrt(1-β2))
+    (Kingma & Ba, 2015, section 2.1), and decoupled weight decay at most shrinks it to zero."""
+    per_step = lr * max(1.0, (1 - betas[0]) / math.sqrt(1 - betas[1])) * ADAM_MARGIN
+    numel = sum(p.numel() for p in params)
+    return per_step * steps * math.sqrt(numel) + total_norm(params)
+
+
 def total_norm(tensors: list[torch.Tensor]) -> float:
     """The L2 norm over all tensors (inf or nan if any value is)."""
     return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors))
@@ -34,6 +48,7 @@ def total_norm(tensors: list[torch.Tensor]) -> float:
 class UpdateGuard:
     def __init__(self, factor: float = NORM_FACTOR):
         self.factor = factor
+        self.ceiling = math.inf  # no update may be larger (update_ceiling), whatever the recent range
         self.norms: deque[float] = deque(maxlen=HISTORY)
         self.refused_out = 0
         self.refused_in = 0
@@ -44,8 +59,11 @@ class UpdateGuard:
 
     def _limit(self, reference: float | None) -> float | None:
         if len(self.norms) >= WARMUP:
-            return self.factor * statistics.median(self.norms)
-        return self.factor * reference if reference else None
+            limit = self.factor * statistics.median(self.norms)
+        else:
+            limit = self.factor * reference if reference else math.inf
+        limit = min(limit, self.ceiling)
+        return None if limit == math.inf else limit
 
     def check_outgoing(self, own: list[torch.Tensor]) -> tuple[float, str | None]:
         """(norm, None) if ``own`` may be sent, else (norm, why not)."""

@@ -4,6 +4,7 @@ all-reduces through the Byzantine-tolerant runner of ``robust.py``."""
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import time
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing hints (their _name) to find streams
@@ -37,14 +38,16 @@ class OuterStateAverager(DecentralizedAverager):
     def __init__(self, *args, state_fn, swarm_key: bytes | None = None, max_weight: float = 0.0, **kwargs):
         self._state_fn, self._swarm_key, self._members, self._max_weight = state_fn, swarm_key, None, max_weight
         self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
-        self._recent_norm = mp.Value("d", 0.0, lock=False)  # owner -> averager process: the guard's recent range
+        # owner -> averager process: the guard's recent range and ceiling (guard.py)
+        self._recent_norm = mp.Value("d", 0.0, lock=False)
+        self._ceiling = mp.Value("d", 0.0, lock=False)
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
         die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
         # this process's all-reduces check what members send and return (the module global is what hivemind uses)
         hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
-                                                                     lambda: self._recent_norm.value, self._max_weight)
+                                                                     self._range, self._max_weight)
         super().run()
 
     def _flag(self, peer: str, why: str) -> None:
@@ -67,9 +70,14 @@ class OuterStateAverager(DecentralizedAverager):
             raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
         return super().get_stub(p2p, peer, namespace=namespace)
 
-    def set_recent_norm(self, norm: float) -> None:
-        """The norm of the swarm's recent averaged updates (0: unknown), which bounds every member's slice."""
-        self._recent_norm.value = norm
+    def set_range(self, recent_norm: float, ceiling: float) -> None:
+        """The norm of the swarm's recent averaged updates (0: unknown) and the most any honest update can be (inf:
+        unknown): both bound every member's slice and every averaged part (robust.py)."""
+        self._recent_norm.value = recent_norm
+        self._ceiling.value = ceiling if math.isfinite(ceiling) else 0.0
+
+    def _range(self) -> tuple[float, float]:
+        return self._recent_norm.value, self._ceiling.value
 
     def take_flags(self) -> list[tuple[str, str]]:
         """The members flagged since the last call, as ``(libp2p peer id, why)`` (in the owning process)."""

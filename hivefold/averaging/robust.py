@@ -6,9 +6,11 @@ in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weig
 (returning garbage for its parts). hivemind's own reducer trusts both. Here, in the averager's process:
 
 - **as a reducer** (:class:`RobustReducer`), a member waits for every sender's slice of a part and leaves
-  out, flagging its sender: a non-finite slice; one over ``RANGE_FACTOR`` × the norm of the swarm's recent
-  averaged updates (the check that still holds in a group of two, where a flipped and scaled update has no
-  majority against it); with three or more senders that trained this round, one larger than the others' and
+  out, flagging its sender: a non-finite slice; one over the ceiling on any honest update (the most an
+  inner optimizer moves the model in the samples a member may claim: guard.update_ceiling), which holds
+  from the first round; one over ``RANGE_FACTOR`` × the norm of the swarm's recent averaged updates (the
+  check that still holds in a group of two, where a flipped and scaled update has no majority against it);
+  with three or more senders that trained this round, one larger than the others' and
   over ``OUTLIER`` × their median distance from the center, times how much more it trained than they did (an
   update grows at most linearly with its samples: a member that trained a whole round beside two that just
   joined lies far from their small updates); with two, one over ``NORM_FACTOR`` × the reducer's own slice
@@ -17,8 +19,9 @@ in both roles: as a sender (NaNs, a huge or sign-flipped slice, an inflated weig
   each moving by the weighted mean of the members' differences clipped to ``CLIP`` × their median distance
   (times the same allowance for what each trained). A weight is the samples a member trained this round,
   which nobody can check: it is capped at ``max_weight`` (twice a round's samples);
-- **as a receiver** (:func:`check_returned`), it refuses a non-finite averaged part: the reducer is
-  flagged, and the member keeps its own slice for that part.
+- **as a receiver** (:func:`check_returned`), it refuses a non-finite averaged part, or one over the ceiling
+  or ``RETURNED_FACTOR`` × the recent norm (more than a robust reducer returns): the reducer is flagged, and the
+  member keeps its own slice for that part.
 
 Only what no honest member sends is flagged: honest pseudo-gradients can point against each other (in a
 real two-peer swarm, parts had cosines of -0.6 to -0.8 between honest members) and differ several-fold
@@ -32,7 +35,7 @@ own update). It also hands the flags to its owner (``hivefold.averaging.diloco``
 
 What this cannot see: a slice less than ``OUTLIER`` times as far from the center as the others' (a sign
 flip of an honest-sized update, say) is not flagged, but clipping bounds its pull to ``CLIP`` median
-distances; a reducer that returns a finite but wrong average is not caught by its receivers; the main
+distances; a reducer that returns a wrong average within the range is not caught by its receivers; the main
 process's guard (guard.py) bounds each whole averaged update by the recent rounds'.
 """
 
@@ -66,6 +69,13 @@ COMPARABLE = 4.0  # two members' weights within this factor: they did comparable
 # vectors) is flagged, whatever the group's size: an honest member's whole update is within a small factor of the
 # average's (about sqrt(group size) when members disagree), and a part is at most the whole.
 RANGE_FACTOR = 4.0
+# A robust reducer that knows the range returns a combination of slices each within RANGE_FACTOR x its recent norm
+# (centered clipping stays in their hull; the coordinate-wise median is as large in practice). A receiver flags a
+# returned part larger than this many times its own recent norm: the margin covers members whose recent ranges
+# differ (one that averaged alone for a while, one that just joined and checks nothing yet). Without it, a hostile
+# reducer returning huge averages is caught by nobody: the one member reducing its huge slice stops averaging with
+# it, the others' guards refuse every round's update, and the honest members drift apart.
+RETURNED_FACTOR = 4 * RANGE_FACTOR
 CLIP_ITERATIONS = 3
 VOTE_WEIGHT = 1e-3  # members weighing less than this fraction of the heaviest do not vote on the center
 TINY = 1e-12
@@ -93,14 +103,16 @@ def _allowance(weight: float, others: list[float]) -> float:
 
 
 def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None, recent_norm: float = 0.0,
-                   max_weight: float = 0.0, share: float = 1.0) -> tuple[torch.Tensor | None, list[Flag]]:
+                   max_weight: float = 0.0, share: float = 1.0,
+                   ceiling: float = 0.0) -> tuple[torch.Tensor | None, list[Flag]]:
     """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
 
     ``recent_norm``: the norm of the swarm's recent averaged updates as this member saw them (0: not known yet);
     ``share``: this part's share of the whole vector's values (an honest slice's norm is about ``recent_norm``
     times its square root: the least spread the outlier test assumes, so that members sending (almost) nothing,
     a converged one or an idle poisoner, cannot make an honest update the outlier);
-    ``max_weight``: the largest weight a member may claim (0: no cap). None when no slice can be used.
+    ``max_weight``: the largest weight a member may claim (0: no cap); ``ceiling``: the largest norm any honest update
+    can have (guard.update_ceiling; 0: unknown), which holds from the first round. None when no slice can be used.
     """
     flags: list[Flag] = []
     kept = []
@@ -110,6 +122,9 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
             flags.append((s, "it sent non-finite values"))
         elif not math.isfinite(w) or w < 0:
             flags.append((s, f"it sent an invalid weight {w!r}"))
+        elif ceiling > 0 and (norm := _norm(t)) > ceiling:
+            flags.append((s, f"its slice's norm {norm:.3g} is over the most any member's inner optimizer moves the "
+                             f"model in a round ({ceiling:.3g})"))
         elif recent_norm > 0 and (norm := _norm(t)) > RANGE_FACTOR * recent_norm:
             flags.append((s, f"its slice's norm {norm:.3g} is over {RANGE_FACTOR:.0f}x the swarm's recent updates' "
                              f"({recent_norm:.3g})"))
@@ -173,11 +188,19 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     return v, flags
 
 
-def check_returned(own: torch.Tensor, averaged: torch.Tensor) -> str | None:
-    """None if the ``averaged`` part a reducer returned may be applied: it must be finite. (Its size and direction
-    prove nothing: this member does not know the others' weights, and honest averages can point anywhere.)"""
+def check_returned(averaged: torch.Tensor, recent_norm: float = 0.0, ceiling: float = 0.0) -> str | None:
+    """None if the ``averaged`` part a reducer returned may be applied: it must be finite, within the ``ceiling``
+    (see :func:`robust_combine`; 0: unknown) and, once the swarm's recent range is known, within ``RETURNED_FACTOR``
+    × ``recent_norm``. Its direction proves nothing (honest averages can point anywhere), nor does a moderate size:
+    this member does not know the others' weights."""
     if not torch.isfinite(averaged).all():
         return "it returned non-finite values"
+    if ceiling > 0 and (norm := _norm(averaged)) > ceiling:
+        return (f"its averaged part's norm {norm:.3g} is over the most any member's inner optimizer moves the model "
+                f"in a round ({ceiling:.3g})")
+    if recent_norm > 0 and (norm := _norm(averaged)) > RETURNED_FACTOR * recent_norm:
+        return (f"its averaged part's norm {norm:.3g} is over {RETURNED_FACTOR:.0f}x the swarm's recent updates' "
+                f"({recent_norm:.3g}), more than a robust reducer returns")
     return None
 
 
@@ -189,9 +212,10 @@ class RobustReducer(TensorPartReducer):
     """
 
     def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None],
-                 recent_norm: float = 0.0, max_weight: float = 0.0, total_size: int = 0,
+                 recent_norm: float = 0.0, max_weight: float = 0.0, total_size: int = 0, ceiling: float = 0.0,
                  encode: Callable[[int, torch.Tensor], runtime_pb2.Tensor] | None = None):
         self.own_index, self.on_flag, self.recent_norm, self.max_weight = own_index, on_flag, recent_norm, max_weight
+        self.ceiling = ceiling
         self.total_size = total_size  # values in the whole averaged vector (0: unknown, each part counts as whole)
         self.encode = encode
         self.slices: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
@@ -210,7 +234,8 @@ class RobustReducer(TensorPartReducer):
         part = self.current_part_index
         slices = [(s, t, w) for s, t, w in self.slices.pop(part, []) if part < self.sender_failed_after[s]]
         share = math.prod(self.part_shapes[part]) / self.total_size if self.total_size else 1.0
-        result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight, min(share, 1.0))
+        result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight, min(share, 1.0),
+                                       self.ceiling)
         for sender, why in flags:
             self.on_flag(sender, why)
         if result is None:
@@ -224,10 +249,10 @@ class RobustReducer(TensorPartReducer):
 
 
 def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str], bool],
-                   recent_norm: Callable[[], float], max_weight: float) -> type[AllReduceRunner]:
-    """An ``AllReduceRunner`` whose reducer is robust (bounded by ``recent_norm()`` and ``max_weight``, see
-    :func:`robust_combine`) and whose received averages are checked. Flags go to ``on_flag(libp2p peer id in
-    base58, why)``. It refuses to run in a group with an ``excluded`` member.
+                   limits: Callable[[], tuple[float, float]], max_weight: float) -> type[AllReduceRunner]:
+    """An ``AllReduceRunner`` whose reducer is robust (bounded by ``limits()``, the recent norm and the ceiling, and
+    by ``max_weight``, see :func:`robust_combine`) and whose received averages are checked. Flags go to
+    ``on_flag(libp2p peer id in base58, why)``. It refuses to run in a group with an ``excluded`` member.
 
     Members end a round with the same averaged tensors (up to float rounding), also through a lossy codec:
     hivemind's reducer returns each sender the average minus that sender's slice, encoded, and a member adds
@@ -252,11 +277,12 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
             container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
             infos = [info for _, info in container._input_parts_by_peer[my_index]]  # the parts this member reduces
             own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+            recent, ceiling = limits()
             self.tensor_part_reducer.finished.set()  # hivemind's own, replaced unused (else it warns it got nothing)
             self.tensor_part_reducer = RobustReducer(
                 tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), own_index=own,
                 on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"),
-                recent_norm=recent_norm(), max_weight=max_weight, total_size=container.total_size,
+                recent_norm=recent, max_weight=max_weight, total_size=container.total_size, ceiling=ceiling,
                 encode=lambda part, t: container.compression.compress(t, infos[part]))
             register = container.register_processed_part
 
@@ -265,7 +291,7 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
                 if peer_index == my_index:  # from this member's own reducer: already the average minus own_slice
                     register(peer_index, part_index, part)
                     return
-                why = check_returned(own_slice, part)  # another reducer's part: the average itself
+                why = check_returned(part, recent, ceiling)  # another reducer's part: the average itself
                 if why:
                     flag(self.ordered_peer_ids[peer_index].to_base58(), f"as a reducer: {why}")
                     register(peer_index, part_index, torch.zeros_like(own_slice))  # keep this member's own slice

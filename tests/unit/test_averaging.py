@@ -128,6 +128,34 @@ def test_rounds_where_nobody_trained_do_not_shrink_the_guards_range():
         assert "over 10x" in guard.check_outgoing([torch.full((4,), 1e5)])[1]
 
 
+@pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999), (0.5, 0.99)])
+def test_the_ceiling_holds_what_adamw_can_move_and_a_member_with_nothing_to_compare_refuses_a_huge_average(betas):
+    """Found by the poisoning test: a member that had just reloaded the state, with no history and nothing of its
+    own, accepted a poisoner's huge average (its bound was relative to its own zero pseudo-gradient)."""
+    from hivefold.averaging.guard import UpdateGuard, total_norm, update_ceiling
+    from hivefold.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(make_spec().model)
+    start = [p.detach().clone() for p in model.parameters()]
+    lr, steps = 1e-2, 40
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.1)
+    for step in range(steps):  # the worst case for Adam: gradients of steady sign, a spike now and then
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) * (1e3 if step % 7 == 6 else 1e-3)
+        optimizer.step()
+    moved = total_norm([p.detach() - s for p, s in zip(model.parameters(), start, strict=True)])
+    ceiling = update_ceiling(lr, betas, steps, start)
+    # it holds, and not by miles (with a large beta2 its per-step bound is reached only by a spike after a calm)
+    assert moved <= ceiling < 30 * moved + 2 * total_norm(start), (moved, ceiling)
+
+    guard = UpdateGuard(factor=10.0)
+    guard.ceiling = ceiling
+    assert guard.check_incoming([torch.full((4,), ceiling / 3)], own_norm=0.0) is None
+    assert "over the bound" in guard.check_incoming([torch.full((4,), ceiling)], own_norm=0.0)
+    assert "over" in guard.check_outgoing([torch.full((4,), ceiling)])[1]
+
+
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
 def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_not(codec):
     """As the robust all-reduce does (robust.py): a part's reducer encodes the average once and every member takes

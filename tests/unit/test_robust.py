@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hivefold.averaging.robust import RobustReducer, check_returned, robust_combine
+from hivefold.averaging.robust import RANGE_FACTOR, RobustReducer, check_returned, robust_combine
 
 N = 4096
 
@@ -76,13 +76,30 @@ def test_an_honest_member_that_sent_nothing_this_round_is_not_flagged(common):
     assert flags == []
 
 
-def test_a_returned_average_must_be_finite_and_nothing_else_is_evidence(common):
+def test_a_returned_average_must_be_finite_and_before_the_range_is_known_nothing_else_is_evidence(common):
     own, other = honest(1, common), honest(2, common)
     fair = (own + other) / 2
-    assert "non-finite" in check_returned(own, torch.full((N,), float("nan")))
+    assert "non-finite" in check_returned(torch.full((N,), float("nan")))
     # honest averages can point against this member's slice or dwarf it (it trained a few steps since a reload)
     for plausible in (fair, -fair, 1e4 * fair):
-        assert check_returned(own, plausible) is None
+        assert check_returned(plausible) is None
+
+
+@pytest.mark.parametrize("attack", ["flip", "huge", "noise", "edge"])
+def test_once_the_range_is_known_whatever_a_robust_reducer_returns_passes_and_a_hostile_reducer_is_caught(common,
+                                                                                                         attack):
+    """The receiver's bound holds every average an honest reducer computes, whoever sent it what (here a hostile
+    sender among three, or one just inside the reducer's range), and catches a reducer returning a huge part."""
+    slices = [honest(i, common) for i in (1, 2, 3)]
+    recent = float(mean(slices).norm())
+    hostile = {"flip": -16 * slices[2], "huge": torch.full((N,), 1e6), "noise": 50 * torch.randn(N),
+               "edge": slices[2] * (0.99 * RANGE_FACTOR * recent / float(slices[2].norm()))}[attack]
+    for members in (slices[:1], slices[:2]):  # a group of two, and of three
+        result, _ = robust_combine([(i, s, 8.0) for i, s in enumerate([*members, hostile])], own_index=0,
+                                   recent_norm=recent)
+        assert check_returned(result, recent) is None, attack
+    assert "over 16x" in check_returned(torch.full((N,), 1e6), recent)
+    assert check_returned(torch.full((N,), 1e6), 0.0) is None  # the receiver does not know the range yet
 
 
 def test_a_plain_sign_flip_is_not_caught_but_its_pull_is_bounded(common):
@@ -187,3 +204,16 @@ def test_members_sending_almost_nothing_do_not_make_an_honest_update_the_outlier
     assert [s for s, _ in flags] == [1], flags
     _, flags = robust_combine(slices, own_index=0, recent_norm=2 * recent, share=0.25)
     assert [s for s, _ in flags] == [1], flags
+
+
+def test_from_the_first_round_a_slice_or_average_over_the_ceiling_is_caught(common):
+    """Before the recent range is known (the first rounds, a member that just reloaded), the ceiling on any honest
+    update still catches a huge slice in a group of two and a reducer returning a huge average."""
+    own, other = honest(1, common), honest(2, common)
+    ceiling = 100 * float(own.norm())
+    _, flags = robust_combine([(0, own, 8.0), (1, torch.full((N,), 1e6), 8.0)], own_index=0, ceiling=ceiling)
+    assert [s for s, _ in flags] == [1] and "inner optimizer" in flags[0][1]
+    result, flags = robust_combine([(0, own, 1e-6), (1, 50 * other, 8.0)], own_index=0, ceiling=ceiling)
+    assert flags == []  # honest: this member just reloaded, the other trained a whole round
+    assert check_returned(result, 0.0, ceiling) is None
+    assert "inner optimizer" in check_returned(torch.full((N,), 1e6), 0.0, ceiling)
