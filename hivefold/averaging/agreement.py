@@ -8,12 +8,15 @@ outer step.
 
 So each member sends a small sample of its global parameters (a few values, evenly spaced, from every tensor)
 with its round, and two members agree when their samples differ by less than a tenth of the latest outer
-step (root mean square over the sample), plus a relative 1e-6 for fp32 rounding. Not tighter: the member a
-mismatch makes download is the one that follows the leader (highest step, then fingerprint), and a poisoner
-that no reducer has caught yet can lead; with a thousandth of a step, honest members downloaded such a
-poisoner's slightly different state (the poisoning test). A partial round (a reducer failed for one member,
-which kept its own slice of those parts: a few percent of a step there) therefore goes unnoticed until it
-adds up to a tenth of a step.
+step (root mean square over the sample), plus a relative 1e-6 for fp32 rounding. Not tighter: with a
+thousandth of a step, honest members downloaded the slightly different state of a poisoner no reducer had
+caught yet, which led on fingerprint (the poisoning test, before :func:`to_follow` asked for a majority). A
+partial round (a reducer failed for one member, which kept its own slice of those parts: a few percent of a
+step there) therefore goes unnoticed until it adds up to a tenth of a step.
+
+A member that disagrees follows the round's consensus (:func:`to_follow`): the largest set of members that
+agree, and only then the newest state; it downloads the state from those members only. One hostile member
+cannot lead a group of three; in a group of two, where nobody has a majority, the newer state leads.
 """
 
 from __future__ import annotations
@@ -66,3 +69,35 @@ class Agreement:
         if mine.shape != theirs.shape or not np.all(np.isfinite(theirs)):
             return False
         return _rms(mine - theirs) <= self.tolerance(mine)
+
+
+State = tuple[int, float, bytes]  # what a member sends with its round: (outer step, fingerprint, sample's bytes)
+
+
+def _values(state: State) -> np.ndarray:
+    return np.frombuffer(state[2], dtype=np.float32) if len(state[2]) % 4 == 0 else np.zeros(0, np.float32)
+
+
+def to_follow(mine: State, others: dict[str, object], agreement: Agreement) -> list[str] | None:
+    """The members whose state this member should download, or None if it holds the round's consensus.
+
+    ``mine``: what this member sent with the round; ``others``: what each other member of the round sent, by
+    libp2p peer id (malformed entries are left out). The consensus is the state that most members agree with
+    (:meth:`Agreement.agrees`, at the same outer step), then the newest (step, fingerprint). A consensus at an
+    older step than this member's is not followed: a download would not move it back.
+    """
+    me = object()  # a key no peer id equals
+    states: dict[object, State] = {peer: tuple(x) for peer, x in others.items()
+                                   if isinstance(x, (list, tuple)) and len(x) == 3 and isinstance(x[0], int)
+                                   and isinstance(x[1], float) and isinstance(x[2], bytes)}
+    states[me] = mine
+
+    def agreeing(state: State) -> list:
+        return [peer for peer, other in states.items() if other[0] == state[0]
+                and (other[:2] == state[:2] or agreement.agrees(_values(state), _values(other)))]
+
+    best = max(states.values(), key=lambda s: (len(agreeing(s)), s[0], s[1]))
+    followed = agreeing(best)
+    if me in followed or best[0] < mine[0]:
+        return None
+    return followed

@@ -91,6 +91,7 @@ class DiLoCo:
         self._pending: _Round | None = None
         self._reported_at = -float("inf")
         self._resync = False  # set when this member's global parameters turned out to differ from its group's
+        self._sources: list[str] | None = None  # ... and then the members to download them from (None: any)
         # a sample of global_params, retaken whenever they change (_share_priority); and the one sent with a round
         self._global_sample = agreement.sample(self.global_params)
         self._sent_sample = self._global_sample
@@ -141,8 +142,10 @@ class DiLoCo:
         if self.tracker.ready_to_update_epoch:
             self._start_round()
 
-    def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False) -> bool:
-        """Download the outer state from the member with the newest one; True if it moved this one forward.
+    def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False,
+                              sources: list[str] | None = None) -> bool:
+        """Download the outer state from the member with the newest one (among ``sources``, libp2p peer ids, if
+        given); True if it moved this one forward.
 
         While a round is in flight elsewhere the newest state is about to change: a state taken then
         would miss that round's update forever, so it retries until the state matches the swarm's step.
@@ -151,7 +154,7 @@ class DiLoCo:
             self._land_round(block=True)
         for attempt in range(CATCH_UP_TRIES):
             try:
-                loaded = self.averager.load_state_from_peers(timeout=timeout)
+                loaded = self.averager.load_state_from_peers(timeout=timeout, sources=sources)
             except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
                 log.info("no peer served the outer state within %ss; going on with this peer's", timeout)
                 return False
@@ -233,8 +236,9 @@ class DiLoCo:
         if self.tracker.global_epoch > self.epoch + 1 or self._resync:
             log.info("this peer is behind or out of sync with the swarm (outer step %d, swarm %d); loading its state",
                      self.epoch, self.tracker.global_epoch)
-            self._resync = False
-            self.load_state_from_peers(timeout=self.spec.averaging.averaging_timeout, accept_equal=True)
+            sources, self._resync, self._sources = self._sources, False, None
+            self.load_state_from_peers(timeout=self.spec.averaging.averaging_timeout, accept_equal=True,
+                                       sources=sources)
         samples = self.samples_in_round
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.epoch + 1)
@@ -307,8 +311,16 @@ class DiLoCo:
             n = len(gathered)
             self.bytes_sent += int(2 * self._payload_bytes * (n - 1) / n)
             self.bytes_received += int(2 * self._payload_bytes * (n - 1) / n)
-            # a member caught poisoning this round holds some other state: it cannot be the one to follow
-            self._check_agreement(r, [g for peer, g in gathered.items() if str(peer) not in self.flagged])
+            # Members of a round must have started it from the same global parameters (up to rounding): they drift
+            # apart when a round forms no group for some and one for others. A member caught poisoning this round
+            # holds some other state: it cannot be one to follow.
+            mine = (r.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
+            follow = agreement.to_follow(mine, {str(p): g for p, g in gathered.items() if p != self.averager.peer_id
+                                                and str(p) not in self.flagged}, self.agreement)
+            if follow is not None:
+                log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading "
+                            "them from the %d member(s) that agree", r.epoch, len(follow))
+                self._resync, self._sources = True, follow
         else:
             if r.control is not None and update is None:
                 log.warning("outer round %d: no group formed; this peer applies its own update", r.epoch)
@@ -362,32 +374,13 @@ class DiLoCo:
                     [t.detach().cpu().clone() for t in self.global_params + self.momentum])
 
     def _share_priority(self) -> np.ndarray:
-        """Among members at the same outer step, the one whose global parameters fingerprint highest is the
-        leader that members out of sync download from (see _check_agreement): priority = step + fingerprint."""
+        """Newcomers and members that fell behind download from the member with the highest priority = step +
+        fingerprint (members out of sync with their round download from its consensus: agreement.to_follow)."""
         with self._lock:
             self._global_sample = agreement.sample(self.global_params)
         if not self.client_mode:
             self.averager.state_sharing_priority = self.epoch + agreement.fingerprint(self._global_sample)
         return self._global_sample
-
-    def _check_agreement(self, r: _Round, gathered: list) -> None:
-        """Members of one round must have started it from the same global parameters (up to rounding).
-
-        They can drift apart when a round forms no group for some and a group for others; a member that is
-        not at the leader's state (highest outer step, then fingerprint) downloads it before its next round.
-        """
-        mine = (r.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
-        states = [tuple(x) for x in gathered if isinstance(x, (list, tuple)) and len(x) == 3
-                  and isinstance(x[0], int) and isinstance(x[1], float) and isinstance(x[2], bytes)]
-        leader = max(states, default=mine, key=lambda s: s[:2])
-        if leader[:2] == mine[:2]:
-            return
-        theirs = np.frombuffer(leader[2], dtype=np.float32) if len(leader[2]) % 4 == 0 else np.zeros(0, np.float32)
-        if leader[0] == r.epoch and self.agreement.agrees(self._sent_sample, theirs):
-            return  # the same state up to the all-reduce's rounding
-        log.warning("outer round %d: this peer's global parameters differ from the swarm's; reloading them",
-                    r.epoch)
-        self._resync = True
 
     def _set_lr(self) -> None:
         """The inner schedule follows the swarm's progress: ``inner_steps`` per outer step, plus this round's.

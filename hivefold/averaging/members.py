@@ -3,6 +3,7 @@ all-reduces through the Byzantine-tolerant runner of ``robust.py``."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import multiprocessing as mp
@@ -13,6 +14,7 @@ import hivemind.averaging.averager
 from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import P2PContext, P2PHandlerError
 from hivemind.proto import averaging_pb2
+from hivemind.utils.mpfuture import MPFuture
 
 from hivefold.averaging.robust import guarded_runner
 from hivefold.dht import die_with_parent
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 EXCLUDE_S = 600.0  # a member this averager caught poisoning is not averaged with for this long
 # libp2p peer id -> until when: members caught poisoning, in the averager's process (one averager per process)
 _EXCLUDED: dict[str, float] = {}
+# the members a state download in progress may come from (None: any), in that download's asyncio task
+_SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
 
 
 class OuterStateAverager(DecentralizedAverager):
@@ -64,11 +68,29 @@ class OuterStateAverager(DecentralizedAverager):
     @classmethod
     def get_stub(cls, p2p, peer, *, namespace=None):
         """Every call to another member goes through here (matchmaking, downloads, all-reduce): none to one
-        caught poisoning (hivemind logs the refusal and moves on to the next member)."""
+        caught poisoning, and no state download from outside the chosen sources (hivemind logs the refusal and
+        moves on to the next member)."""
         if cls._is_excluded(peer.to_base58()):
             # the error hivemind's matchmaking expects from a failed call: it moves on to the next leader
             raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
+        sources = _SOURCES.get()
+        if sources is not None and peer.to_base58() not in sources:
+            raise P2PHandlerError(f"not downloading the state from {peer}: not among the round's consensus")
         return super().get_stub(p2p, peer, namespace=namespace)
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None,
+                              sources: list[str] | None = None):
+        """hivemind's, from ``sources`` (libp2p peer ids in base58) only if given: the members that agree on the
+        round's state (agreement.to_follow), so that a hostile member that declares itself newest is not the
+        one followed."""
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, sources=sources)))
+        return future.result(timeout=timeout) if wait else future
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None,
+                                     sources: list[str] | None = None):
+        _SOURCES.set(frozenset(sources) if sources is not None else None)  # this download's task only
+        await super()._load_state_from_peers(future, timeout=timeout)
 
     def set_range(self, recent_norm: float, ceiling: float) -> None:
         """The norm of the swarm's recent averaged updates (0: unknown) and the most any honest update can be (inf:

@@ -137,3 +137,15 @@ def test_a_poisoning_member_does_not_wreck_the_honest_one(tmp_path, poison):
         for w in (honest, hostile):
             Processes.kill_group(w)
             w.wait()
+
+
+def test_a_state_download_from_the_rounds_consensus_skips_a_member_that_declares_itself_newest():
+    """A member out of sync downloads from the members that agree on its round (agreement.to_follow), not from
+    whoever declares the highest priority in the DHT, as hivemind would (a poisoner can declare anything)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "tests.integration.state_sources"], cwd=REPO, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"any": "newest", "consensus": "consensus", "nobody": None}, (got, out.stderr[-4000:])

@@ -4,6 +4,7 @@ import concurrent.futures
 import dataclasses
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ class _OutlastedAverager:
     """hivemind's averager when the download outlasts its timeout: every member it tried was dead or frozen
     (it gives each one the whole timeout), or this process was suspended mid-download. Its future raises."""
 
-    def load_state_from_peers(self, timeout=None):
+    def load_state_from_peers(self, timeout=None, sources=None):
         raise concurrent.futures.TimeoutError()
 
 
@@ -191,3 +192,28 @@ def test_members_that_averaged_together_agree_and_one_that_stepped_alone_does_no
     assert not check.agrees(views["a"], views["alone"])
     assert not check.agrees(views["a"], views["a"][:-1]), "a sample of another shape is another model"
     assert agreement.fingerprint(views["a"]) != agreement.fingerprint(views["alone"])
+
+
+def test_a_member_out_of_step_follows_the_rounds_majority_not_the_newest_looking_state():
+    """Before, the member with the highest (step, fingerprint) led: a poisoner no reducer had caught could lead
+    the honest members of its round to download its state. Now the consensus is the largest set that agrees."""
+    from hivefold.averaging import agreement
+
+    check = agreement.Agreement()
+    base = np.linspace(-1, 1, 64, dtype=np.float32)
+    check.note_step(base, base + 0.01)  # the latest outer step moved the sample by 0.01 (rms)
+
+    def state(values, step=3):
+        return (step, agreement.fingerprint(values), values.tobytes())
+
+    honest, rounded, drifted = state(base), state(base + 1e-7), state(base + 0.05)
+    # an honest member that drifted follows the two that agree (up to rounding), not the drifted fingerprint
+    assert sorted(agreement.to_follow(drifted, {"h1": honest, "h2": rounded}, check)) == ["h1", "h2"]
+    # ... and the two honest members do not follow it, whatever its fingerprint, nor a newer step it claims
+    assert agreement.to_follow(honest, {"h2": rounded, "x": drifted}, check) is None
+    assert agreement.to_follow(honest, {"h2": rounded, "x": state(base + 0.05, step=9)}, check) is None
+    # two members that disagree: no majority, the newer state leads, as it did before
+    assert agreement.to_follow(honest, {"other": state(base + 0.05, step=4)}, check) == ["other"]
+    assert agreement.to_follow(state(base + 0.05, step=4), {"other": honest}, check) is None
+    # malformed states count for nothing; a member alone in its round has nobody to follow
+    assert agreement.to_follow(drifted, {"bad": ["x", 1.0, b""], "worse": 7}, check) is None
