@@ -231,8 +231,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "they run: a banned peer falls out within this time (default %(default)s)")
     p.add_argument("--ban-after-reports", type=int, default=d.ban_after_reports, metavar="N",
                    help="ban a member once N distinct peers caught it poisoning the averaging (one report alone "
-                        "proves nothing: a hostile peer can report an honest one); 0 never bans (default "
-                        "%(default)s)")
+                        "proves nothing: a hostile peer can report an honest one; where results are checked, only "
+                        "peers with a verified result count); 0 never bans (default %(default)s)")
     p.add_argument("--verify-ceiling", type=float, default=d.verify_ceiling, metavar="P",
                    help="share of a new peer's results the keeper checks by replaying part of the training "
                         "(after n valid results in a row: 1/n, never below --verify-floor); 0 turns checks off "

@@ -273,8 +273,9 @@ def _poison_reports(peer_id: str, reports, ctx: Context, now: float) -> None:
     if len(reports) > POISON_REPORTS_MAX or any(len(r.libp2p_peer_id) > LIBP2P_ID_CHARS for r in reports):
         raise InvalidArgument(f"poison_reports must be at most {POISON_REPORTS_MAX} reports, each naming a libp2p "
                               f"peer id of at most {LIBP2P_ID_CHARS} characters")
+    min_valid = 1 if ctx.verify.enabled else 0  # see coordinator/ledger/reports.py: good standing
     for banned in ctx.ledger.report_poisoners(peer_id, [(r.libp2p_peer_id, r.reason) for r in reports],
-                                              threshold=ctx.config.ban_after_reports, now=now):
+                                              threshold=ctx.config.ban_after_reports, now=now, min_valid=min_valid):
         log.warning("banned peer %s: at least %d peers caught it poisoning the averaging", banned,
                     ctx.config.ban_after_reports)
 

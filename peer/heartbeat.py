@@ -31,7 +31,9 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
     own = [] if session.config.client_mode else addressbook.own_maddrs(session.dht)
     linked: set[str] = set()  # members connected to at the last check
     checked_at = -float("inf")
-    caught: dict[str, str] = {}  # members the averaging caught poisoning, until a heartbeat has reported them
+    # Members the averaging caught poisoning, reported in every heartbeat (16 at a time, in turn): a report counts
+    # towards a ban only once this peer has a verified result (coordinator/ledger/reports.py)
+    caught: dict[str, str] = {}
     while True:
         m = trainer.meter
         paused = gate.halted
@@ -44,8 +46,8 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
                 samples_per_second=0.0 if paused else m.samples_per_second, dht_maddrs=own,
                 compute_utilization=m.utilization, micro_batch=trainer.micro_batch, paused=paused,
                 pause_reason="; ".join(gate.reasons()) if paused else "", poison_reports=reports))
-            for r in reports:
-                caught.pop(r.libp2p_peer_id, None)
+            for r in reports:  # to the back of the queue
+                caught[r.libp2p_peer_id] = caught.pop(r.libp2p_peer_id)
             # Each check is a round trip through the DHT process: only when a member is new, else once a minute.
             # The coordinator's bootstrap node too: newcomers join the DHT through it (see addressbook.connect).
             members = [*resp.swarm_maddrs, *session.bootstrap_maddrs]

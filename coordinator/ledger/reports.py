@@ -5,6 +5,12 @@ libp2p peer id; the coordinator knows which peer each id belongs to because it s
 token for it (``bind_swarm_id``). A report alone proves nothing (a hostile peer can report an honest
 one), so a peer is banned only once ``threshold`` distinct peers in good standing reported it; each
 reporter counts once per suspect, a peer cannot report itself, and reports of unknown ids are dropped.
+
+Good standing: not banned, and, where the run checks results, at least ``min_valid`` results that passed a
+check. Registering is free, so without that an attacker who starts two peers could have any honest peer
+banned; with it, each of its peers must first do real, verified work (BOINC gates trust on validated
+results too). Peers repeat their reports while they exclude the member, so a report made before its
+reporter's first verified result counts once that result is in.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ class PoisonReports(LedgerStore):
                       "peer_id = excluded.peer_id, issued_at = excluded.issued_at", (libp2p_id, peer_id, now))
 
     def report_poisoners(self, reporter: str, reports: list[tuple[str, str]], *, threshold: int,
-                         now: float) -> list[str]:
+                         now: float, min_valid: int = 0) -> list[str]:
         """Record ``reporter``'s ``(libp2p id, why)`` reports; the peers banned because of them.
 
-        ``threshold`` distinct reporters (0: never) ban a peer.
+        ``threshold`` distinct reporters in good standing (not banned, ``min_valid`` verified results) ban a
+        peer (0: never).
         """
         banned = []
         with self._tx() as c:
@@ -44,7 +51,7 @@ class PoisonReports(LedgerStore):
                     _event(c, now, "poisoning_reported", peer_id=suspect, detail=f"by {reporter}: {why}")
                 reporters = c.execute(
                     "SELECT COUNT(*) FROM poison_reports r JOIN peers p ON p.peer_id = r.reporter "
-                    "WHERE r.suspect = ? AND p.banned = 0", (suspect,)).fetchone()[0]
+                    "WHERE r.suspect = ? AND p.banned = 0 AND p.results_valid >= ?", (suspect, min_valid)).fetchone()[0]
                 is_banned = c.execute("SELECT banned FROM peers WHERE peer_id = ?", (suspect,)).fetchone()[0]
                 if threshold and reporters >= threshold and not is_banned:
                     ban_in(c, suspect, f"poisoning the averaging: caught by {reporters} peers ({why})", now)

@@ -55,3 +55,36 @@ def test_a_renewed_token_rebinds_the_libp2p_id(ledger):
     ledger.bind_swarm_id("12D3KooX", "a", now=0.0)
     ledger.bind_swarm_id("12D3KooX", "b", now=1.0)  # the same DHT identity, now another peer's
     assert ledger.report_poisoners("a", [("12D3KooX", "flip")], threshold=1, now=2.0) == ["b"]
+
+
+def verified(ledger, name, now):
+    """``name`` trains a shard and the keeper finds its result valid."""
+    from tests.unit.test_ledger_verification import always, submit
+
+    work = lease(ledger, name, now=now)
+    submit(ledger, name, work, always(), now=now)
+    assert not ledger.record_verification(work.lease_id, valid=True, detail="ok", now=now)
+
+
+def test_where_results_are_checked_only_reporters_with_verified_work_count(ledger):
+    """Registering is free: two fresh peers of one attacker must not get an honest peer banned. Reports count
+    once their reporter has a verified result; honest peers repeat theirs in every heartbeat, so a report made
+    before that result counts as soon as it is in."""
+    for name in ("honest-1", "honest-2", "sybil-1", "sybil-2", "poisoner"):
+        join(ledger, name)
+        ledger.bind_swarm_id(f"12D3Koo{name}", name, now=0.0)
+    for sybil in ("sybil-1", "sybil-2"):
+        assert ledger.report_poisoners(sybil, [("12D3Koohonest-1", "made up")], threshold=2, now=1.0,
+                                       min_valid=1) == []
+    assert not ledger.is_banned("honest-1") and peers(ledger)["honest-1"]["poison_reports"] == 2
+    for name in ("honest-1", "honest-2"):
+        assert ledger.report_poisoners(name, [("12D3Koopoisoner", "huge")], threshold=2, now=1.0, min_valid=1) == []
+    verified(ledger, "honest-1", now=2.0)
+    assert ledger.report_poisoners("honest-1", [("12D3Koopoisoner", "huge")], threshold=2, now=3.0,
+                                   min_valid=1) == []  # one reporter in good standing: not enough
+    verified(ledger, "honest-2", now=4.0)
+    assert ledger.report_poisoners("honest-2", [("12D3Koopoisoner", "huge")], threshold=2, now=5.0,
+                                   min_valid=1) == ["poisoner"]
+    assert not ledger.is_banned("honest-1")
+    # where nothing is checked, any two registered peers in good standing suffice
+    assert ledger.report_poisoners("sybil-1", [("12D3Koohonest-1", "made up")], threshold=2, now=6.0) == ["honest-1"]
