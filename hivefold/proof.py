@@ -183,10 +183,12 @@ def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
     """The inner learning rates a peer at outer step ``epoch`` can have used (``DiLoCo._set_lr``): its schedule
     runs ``inner_steps`` per outer step, plus the steps of a round still in flight (up to two more rounds); the
     step right after an outer step lands still uses the rate set before it (one round back)."""
-    h = spec.averaging.inner_steps
-    steps = range(max(0, epoch - 1) * h, (epoch + 3) * h + 1)
-    rates = [spec.optimizer.lr * lr_lambda(s, cfg=spec.optimizer) for s in steps]
-    return min(rates), max(rates)
+    h, cfg = spec.averaging.inner_steps, spec.optimizer
+    first, last = max(0, epoch - 1) * h, (epoch + 3) * h
+    # the schedule rises to its peak at warmup_steps and falls after it: extremes at the ends or the peak
+    low = min(lr_lambda(first, cfg=cfg), lr_lambda(last, cfg=cfg))
+    high = lr_lambda(min(max(cfg.warmup_steps, first), last), cfg=cfg)
+    return cfg.lr * low, cfg.lr * high
 
 
 def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray,

@@ -200,3 +200,23 @@ def test_hostile_bytes_are_refused_without_unpickling(shard, tmp_path):
     torch.save({"segment": 1, "params": [torch.zeros(3)]}, buf)
     result = check(spec, buf.getvalue(), losses, shard, 1)
     assert not result.valid and "shapes" in result.detail
+
+
+def test_the_learning_rates_a_replay_allows_are_the_schedules_extremes_over_the_steps_a_peer_can_be_at():
+    """Found profiling the keeper: it evaluated the schedule at every step a peer could be at (four rounds' worth,
+    four million for a long round) for each check; the extremes sit at the ends of the range or the peak."""
+    import random
+
+    from hivefold.proof import _lr_range
+    from hivefold.training import lr_lambda
+    from tests.unit.test_spec import make_spec
+
+    base, rng = make_spec(), random.Random(0)
+    for _ in range(200):
+        opt = OptimizerConfig(lr=rng.choice([1e-3, 3e-3]), warmup_steps=rng.randint(0, 300),
+                              decay_steps=rng.randint(1, 3000), min_lr_ratio=rng.random())
+        spec = dataclasses.replace(base, optimizer=opt, averaging=AveragingConfig(mode="diloco",
+                                                                                  inner_steps=rng.randint(1, 200)))
+        epoch, h = rng.randint(0, 40), spec.averaging.inner_steps
+        rates = [opt.lr * lr_lambda(s, cfg=opt) for s in range(max(0, epoch - 1) * h, (epoch + 3) * h + 1)]
+        assert _lr_range(spec, epoch) == pytest.approx((min(rates), max(rates)), rel=1e-12, abs=0)
