@@ -14,7 +14,7 @@ steps go on, and its outer update lands one round late (the eager / streaming va
 only when the network is slower than a whole round.
 
 The outer state (global parameters, momentum, outer step) is what newcomers and the keeper
-download; it is served by the same averager.
+download (consensus.py: whose the keeper takes); it is served by the same averager.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 
-from hivefold.averaging import agreement
+from hivefold.averaging import agreement, consensus
 from hivefold.averaging.guard import UpdateGuard, update_ceiling
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import compression, nesterov_outer_step
@@ -131,9 +131,8 @@ class DiLoCo:
         self.samples_in_round += samples
         self._set_lr()
         now = time.monotonic()
-        # Reporting is a DHT store (a round trip through the DHT process, a signed record, and a store on every
-        # node): every few seconds is enough, since the tracker extrapolates the swarm's samples between fetches.
-        # Whether a round is due is a local estimate, checked at every step so that peers start rounds together.
+        # Reporting is a DHT store (a round trip, a signed record, a store on every node): every few seconds will
+        # do, as the tracker extrapolates. Whether a round is due is checked at every step: peers start together.
         if now - self._reported_at >= REPORT_EVERY_S:
             self._reported_at = now
             self.tracker.report_local_progress(self._round_index, self.samples_in_round)
@@ -144,35 +143,28 @@ class DiLoCo:
 
     def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False,
                               sources: list[str] | None = None) -> bool:
-        """Download the outer state from the member with the newest one (among ``sources``, libp2p peer ids, if
-        given); True if it moved this one forward.
+        """Download the newest outer state (from ``sources``, libp2p peer ids, if given; the keeper takes the one
+        most members hold: consensus.py); True if it moved this one forward.
 
         While a round is in flight elsewhere the newest state is about to change: a state taken then
         would miss that round's update forever, so it retries until the state matches the swarm's step.
         """
         if self._pending is not None:
             self._land_round(block=True)
+        if not self.trains and sources is None:  # the keeper
+            sources = consensus.consensus_sources(
+                consensus.declared(self.averager.dht, f"{self.spec.run_id}_diloco", str(self.averager.peer_id)),
+                lambda peer: self._download(timeout, [peer]), len(self.global_params))
         for attempt in range(CATCH_UP_TRIES):
-            try:
-                loaded = self.averager.load_state_from_peers(timeout=timeout, sources=sources)
-            except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
-                log.info("no peer served the outer state within %ss; going on with this peer's", timeout)
+            epoch, tensors, in_flight = self._download(timeout, sources)
+            if epoch is None:
                 return False
-            if loaded is None:
-                return False
-            metadata, tensors = loaded
-            epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
-            n = len(self.global_params)
-            if not isinstance(epoch, int) or len(tensors) != 2 * n or any(
-                    t.shape != g.shape for t, g in zip(tensors, self.global_params + self.momentum, strict=True)):
-                log.warning("ignoring a malformed outer state from a peer")
-                return False
-            in_flight = metadata.get("in_flight") or (self.tracker and epoch + 1 < self.tracker.global_epoch)
             if in_flight and attempt + 1 < CATCH_UP_TRIES:
                 time.sleep(0.5)  # a round is in flight there: take the state once it has landed
                 continue
             if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
                 return False
+            n = len(self.global_params)
             refused = self.guard.check_state(tensors[:n], self.global_params)
             if refused:
                 log.error("refusing the outer state a peer served: %s", refused)
@@ -180,6 +172,23 @@ class DiLoCo:
             self._install(epoch, tensors[:n], tensors[n:])
             return True
         return False
+
+    def _download(self, timeout: float | None, sources: list[str] | None) -> tuple:
+        """One download: ``(outer step, tensors, whether a round is in flight there)``, or three Nones."""
+        try:
+            loaded = self.averager.load_state_from_peers(timeout=timeout, sources=sources)
+        except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
+            log.info("no peer served the outer state within %ss; going on with this peer's", timeout)
+            return None, None, None
+        if loaded is None:
+            return None, None, None
+        metadata, tensors = loaded
+        epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+        if not isinstance(epoch, int) or len(tensors) != 2 * len(self.global_params) or any(
+                t.shape != g.shape for t, g in zip(tensors, self.global_params + self.momentum, strict=True)):
+            log.warning("ignoring a malformed outer state from a peer")
+            return None, None, None
+        return epoch, tensors, metadata.get("in_flight") or (self.tracker and epoch + 1 < self.tracker.global_epoch)
 
     def state_dict(self) -> dict:
         """The outer state for a checkpoint (the model's own parameters are the global ones there)."""
@@ -311,9 +320,8 @@ class DiLoCo:
             n = len(gathered)
             self.bytes_sent += int(2 * self._payload_bytes * (n - 1) / n)
             self.bytes_received += int(2 * self._payload_bytes * (n - 1) / n)
-            # Members of a round must have started it from the same global parameters (up to rounding): they drift
-            # apart when a round forms no group for some and one for others. A member caught poisoning this round
-            # holds some other state: it cannot be one to follow.
+            # Members of a round started it from the same global parameters (up to rounding) unless they drifted
+            # apart (a round formed a group for some only). One caught poisoning this round is not to be followed.
             mine = (r.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
             follow = agreement.to_follow(mine, {str(p): g for p, g in gathered.items() if p != self.averager.peer_id
                                                 and str(p) not in self.flagged}, self.agreement)

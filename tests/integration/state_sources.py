@@ -1,5 +1,8 @@
-"""Three outer-state averagers on real DHTs, for tests/integration/test_diloco.py: which member a state download
-comes from, with and without ``sources``. Prints one JSON line: the metadata each download returned."""
+"""Four outer-state averagers on real DHTs, for tests/integration/test_diloco.py: which member a state download
+comes from, with and without ``sources``, and which ones the keeper's consensus (consensus.py) picks.
+
+"newest" declares the highest priority and serves a state of its own; "honest-a" and "honest-b" serve the
+same state (up to float rounding); "me" downloads. Prints one JSON line with what each download returned."""
 
 from __future__ import annotations
 
@@ -7,36 +10,50 @@ import json
 
 import torch
 
+from hivefold.averaging import consensus
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.dht import SwarmDHT
+
+PREFIX = "sources-test"
 
 
 def main() -> None:
     first = SwarmDHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     dhts = [first] + [SwarmDHT(initial_peers=[str(m) for m in first.get_visible_maddrs()],
-                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True) for _ in range(2)]
-    averagers = []
-    for name, dht, priority in zip(("newest", "consensus", "me"), dhts, (9.5, 3.25, 3.25), strict=True):
+                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True) for _ in range(3)]
+    names = ("newest", "honest-a", "honest-b", "me")
+    values = {"newest": 5.0, "honest-a": 1.0, "honest-b": 1.0 + 1e-7, "me": 0.0}
+    averagers = {}
+    for name, dht, priority in zip(names, dhts, (9.5, 3.25, 3.125, 3.0), strict=True):
         def state(name=name):
-            return {"epoch": 3, "who": name}, [torch.zeros(4), torch.zeros(4)]
-        averager = OuterStateAverager(averaged_tensors=[torch.zeros(4)], dht=dht, start=True, prefix="sources-test",
+            return {"epoch": 3, "who": name}, [torch.full((64,), values[name]), torch.zeros(64)]
+        averager = OuterStateAverager(averaged_tensors=[torch.zeros(64)], dht=dht, start=True, prefix=PREFIX,
                                       state_fn=state, min_matchmaking_time=1.0, request_timeout=1.0)
         averager.state_sharing_priority = priority
-        averagers.append(averager)
-    me, ids = averagers[2], {a: str(d.peer_id) for a, d in zip(("newest", "consensus"), dhts, strict=False)}
+        averagers[name] = averager
+    me = averagers["me"]
+    ids = {name: str(dht.peer_id) for name, dht in zip(names, dhts, strict=True)}
+    who_is = {v: k for k, v in ids.items()}
 
-    def who(**kwargs):
+    def who(sources=None):
         for _ in range(40):  # until every averager has declared its state in the DHT
-            loaded = me.load_state_from_peers(timeout=5.0, **kwargs)
-            if loaded is not None and (kwargs.get("sources") is not None or loaded[0]["who"] == "newest"):
-                return loaded[0]["who"]
-            if kwargs.get("sources") == []:
+            loaded = me.load_state_from_peers(timeout=5.0, sources=sources)
+            if sources == []:
                 return None
+            if loaded is not None and (sources is not None or loaded[0]["who"] == "newest"):
+                return loaded[0]["who"]
         return None
 
-    print(json.dumps({"any": who(), "consensus": who(sources=[ids["consensus"]]), "nobody": who(sources=[])}),
-          flush=True)
-    for averager in averagers:
+    def download(peer):
+        loaded = me.load_state_from_peers(timeout=5.0, sources=[peer])
+        return (loaded[0]["epoch"], loaded[1]) if loaded else (None, None)
+
+    out = {"any": who(), "consensus": who(sources=[ids["honest-a"]]), "nobody": who(sources=[])}
+    candidates = consensus.declared(dhts[3], PREFIX, ids["me"])
+    out["declared"] = [who_is.get(p) for p in candidates]
+    out["keeper"] = sorted(who_is[p] for p in consensus.consensus_sources(candidates, download, n_params=1))
+    print(json.dumps(out), flush=True)
+    for averager in averagers.values():
         averager.shutdown()
     for dht in dhts:
         dht.shutdown()

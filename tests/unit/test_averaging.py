@@ -80,7 +80,7 @@ def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
     from hivefold.averaging.sync import SyncAveraging
 
     diloco = DiLoCo.__new__(DiLoCo)  # only the download path: no DHT, no averager process
-    diloco._pending, diloco.averager = None, _OutlastedAverager()
+    diloco._pending, diloco.averager, diloco.trains = None, _OutlastedAverager(), True
     assert diloco.load_state_from_peers(timeout=1.0, accept_equal=True) is False
     sync = SyncAveraging.__new__(SyncAveraging)
     sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager())
@@ -217,3 +217,29 @@ def test_a_member_out_of_step_follows_the_rounds_majority_not_the_newest_looking
     assert agreement.to_follow(state(base + 0.05, step=4), {"other": honest}, check) is None
     # malformed states count for nothing; a member alone in its round has nobody to follow
     assert agreement.to_follow(drifted, {"bad": ["x", 1.0, b""], "worse": 7}, check) is None
+
+
+def test_the_keeper_takes_the_state_most_of_the_newest_members_hold():
+    """hivemind's download takes whoever declares the highest priority; a poisoner declares what it likes."""
+    from hivefold.averaging import consensus
+
+    honest, poisoned = [torch.ones(8), torch.zeros(2)], [torch.full((8,), -15.0), torch.zeros(2)]
+    served = {"poisoner": (4, poisoned), "a": (4, honest), "b": (4, [honest[0] + 1e-7, honest[1]]),
+              "silent": (None, None), "c": (4, honest)}
+    asked = []
+
+    def download(peer):
+        asked.append(peer)
+        return served[peer]
+
+    order = ["poisoner", "a", "silent", "b", "c"]
+    assert consensus.consensus_sources(order, download, n_params=1) == ["a", "b"]
+    assert asked == ["poisoner", "a", "silent", "b"]  # three states served: enough
+    assert consensus.consensus_sources(["poisoner", "a"], download, n_params=1) == ["poisoner"]  # 1 against 1
+    # a newer state held by one member does not outvote two at the previous step, nor does one state alone decide
+    served["poisoner"] = (5, poisoned)
+    assert consensus.consensus_sources(["poisoner", "a", "b"], download, n_params=1) == ["a", "b"]
+    assert consensus.consensus_sources(["poisoner", "silent"], download, n_params=1) is None
+    # honest members one outer step apart: the newer leads (a tie between groups of one), as hivemind's would
+    served["a"] = (5, [torch.full((8,), 1.1), torch.zeros(2)])
+    assert consensus.consensus_sources(["a", "c"], download, n_params=1) == ["a"]
