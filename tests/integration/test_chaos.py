@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos import ACCEPTED_LINE, KINDS, Chaos, ChaosConfig, crashes
+from benchmarks.chaos import KINDS, Chaos, ChaosConfig
+from benchmarks.chaos_report import ACCEPTED_LINE, crashes
 from tests.conftest import Processes, descendants, wait_for
 
 pytestmark = pytest.mark.integration
