@@ -217,7 +217,7 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
         return Check(False, str(e))
     mb = doc["micro_batch"]
     # a peer picks its own micro-batch (a GPU's is far larger than the run's): the replay splits it into chunks
-    if not isinstance(mb, int) or mb < 1 or math.ceil(len(sequences) / mb) != len(losses):
+    if mb < 1 or math.ceil(len(sequences) / mb) != len(losses):  # _load checked it is an integer
         return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
     segments = (len(digests) - 1) // 2
     bounds = segment_bounds(len(losses), segments)

@@ -22,6 +22,7 @@ cannot lead a group of three; in a group of two, where nobody has a majority, th
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,6 +79,15 @@ def _values(state: State) -> np.ndarray:
     return np.frombuffer(state[2], dtype=np.float32) if len(state[2]) % 4 == 0 else np.zeros(0, np.float32)
 
 
+def largest_group(states: dict, agrees: Callable[[np.ndarray, np.ndarray], bool], rank: Callable) -> list:
+    """The keys of the largest group of ``states`` (key -> (outer step, sample)) that agree with one another's
+    founder (the same step, ``agrees(sample, sample)``), then the newest step, then the highest ``rank(key)``."""
+    groups = {k: [j for j, (step, values) in states.items() if step == states[k][0] and agrees(states[k][1], values)]
+              for k in states}
+    best = max(states, key=lambda k: (len(groups[k]), states[k][0], rank(k)))
+    return groups[best]
+
+
 def to_follow(mine: State, others: dict[str, object], agreement: Agreement) -> list[str] | None:
     """The members whose state this member should download, or None if it holds the round's consensus.
 
@@ -91,13 +101,8 @@ def to_follow(mine: State, others: dict[str, object], agreement: Agreement) -> l
                                    if isinstance(x, (list, tuple)) and len(x) == 3 and isinstance(x[0], int)
                                    and isinstance(x[1], float) and isinstance(x[2], bytes)}
     states[me] = mine
-
-    def agreeing(state: State) -> list:
-        return [peer for peer, other in states.items() if other[0] == state[0]
-                and (other[:2] == state[:2] or agreement.agrees(_values(state), _values(other)))]
-
-    best = max(states.values(), key=lambda s: (len(agreeing(s)), s[0], s[1]))
-    followed = agreeing(best)
-    if me in followed or best[0] < mine[0]:
+    followed = largest_group({k: (s[0], _values(s)) for k, s in states.items()}, agreement.agrees,
+                             rank=lambda k: states[k][1])
+    if me in followed or states[followed[0]][0] < mine[0]:
         return None
     return followed

@@ -46,15 +46,8 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
 
-def largest_agreeing(states: dict[str, tuple[int, np.ndarray]], order: list[str]) -> list[str]:
-    """The members of the largest group whose ``(outer step, sample)`` agree, then the newest, then the first in
-    ``order`` (highest declared priority)."""
-    def agrees(a: tuple[int, np.ndarray], b: tuple[int, np.ndarray]) -> bool:
-        return a[0] == b[0] and a[1].shape == b[1].shape and _rms(a[1] - b[1]) <= RELATIVE * max(_rms(a[1]), 1e-12)
-
-    groups = {peer: [p for p in order if p in states and agrees(states[peer], states[p])] for peer in states}
-    best = max(states, key=lambda p: (len(groups[p]), states[p][0], -order.index(p)))
-    return groups[best]
+def _agree(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and _rms(a - b) <= RELATIVE * max(_rms(a), 1e-12)
 
 
 def consensus_sources(candidates: list[str], download: Callable[[str], tuple], n_params: int) -> list[str] | None:
@@ -70,7 +63,8 @@ def consensus_sources(candidates: list[str], download: Callable[[str], tuple], n
             break
     if len(states) < 2:
         return None
-    chosen = largest_agreeing(states, candidates)
+    # the largest group, then the newest, then the highest declared priority
+    chosen = agreement.largest_group(states, _agree, rank=lambda p: -candidates.index(p))
     if len(chosen) < len(states):  # often only a round landed at some members already: info, not a warning
         log.info("the members' outer states differ: taking the one %d of %d hold (%s)", len(chosen), len(states),
                  ", ".join(p[-8:] for p in chosen))
