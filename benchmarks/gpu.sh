@@ -10,17 +10,23 @@ source .whl/prologue.sh
 exec > >(tee "$OUT/gpu.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, hivemind; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'hivemind', hivemind.__version__)"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_device.py 2>&1 | tail -3
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_device.py tests/unit/test_proof.py 2>&1 | tail -3
+# a proof's cost on the GPU (the peer's record, the keeper's replay on the same GPU) at the time-to-loss run's shapes
+timeout 120 python3 benchmarks/proof_replay.py --device cuda --keeper-device cuda --model small --seq-len 128 \
+    --micro-batch 128 --batches 8 --json "$OUT/proof_replay.json"
 # DT_SECONDS=0 skips the trainer-path check; TTL_CORPUS=site trains on 300 MB of the image's site-packages (a corpus
 # the GPU cannot exhaust in minutes; the standard library is 10 M tokens, a pass every 5 s).
 [[ ${DT_SECONDS:-12} != 0 ]] && timeout 150 python3 benchmarks/device_throughput.py --device cuda --models small base --seq-len 512 --micro-batch 32 \
     --seconds ${DT_SECONDS:-12} --json "$OUT/device_throughput.json"
-# Rounds of ~64k samples: at GPU speed a CPU-sized round (512 samples) would be a few milliseconds. Checks off: the
-# keeper replays on the CPU, far slower than the GPU trains (README, "Verified work").
+# Rounds of ~64k samples: at GPU speed a CPU-sized round (512 samples) would be a few milliseconds. Checks off by
+# default (TTL_VERIFY_CEILING=0; set it empty for the coordinator's own): README, "Verified work".
+vc=${TTL_VERIFY_CEILING-0}
+verify=()
+[[ -n $vc ]] && verify=(--verify-ceiling "$vc")
 corpus=(--corpus stdlib)
 [[ ${TTL_CORPUS:-stdlib} == site ]] && corpus=(--corpus "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" --max-corpus-mb 300)
 timeout ${TTL_TIMEOUT:-330} python3 benchmarks/time_to_loss.py --device cuda --model small --seconds ${TTL_SECONDS:-100} "${corpus[@]}" \
     --inner-steps 8192 --warmup-steps 200 --decay-steps 200000 --single-batch auto --shard-sequences 1024 --checkpoint-every 2 \
-    --eval-every 5 --verify-ceiling 0 --json "$OUT/time_to_loss.json" --plot "$OUT/time_to_loss.png" --keep
+    --eval-every 5 "${verify[@]}" --json "$OUT/time_to_loss.json" --plot "$OUT/time_to_loss.png" --keep
 cp -r /tmp/hivefold-ttl-*/*.log "$OUT/" 2>/dev/null
 echo done

@@ -5,9 +5,11 @@
 Trains a model on ``--device`` exactly as the peer's trainer does in ``diloco`` (bf16 autocast and fused AdamW on
 CUDA, one inner step per micro-batch), first ``--warmup`` micro-batches to leave the untrained regime, then one
 shard of ``--batches`` micro-batches recorded for a proof (``hivefold.proof``). Every segment is then replayed
-on the CPU in fp32, as the keeper does, and the largest relative loss difference and the replay's distance
-from the committed end state (relative to the segment's movement) are printed: the margins
-``--verify-tolerance`` must cover (a check fails past ``tolerance`` on losses and ``4 × tolerance`` on the end).
+on ``--keeper-device`` (the CPU in fp32, or a GPU in bf16, as a keeper with one does), and the largest
+relative loss difference and the replay's distance from the committed end state (relative to the segment's
+movement) are printed: the margins ``--verify-tolerance`` must cover (a check fails past ``tolerance`` on
+losses and ``4 × tolerance`` on the end). Also the costs: the peer's, of keeping the proof (states copied to
+the host, sha256 commitments), and the keeper's, of one check, each against the shard's training time.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="micro-batches trained before the recorded shard")
     parser.add_argument("--batches", type=int, default=32, help="micro-batches in the recorded shard")
     parser.add_argument("--segments", type=int, default=4)
+    parser.add_argument("--keeper-device", default="cpu",
+                        help="where the replay runs: cpu (fp32), or cuda (bf16 autocast, as the keeper with a GPU)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -76,11 +80,18 @@ def main() -> None:
     opt = inner_optimizer(spec, model)
     shard = train[args.warmup * mb:]
     recorder = ShardRecorder(args.batches, args.segments, mb)
-    losses, t0 = [], time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    losses, record_s, t0 = [], 0.0, None
     for i in range(args.warmup + args.batches):
         k = i - args.warmup
+        if k == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
         if k >= 0:
+            t1 = time.perf_counter()
             recorder.before_batch(k, params, opt)
+            record_s += time.perf_counter() - t1
         block = torch.from_numpy(train[i * mb:(i + 1) * mb].astype(np.int64)).to(args.device)
         with autocast(args.device):
             _, loss = model(block[:, :-1], block[:, 1:])
@@ -94,31 +105,44 @@ def main() -> None:
             losses.append((float(loss.detach()), 0))
         opt.step()
         opt.zero_grad(set_to_none=True)
+    t1 = time.perf_counter()
     recorder.finish(params)
-    train_s = time.perf_counter() - t0
-    digests = recorder.digests()
-    keeper_model = build_model(spec.model, 1)
+    digests = recorder.digests([])
+    record_s += time.perf_counter() - t1
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0 - record_s
+    keeper_model = build_model(spec.model, 1).to(args.keeper_device)
     segments = []
     for segment in range(1, len(recorder.bounds) + 1):
         t1 = time.perf_counter()
         check = check_proof(recorder.proof(segment), spec=spec, model=keeper_model, sequences=shard, losses=losses,
-                            digests=digests, state_changes=[], segment=segment, tolerance=1.0, held_out=held_out)
+                            digests=digests, state_changes=[], segments=args.segments, segment=segment, tolerance=1.0,
+                            held_out=held_out, device=args.keeper_device)
         segments.append({"segment": segment, "valid_at_tolerance_1": check.valid, "loss_error": check.loss_error,
                          "end_error": check.end_error, "score": check.score,
                          "replay_seconds": round(time.perf_counter() - t1, 3), "detail": check.detail})
     worst_loss = max(s["loss_error"] for s in segments)
     worst_end = max(s["end_error"] for s in segments)
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    replay_s = sum(s["replay_seconds"] for s in segments) / len(segments)
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "keeper_device": args.keeper_device,
               "model": args.model, "micro_batch": mb, "seq_len": args.seq_len, "batches": args.batches,
-              "train_seconds": round(train_s, 2), "segments": segments, "worst_loss_error": worst_loss,
+              "train_seconds": round(train_s, 3), "segments": segments, "worst_loss_error": worst_loss,
+              # the peer's cost of keeping a proof (states copied to the host, sha256 commitments), per shard
+              "record_seconds": round(record_s, 3), "record_share": record_s / max(train_s, 1e-9),
+              # the keeper's cost of one check (a segment's replay) against the shard's training
+              "replay_seconds_per_check": round(replay_s, 3), "check_share": replay_s / max(train_s, 1e-9),
               "worst_end_error": worst_end,
               # the least --verify-tolerance under which every honest segment passes
               "tolerance_needed": max(worst_loss, worst_end / 4)}
     for s in segments:
         print(f"segment {s['segment']}: loss error {s['loss_error']:.2e}, end error {s['end_error']:.2e}, "
               f"score {s['score']:+.4f}, replay {s['replay_seconds']} s")
-    print(f"{result['device']}, {args.model}: worst loss error {worst_loss:.2e}, worst end error {worst_end:.2e}; "
-          f"--verify-tolerance must be at least {result['tolerance_needed']:.2e}")
+    print(f"{result['device']} -> keeper on {args.keeper_device}, {args.model}: worst loss error {worst_loss:.2e}, "
+          f"worst end error {worst_end:.2e}; --verify-tolerance must be at least {result['tolerance_needed']:.2e}")
+    print(f"shard of {args.batches} micro-batches: trained in {train_s:.3f} s; the proof's record took "
+          f"{record_s:.3f} s ({result['record_share']:.1%}); a check replays in {replay_s:.3f} s "
+          f"({result['check_share']:.1%})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

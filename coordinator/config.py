@@ -15,6 +15,8 @@ from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
 from hivefold.spec import AVERAGING_MODES, COMPRESSIONS, model_config_from_name
 
+MAX_PROOF_SEGMENTS = 64  # --proof-segments at most (state changes cut a shard's segments further: hivefold.proof)
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -177,8 +179,8 @@ class CoordinatorConfig:
                               f"({self.verify_ceiling}) <= 1 (a ceiling of 0 turns checks off)")
         if not 1e-6 <= self.verify_tolerance <= 1:
             raise ConfigError(f"--verify-tolerance must be between 1e-6 and 1 (relative), got {self.verify_tolerance}")
-        if not 1 <= self.proof_segments <= 64:
-            raise ConfigError(f"--proof-segments must be between 1 and 64, got {self.proof_segments}")
+        if not 1 <= self.proof_segments <= MAX_PROOF_SEGMENTS:
+            raise ConfigError(f"--proof-segments must be between 1 and {MAX_PROOF_SEGMENTS}, got {self.proof_segments}")
         if not 0 <= self.ban_after_invalid <= 1000:
             raise ConfigError(f"--ban-after-invalid must be between 0 (never ban) and 1000, got "
                               f"{self.ban_after_invalid}")

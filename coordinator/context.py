@@ -38,11 +38,7 @@ class Context:
         checker = c.keeper or is_postgres(c.ledger)
         off = ("--verify-ceiling 0" if c.verify_ceiling <= 0 else
                "no keeper to replay results" if not checker else
-               "dropout: no replay can repeat its random masks" if n.dropout > 0 else
-               # hivemind's Optimizer replaces the parameters at every swarm step, a few times per shard: no
-               # segment could be replayed, and every checked result of an honest peer would earn nothing
-               "sync averaging: the swarm replaces the parameters every step" if self.spec.averaging.mode == "sync"
-               else "")
+               "dropout: no replay can repeat its random masks" if n.dropout > 0 else "")
         segments = 0 if off else c.proof_segments
         self.proof_max_bytes = proof_max_bytes(params + n.max_seq_len * n.d_model)
         # two minutes, plus a second per MB of the largest proof (a 1 MB/s uplink)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from coordinator.config import MAX_PROOF_SEGMENTS
 from coordinator.context import Context
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from coordinator.ledger import Verdict
@@ -201,11 +202,13 @@ def submit_result(request: pb.SubmitResultRequest, ctx: Context, now: float) -> 
         raise InvalidArgument(f"losses must be finite, non-negative and at most {LOSS_MAX:g}")
     if not math.isfinite(request.compute_seconds) or not 0 <= request.compute_seconds <= COMPUTE_SECONDS_MAX:
         raise InvalidArgument(f"compute_seconds must be finite, >= 0 and at most {COMPUTE_SECONDS_MAX:g}")
-    if len(request.proof_digests) > 2 * 64 + 1 or any(len(d) != 32 for d in request.proof_digests):
-        raise InvalidArgument("proof_digests holds at most 129 sha256 digests of 32 bytes each")
     if len(request.state_changes) > len(losses) + 1 or any(c > len(losses) for c in request.state_changes):
         raise InvalidArgument("state_changes name micro-batch boundaries: at most one per micro-batch, each at most "
                               "the number of losses")
+    most = 3 * (MAX_PROOF_SEGMENTS + len(request.state_changes))  # hivefold.proof.proof_bounds: 3 per segment
+    if len(request.proof_digests) > most or any(len(d) != 32 for d in request.proof_digests):
+        raise InvalidArgument(f"proof_digests holds at most {most} sha256 digests of 32 bytes each (three per "
+                              "segment)")
     outcome = ctx.ledger.submit(peer_id, request.lease_id, samples=request.samples, losses=losses,
                                 compute_seconds=request.compute_seconds, credit_per_sample=ctx.credit_per_sample,
                                 now=now, qrb_k=ctx.config.qrb_k, qrb_deadline_s=ctx.config.lease_seconds,

@@ -62,7 +62,7 @@ class Verifier:
             try:
                 check = check_proof(task.proof, spec=self.spec, model=self.model, sequences=sequences,
                                     losses=task.losses, digests=task.digests, state_changes=task.state_changes,
-                                    segment=task.segment,
+                                    segments=task.segments, segment=task.segment,
                                     tolerance=self.tolerance, held_out=self.held_out)
             except Exception as e:  # noqa: BLE001 - a hostile proof must cost its sender, never the keeper
                 check = Check(False, f"the replay failed: {type(e).__name__}: {e}"[:200])

@@ -13,9 +13,12 @@ cannot commit, before it knows the segment, to end states that a replay of its o
 reaches (the idea of Jia et al., "Proof-of-Learning", IEEE S&P 2021). The segment's change of the parameters is also
 scored on held-out data, as Templar's Gauntlet scores contributions: validation loss before minus after.
 
-A segment in which the swarm replaced the parameters under the peer (an outer step landing, a state
-download: the result's ``state_changes``) cannot be replayed; the coordinator picks segments
-uniformly, so a result that claims changes everywhere is simply never credited. In ``sync`` mode
+Where the swarm replaced the parameters under the peer (an outer step landing, a state download: the
+result's ``state_changes``), the segment is cut in two: the part before ends at the parameters just
+before the replacement, the part after starts from the state the swarm gave. Every segment then
+replays whole, and each commits to its own start and end (:func:`proof_bounds`). The coordinator
+picks a segment with probability in proportion to its micro-batches, so a peer that claims changes to
+cut its shard into pieces is still checked on each micro-batch as often as on any other. In ``sync`` mode
 parameters move only at the swarm's steps, so the replay is forward passes at the segment's state.
 Proofs are tensors saved with ``torch.save`` and read with ``weights_only=True``: nothing a peer
 sends is unpickled.
@@ -35,9 +38,10 @@ from hivefold.averaging.guard import total_norm
 from hivefold.errors import IntegrityError
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
-from hivefold.training import evaluate, inner_optimizer, lr_lambda
+from hivefold.training import autocast, evaluate, inner_optimizer, lr_lambda
 
 DEFAULT_SEGMENTS = 4
+CUDA_CHUNK = 64  # sequences a replay on a GPU runs at once (a peer's micro-batch may be larger)
 SCORE_SEQUENCES = 16  # held-out sequences the Gauntlet-style score is measured on (two forward passes each)
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -47,6 +51,15 @@ def segment_bounds(n_batches: int, segments: int) -> list[tuple[int, int]]:
     k = max(1, min(segments, n_batches))
     cuts = [round(i * n_batches / k) for i in range(k + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def proof_bounds(n_batches: int, segments: int, state_changes: list[int]) -> list[tuple[int, int]]:
+    """The segments a shard's record is cut into: ``segments`` near-equal stretches, each cut again where the
+    swarm replaced the parameters (a change at ``c`` lands after micro-batch ``c - 1``'s step)."""
+    if n_batches <= 0 or segments <= 0:
+        return []
+    cuts = sorted({a for a, _ in segment_bounds(n_batches, segments)} | {c for c in state_changes if 0 < c < n_batches})
+    return list(zip(cuts, [*cuts[1:], n_batches], strict=True))
 
 
 def proof_max_bytes(num_parameters: int) -> int:
@@ -71,21 +84,40 @@ def _flat(moments: list[list[torch.Tensor]] | None) -> list[torch.Tensor]:
 
 
 class ShardRecorder:
-    """Peer side: what a shard's training must keep to answer a challenge (see the module docstring)."""
+    """Peer side: what a shard's training must keep to answer a challenge (see the module docstring).
+
+    The trainer calls :meth:`before_batch` before every micro-batch (``changed``: the swarm replaced the
+    parameters since the previous one) and the averaging calls :meth:`before_change` just before it replaces
+    them, so the segment that ends there ends at the parameters it trained to.
+    """
 
     def __init__(self, n_batches: int, segments: int, micro_batch: int):
-        self.micro_batch = micro_batch
-        self.bounds = segment_bounds(n_batches, segments) if segments > 0 and n_batches > 0 else []
-        self._starts = {start: k for k, (start, _) in enumerate(self.bounds)}
+        self.micro_batch, self.segments, self.n_batches = micro_batch, segments, n_batches
+        self._regular = {a for a, _ in proof_bounds(n_batches, segments, [])}
+        # segment start -> (parameters, moments) there, and their digests
         self.states: dict[int, tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]] = {}
+        self._digests: dict[int, tuple[bytes, bytes]] = {}
+        self._ends: dict[int, tuple[list[torch.Tensor], bytes]] = {}  # start -> its end, where a change cut it
+        self._current: int | None = None  # the start of the segment being trained
         self.lrs: list[float] = []  # the learning rate of the inner step after each micro-batch (diloco)
         self.final: list[torch.Tensor] | None = None
-        self._digests: dict[int, tuple[bytes, bytes]] = {}
+        self._final_digest = b""
+        self.bounds: list[tuple[int, int]] = []  # set by digests(), once the shard's state changes are known
 
-    def before_batch(self, i: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
-        k = self._starts.get(i)
-        if k is None:
+    def before_change(self, params: list[torch.Tensor]) -> None:
+        """The swarm is about to replace ``params``: they are where the current segment ends."""
+        if self._current is not None and self._current not in self._ends:
+            end = _cpu(params)
+            self._ends[self._current] = (end, digest(end))
+
+    def before_batch(self, i: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None,
+                     changed: bool = False) -> None:
+        if i not in self._regular and not (changed and self._current is not None):
             return
+        if changed and self._current is not None and self._current not in self._ends:
+            # no snapshot from the averaging (sync): parameters do not move between its steps, so the segment
+            # ended where it started
+            self._ends[self._current] = (self.states[self._current][0], self._digests[self._current][0])
         moments = None
         if optimizer is not None:
             moments = []
@@ -93,8 +125,9 @@ class ShardRecorder:
                 st = optimizer.state.get(p, {})
                 moments.append(_cpu([st[m] if m in st else torch.zeros(() if m == "step" else p.shape)
                                      for m in _MOMENTS]))
-        self.states[k] = (_cpu(params), moments)
-        self._digests[k] = (digest(self.states[k][0]), digest(_flat(moments)))
+        self.states[i] = (_cpu(params), moments)
+        self._digests[i] = (digest(self.states[i][0]), digest(_flat(moments)))
+        self._current = i
 
     def record_lr(self, optimizer: torch.optim.Optimizer | None) -> None:
         if optimizer is not None:
@@ -102,23 +135,34 @@ class ShardRecorder:
 
     def finish(self, params: list[torch.Tensor]) -> None:
         self.final = _cpu(params)
+        self._final_digest = digest(self.final)
 
-    def digests(self) -> list[bytes]:
-        """The commitments the result carries: per segment its start's parameters and moments, then the end's."""
-        if self.final is None or len(self._digests) != len(self.bounds):
+    def _end(self, k: int, bounds: list[tuple[int, int]]) -> tuple[list[torch.Tensor], bytes]:
+        start, end = bounds[k]
+        if start in self._ends:
+            return self._ends[start]
+        if end in self.states:
+            return self.states[end][0], self._digests[end][0]
+        return self.final, self._final_digest
+
+    def digests(self, state_changes: list[int]) -> list[bytes]:
+        """The commitments the result carries: per segment (:func:`proof_bounds`) its start's parameters and
+        moments and its end's parameters; none if the record does not cover the shard."""
+        self.bounds = proof_bounds(self.n_batches, self.segments, state_changes)
+        if self.final is None or not self.bounds or sorted(self.states) != [a for a, _ in self.bounds]:
             return []
-        return [d for k in range(len(self.bounds)) for d in self._digests[k]] + [digest(self.final)]
+        return [d for k, (a, _) in enumerate(self.bounds) for d in (*self._digests[a], self._end(k, self.bounds)[1])]
 
     def proof(self, segment: int) -> bytes:
-        """The proof of ``segment`` (1-based), serialized; IntegrityError if this shard kept none for it."""
-        k = segment - 1
-        if not 0 <= k < len(self.bounds) or k not in self.states or self.final is None:
+        """The proof of ``segment`` (1-based, of the bounds :meth:`digests` committed to), serialized;
+        IntegrityError if this shard kept none for it."""
+        k, bounds = segment - 1, self.bounds
+        if not 0 <= k < len(bounds) or self.final is None:
             raise IntegrityError(f"no proof kept for segment {segment}")
-        start, end = self.bounds[k]
-        params, moments = self.states[k]
-        end_params = self.states[k + 1][0] if k + 1 in self.states else self.final
+        start, end = bounds[k]
+        params, moments = self.states[start]
         doc = {"segment": segment, "start": start, "end": end, "micro_batch": self.micro_batch,
-               "params": params, "moments": moments, "lrs": self.lrs[start:end], "end_params": end_params}
+               "params": params, "moments": moments, "lrs": self.lrs[start:end], "end_params": self._end(k, bounds)[0]}
         buf = io.BytesIO()
         torch.save(doc, buf)
         return buf.getvalue()
@@ -173,12 +217,6 @@ def _load(data: bytes, model: GPT) -> dict:
     return doc
 
 
-def segment_is_whole(bounds: tuple[int, int], state_changes: list[int]) -> bool:
-    """True if the swarm never replaced the parameters inside the segment or at its end: it can be replayed whole."""
-    start, end = bounds
-    return not any(start < c <= end for c in state_changes)
-
-
 def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
     """The inner learning rates a peer at outer step ``epoch`` can have used (``DiLoCo._set_lr``): its schedule
     runs ``inner_steps`` per outer step, plus the steps of a round still in flight (up to two more rounds); the
@@ -192,25 +230,30 @@ def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
 
 
 def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray,
-                losses: list[tuple[float, int]], digests: list[bytes], state_changes: list[int], segment: int,
-                tolerance: float, held_out: np.ndarray | None = None) -> Check:
+                losses: list[tuple[float, int]], digests: list[bytes], state_changes: list[int], segments: int,
+                segment: int, tolerance: float, held_out: np.ndarray | None = None, device: str = "cpu") -> Check:
     """Replay ``segment`` of a shard's training from the peer's proof and compare it with what the peer reported.
 
     ``model`` is the keeper's scratch copy of the run's model (its parameters are overwritten);
     ``losses``: the result's ``(loss, epoch)`` per micro-batch; ``digests`` and ``state_changes``: its
-    commitments (:meth:`ShardRecorder.digests`, the trainer's state changes); ``tolerance``: the largest
-    relative difference allowed between a reported and a replayed loss (the end check allows 4x that).
+    commitments (:meth:`ShardRecorder.digests`, the trainer's state changes); ``segments``: the run's
+    segments per shard, which the state changes cut further (:func:`proof_bounds`); ``tolerance``: the largest
+    relative difference allowed between a reported and a replayed loss (the end check allows 4x that);
+    ``device``: where ``model`` is and the replay runs (on CUDA in bf16 autocast, as a GPU peer trains: a
+    GPU-trained segment replayed in fp32 on a CPU drifts from it, and takes minutes where the GPU took
+    a second).
     """
     model.zero_grad(set_to_none=True)
     try:
         return _check(data, spec=spec, model=model, sequences=sequences, losses=losses, digests=digests,
-                      state_changes=state_changes, segment=segment, tolerance=tolerance, held_out=held_out)
+                      bounds=proof_bounds(len(losses), segments, state_changes), segment=segment,
+                      tolerance=tolerance, held_out=held_out, device=device)
     finally:
         model.zero_grad(set_to_none=True)  # a replay that failed mid-step must not leave gradients to the next
 
 
-def _check(data: bytes, *, spec, model, sequences, losses, digests, state_changes, segment, tolerance,
-           held_out) -> Check:
+def _check(data: bytes, *, spec, model, sequences, losses, digests, bounds, segment, tolerance, held_out,
+           device) -> Check:
     try:
         doc = _load(data, model)
     except IntegrityError as e:
@@ -219,18 +262,14 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     # a peer picks its own micro-batch (a GPU's is far larger than the run's): the replay splits it into chunks
     if mb < 1 or math.ceil(len(sequences) / mb) != len(losses):  # _load checked it is an integer
         return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
-    segments = (len(digests) - 1) // 2
-    bounds = segment_bounds(len(losses), segments)
-    if len(digests) != 2 * len(bounds) + 1 or not 1 <= segment <= len(bounds):
+    if len(digests) != 3 * len(bounds) or not 1 <= segment <= len(bounds):
         return Check(False, f"the result committed to {len(digests)} states, which does not fit its losses")
     if doc["segment"] != segment or (doc["start"], doc["end"]) != bounds[segment - 1]:
         return Check(False, f"the proof is not for segment {segment} {bounds[segment - 1]}")
     start, end = bounds[segment - 1]
-    if not segment_is_whole(bounds[segment - 1], state_changes):
-        return Check(False, f"segment {segment} cannot be replayed: the swarm replaced the parameters in it")
     k = segment - 1
-    if (digest(doc["params"]), digest(_flat(doc["moments"])), digest(doc["end_params"])) != (
-            digests[2 * k], digests[2 * k + 1], digests[2 * k + 2]):
+    if (digest(doc["params"]), digest(_flat(doc["moments"])), digest(doc["end_params"])) != tuple(
+            digests[3 * k:3 * k + 3]):
         return Check(False, "the proof's states are not those the result committed to")
     diloco = spec.averaging.mode == "diloco"
     if diloco:
@@ -255,18 +294,23 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     if diloco:
         opt = inner_optimizer(spec, model)
         for p, (step, m1, m2) in zip(params, doc["moments"], strict=True):
-            opt.state[p] = {"step": step.reshape(()).float().clone(), "exp_avg": m1.clone(), "exp_avg_sq": m2.clone()}
+            # fused AdamW (CUDA) keeps its step count on the device
+            opt.state[p] = {"step": step.reshape(()).float().to(p.device if opt.defaults.get("fused") else "cpu"),
+                            "exp_avg": m1.to(p.device, copy=True), "exp_avg_sq": m2.to(p.device, copy=True)}
     model.train()
     loss_error = 0.0
-    chunk = spec.micro_batch  # what the keeper's memory must hold at once, whatever the peer's micro-batch
+    # what the keeper's memory must hold at once, whatever the peer's micro-batch (on a GPU, closer to the peer's
+    # own shapes: bf16 kernels round by shape)
+    chunk = min(mb, CUDA_CHUNK) if device.startswith("cuda") else spec.micro_batch
     for i in range(start, end):
         reported = losses[i][0]
         block = sequences[i * mb:(i + 1) * mb]
         total = 0.0
         with torch.set_grad_enabled(diloco):
             for c in range(0, len(block), chunk):  # the micro-batch's mean loss and gradient, a chunk at a time
-                part = torch.from_numpy(block[c:c + chunk].astype(np.int64))
-                _, loss = model(part[:, :-1], part[:, 1:])
+                part = torch.from_numpy(block[c:c + chunk].astype(np.int64)).to(device)
+                with autocast(device):
+                    _, loss = model(part[:, :-1], part[:, 1:])
                 total += float(loss.detach()) * len(part)
                 if diloco:
                     (loss * len(part)).backward()
@@ -291,24 +335,24 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, state_change
     if diloco:  # the replay must end where the peer committed to having ended
         with torch.no_grad():
             moved = total_norm([e - s for e, s in zip(doc["end_params"], doc["params"], strict=True)])
-            off = total_norm([p - e for p, e in zip(params, doc["end_params"], strict=True)])
+            off = total_norm([p.float().cpu() - e for p, e in zip(params, doc["end_params"], strict=True)])
         end_error = off / moved if moved > 0 else math.inf
         if not end_error <= 4 * tolerance:
             return Check(False, f"the replay ends {off:.3g} from the peer's end state (it moved {moved:.3g})",
                          batches=replayed, loss_error=loss_error, end_error=end_error)
         detail += ", end state matches"
         if held_out is not None and len(held_out):
-            score = _score(model, params, doc, held_out[:SCORE_SEQUENCES])
+            score = _score(model, params, doc, held_out[:SCORE_SEQUENCES], device)
     return Check(True, detail, score=score, batches=replayed, loss_error=loss_error, end_error=end_error)
 
 
-def _score(model: GPT, params: list[torch.Tensor], doc: dict, sample: np.ndarray) -> float:
+def _score(model: GPT, params: list[torch.Tensor], doc: dict, sample: np.ndarray, device: str) -> float:
     """Held-out loss at the segment's start minus at its end (Gauntlet-style: positive means it helped)."""
     with torch.no_grad():
         for p, t in zip(params, doc["params"], strict=True):
             p.copy_(t)
-    before = evaluate(model, sample)
+    before = evaluate(model, sample, device=device)
     with torch.no_grad():
         for p, t in zip(params, doc["end_params"], strict=True):
             p.copy_(t)
-    return before - evaluate(model, sample)
+    return before - evaluate(model, sample, device=device)

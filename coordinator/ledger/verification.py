@@ -23,7 +23,7 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Pe
 from coordinator.ledger.access import ban_in
 from coordinator.ledger.schema import CheckState, ShardState, Verdict
 from coordinator.ledger.store import LedgerStore, _event
-from hivefold.proof import segment_bounds, segment_is_whole
+from hivefold.proof import proof_bounds
 
 AWAITING, QUEUED, VALID, INVALID = (s.value for s in CheckState)
 CHUNK_GRACE_S = 60.0  # each proof chunk received keeps the deadline at least this far ahead
@@ -47,17 +47,14 @@ class VerifyPolicy:
         return min(self.ceiling, max(self.floor, 1.0 / max(1, valid_streak)))
 
     def choose(self, n_losses: int, digests: list[bytes], state_changes: list[int]) -> tuple[int, int, str]:
-        """``(segment, segments, why not)``: the segment (1-based, uniform: a peer cannot steer the check) and
-        the result's segment count, with why it cannot be checked ('' if it can)."""
-        segments = (len(digests) - 1) // 2
-        bounds = segment_bounds(n_losses, segments) if segments > 0 else []
-        if not n_losses or len(digests) != 2 * len(bounds) + 1 or not bounds:
-            return 1, max(segments, 0), "the result carries no commitments to its training states (proof_digests)"
-        segment = self.rng.randrange(1, len(bounds) + 1)
-        if not segment_is_whole(bounds[segment - 1], state_changes):
-            return segment, segments, (f"unverifiable: the swarm replaced the parameters during segment {segment}, "
-                                       "so it cannot be replayed")
-        return segment, segments, ""
+        """``(segment, segments, why not)``: the segment to check (1-based; in proportion to its micro-batches,
+        so a peer can neither steer the check nor dilute it by claiming state changes) and the run's segment
+        count, with why the result cannot be checked ('' if it can)."""
+        bounds = proof_bounds(n_losses, self.segments, state_changes)
+        if not bounds or len(digests) != 3 * len(bounds):
+            return 1, self.segments, "the result carries no commitments to its training states (proof_digests)"
+        segment = self.rng.choices(range(1, len(bounds) + 1), weights=[b - a for a, b in bounds])[0]
+        return segment, self.segments, ""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -79,6 +80,7 @@ class DiLoCo:
         self.momentum = [torch.zeros_like(g) for g in self.global_params]
         self.epoch = 0  # outer steps applied to global_params
         self.version = 0  # counts every change of the local parameters from outside the inner steps (hivefold.proof)
+        self.before_change: Callable[[], None] | None = None  # called just before such a change (hivefold.proof)
         self.samples_in_round = 0
         self.rounds_ok = self.rounds_alone = 0
         self.last_round_seconds = 0.0  # how long the latest all-reduce took, matchmaking included
@@ -339,6 +341,8 @@ class DiLoCo:
         a = self.spec.averaging
         update = [u.to(g.device) for u, g in zip(update, self.global_params, strict=True)]
         before = self._global_sample
+        if self.before_change is not None:
+            self.before_change()
         with self._lock, torch.no_grad():
             nesterov_outer_step(self.global_params, self.momentum, update, lr=a.outer_lr, mu=a.outer_momentum)
             self.epoch = r.epoch + 1
@@ -360,6 +364,8 @@ class DiLoCo:
     # --- state ---------------------------------------------------------------------------------
 
     def _install(self, epoch: int, global_params, momentum) -> None:
+        if self.before_change is not None:
+            self.before_change()
         with self._lock, torch.no_grad():
             for dst, src in zip(self.global_params, global_params, strict=True):
                 dst.copy_(src)

@@ -24,6 +24,9 @@ class SyncAveraging:
     """See ``hivefold.averaging`` for the interface. Must be built in a process's main thread."""
 
     _loads = 0  # state downloads tried (``version``)
+    # hivemind's optimizer replaces the parameters inside its step, unhooked; a proof's segment that such a step
+    # ends ends at its start state (hivefold.proof), as parameters do not move between steps here
+    before_change = None
 
     def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
                  trains: bool = True):

@@ -37,7 +37,7 @@ def _forward_only(self, sequences, stop, on_batch=None, pause=None, recorder=Non
     result.compute_seconds = time.perf_counter() - t0
     if recorder is not None:
         recorder.finish(params)
-        result.proof_digests = recorder.digests()
+        result.proof_digests = recorder.digests([])
     return result
 
 

@@ -4,13 +4,15 @@ are replayed by the keeper and credited with a receipt; a peer that reports loss
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from hivefold.client import CoordinatorClient
 from hivefold.receipts import ReceiptBook
 from hivefold.tls import Trust
 from tests.conftest import Processes, start_coordinator, wait_for
-from tests.integration.test_swarm import RUN_FLAGS
+from tests.integration.test_swarm import RUN_FLAGS, SYNC_FLAGS
 
 pytestmark = pytest.mark.integration
 
@@ -55,5 +57,34 @@ def test_a_cheater_is_caught_and_banned_while_an_honest_peer_is_verified_and_cre
                  procs=procs)
         assert book.summary()["invalid"] == []
         client.close()
+    finally:
+        procs.close()
+
+
+def test_an_honest_sync_peer_is_verified_though_swarm_steps_replace_its_parameters_mid_shard(tmp_path):
+    """Sync results went unchecked: hivemind's Optimizer replaces the parameters at each swarm step, a few times per
+    shard, and a segment holding such a change could not be replayed. Changes now cut segments (hivefold.proof):
+    here a swarm step every 3 micro-batches of a 6-micro-batch shard, and the checked results replay."""
+    procs = Processes(tmp_path)
+    try:
+        endpoints = start_coordinator(procs, tmp_path / "coordinator", "--heartbeat-interval", "2",
+                                      "--keeper-poll", "1", *SYNC_FLAGS, "--target-batch-size", "24")
+        procs.start("bob", "peer", "--coordinator", endpoints["grpc"], "--coordinator-fingerprint",
+                    endpoints["fingerprint"], "--workdir", str(tmp_path / "bob"), "--name", "bob",
+                    "--dht-listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--no-progress",
+                    "--step-interval", "0")  # a hivemind step after every micro-batch: swarm steps mid-shard
+        ledger = tmp_path / "coordinator" / "ledger.sqlite"
+
+        def checks():
+            db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT state, state_changes, detail FROM verifications").fetchall()
+            finally:
+                db.close()
+            inside = [state for state, changes, _ in rows if any(0 < int(c) < 6 for c in changes.split(",") if c)]
+            return inside.count("valid") >= 2 and rows
+
+        rows = wait_for(checks, timeout=300, what="two checked sync results with swarm steps inside", procs=procs)
+        assert all(state != "invalid" for state, _, _ in rows), rows
     finally:
         procs.close()

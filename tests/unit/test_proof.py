@@ -12,7 +12,7 @@ import torch
 from hivefold.model import build_model
 from hivefold.proof import ShardRecorder, check_proof, digest, proof_max_bytes, segment_bounds
 from hivefold.spec import AveragingConfig, OptimizerConfig
-from hivefold.training import inner_optimizer
+from hivefold.training import autocast, inner_optimizer
 from tests.unit.test_spec import make_spec
 
 SEGMENTS, MB = 4, 4
@@ -23,20 +23,22 @@ def spec_for(mode="diloco"):
                      averaging=dataclasses.replace(AveragingConfig(), mode=mode))
 
 
-def honest(spec, sequences, *, train=True, mb=MB):
+def honest(spec, sequences, *, train=True, mb=MB, changes=(), hook=True, device="cpu"):
     """Train like the peer's trainer does (diloco: one inner AdamW step per micro-batch of ``mb``), recording the
-    proof; ``train=False``: a cheater's forward passes, recorded the same way."""
+    proof; ``train=False``: a cheater's forward passes, recorded the same way. ``changes``: where the swarm
+    replaces the parameters (a change at ``c`` lands after micro-batch ``c - 1``'s step, as an outer step does)."""
     torch.manual_seed(0)
-    model = build_model(spec.model, spec.seed)
+    model = build_model(spec.model, spec.seed).to(device)
     params = list(model.parameters())
-    opt = inner_optimizer(spec, model) if spec.averaging.mode == "diloco" else None
+    opt = inner_optimizer(spec, model) if spec.averaging.mode == "diloco" else None  # fused on CUDA, as a peer's
     n = -(-len(sequences) // mb)
     rec = ShardRecorder(n, SEGMENTS, mb)
     losses = []
     for i in range(n):
-        rec.before_batch(i, params, opt)
-        block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64))
-        _, loss = model(block[:, :-1], block[:, 1:])
+        rec.before_batch(i, params, opt, changed=i in changes)
+        block = torch.from_numpy(sequences[i * mb:(i + 1) * mb].astype(np.int64)).to(device)
+        with autocast(device):  # bf16 on CUDA, as the peer's trainer
+            _, loss = model(block[:, :-1], block[:, 1:])
         losses.append((float(loss.detach()), 0))
         if opt is not None:
             for g in opt.param_groups:
@@ -48,7 +50,14 @@ def honest(spec, sequences, *, train=True, mb=MB):
             torch.nn.utils.clip_grad_norm_(params, spec.optimizer.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if i + 1 in changes:
+            if hook:  # what DiLoCo's before_change does
+                rec.before_change(params)
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(0.9).add_(0.01)
     rec.finish(params)
+    rec.digests(list(changes))
     return rec, losses
 
 
@@ -62,10 +71,12 @@ def check(spec, rec_or_bytes, losses, shard, segment, digests=None, state_change
     if isinstance(rec_or_bytes, bytes):
         data = rec_or_bytes
     else:
-        data, digests = rec_or_bytes.proof(segment), digests or rec_or_bytes.digests()
-    digests = digests if digests is not None else [b"\0" * 32] * (2 * SEGMENTS + 1)
+        digests = digests or rec_or_bytes.digests(list(state_changes))
+        data = rec_or_bytes.proof(segment)
+    digests = digests if digests is not None else [b"\0" * 32] * (3 * SEGMENTS)
     return check_proof(data, spec=spec, model=model or build_model(spec.model, 1), sequences=shard, losses=losses,
-                       digests=digests, state_changes=list(state_changes), segment=segment, tolerance=1e-3, **kw)
+                       digests=digests, state_changes=list(state_changes), segments=SEGMENTS, segment=segment,
+                       tolerance=1e-3, **kw)
 
 
 def test_segments_cover_the_shard_without_gaps():
@@ -119,7 +130,7 @@ def test_a_peer_that_only_ran_forward_passes_is_caught(shard):
     result = check(spec, lazy, losses, shard, 2)
     assert not result.valid and "from the peer's end state" in result.detail
     trained_when_asked, _ = honest(spec, shard)  # real end states, but not the ones committed to before
-    result = check(spec, trained_when_asked.proof(2), losses, shard, 2, digests=lazy.digests())
+    result = check(spec, trained_when_asked.proof(2), losses, shard, 2, digests=lazy.digests([]))
     assert not result.valid and "committed" in result.detail
 
 
@@ -131,14 +142,24 @@ def test_a_proof_for_another_segment_or_shard_is_refused(shard):
     assert not check(spec, rec, losses, other, 2).valid
 
 
-def test_a_segment_where_the_swarm_replaced_the_parameters_is_not_replayed(shard):
-    """An outer step landing in segment 2 (after micro-batch 2, or at its end): that segment cannot be checked."""
-    spec = spec_for()
-    rec, losses = honest(spec, shard)
-    for change in (3, 4):  # inside segment 2 = micro-batches [2, 4), and at its end
-        result = check(spec, rec, losses, shard, 2, state_changes=[change])
-        assert not result.valid and "replaced the parameters" in result.detail
-    assert check(spec, rec, losses, shard, 2, state_changes=[2, 5]).valid  # at its start, or elsewhere: fine
+@pytest.mark.parametrize("mode", ["diloco", "sync"])
+@pytest.mark.parametrize("change", [3, 4, 8])
+def test_where_the_swarm_replaced_the_parameters_the_segment_is_cut_and_both_parts_replay(shard, mode, change):
+    """An outer step landing inside segment 2 = micro-batches [2, 4), at its end, or after the shard's last step:
+    the part before ends at the parameters training left, the part after starts from the swarm's. Before, such
+    a segment could not be replayed and an honest result checked there earned nothing."""
+    spec = spec_for(mode)
+    rec, losses = honest(spec, shard, changes=[change])
+    segments = 5 if change == 3 else 4
+    assert len(rec.digests([change])) == 3 * segments
+    for segment in range(1, segments + 1):
+        result = check(spec, rec, losses, shard, segment, state_changes=[change])
+        assert result.valid, (segment, result.detail)
+    if mode == "diloco":  # without the parameters from just before the change, the part before cannot end right
+        missed, losses = honest(spec, shard, changes=[change], hook=False)
+        before = next(k + 1 for k, (_, end) in enumerate(missed.bounds) if end == min(change, 8))
+        result = check(spec, missed, losses, shard, before, state_changes=[change])
+        assert not result.valid and "from the peer's end state" in result.detail
 
 
 def test_learning_rates_and_moments_must_be_ones_training_could_have(shard):
@@ -150,10 +171,10 @@ def test_learning_rates_and_moments_must_be_ones_training_could_have(shard):
     result = check(spec, lazy, losses, shard, 2)
     assert not result.valid and "outside the schedule" in result.detail
     lazy, losses = honest(spec, shard, train=False)
-    params, moments = lazy.states[1]
+    params, moments = lazy.states[2]  # segment 2 starts at micro-batch 2
     huge = [[st, m1, torch.full_like(m2, 1e30)] for st, m1, m2 in moments]
-    lazy.states[1] = (params, huge)
-    lazy._digests[1] = (lazy._digests[1][0], digest([t for row in huge for t in row]))
+    lazy.states[2] = (params, huge)
+    lazy._digests[2] = (lazy._digests[2][0], digest([t for row in huge for t in row]))
     result = check(spec, lazy, losses, shard, 2)
     assert not result.valid and "exceed what gradients" in result.detail
 
@@ -220,3 +241,21 @@ def test_the_learning_rates_a_replay_allows_are_the_schedules_extremes_over_the_
         epoch, h = rng.randint(0, 40), spec.averaging.inner_steps
         rates = [opt.lr * lr_lambda(s, cfg=opt) for s in range(max(0, epoch - 1) * h, (epoch + 3) * h + 1)]
         assert _lr_range(spec, epoch) == pytest.approx((min(rates), max(rates)), rel=1e-12, abs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays on CUDA run on a GPU machine only")
+def test_a_segment_a_gpu_trained_in_bf16_replays_on_a_gpu_and_a_cheater_is_still_caught(shard):
+    """Found on an H200: the keeper replayed GPU peers' segments on its CPU, in fp32, 19-26 s per micro-batch that
+    the GPU trained in 0.1-0.2 s, and the first steps from fresh moments did not replay closely enough. A keeper
+    with a GPU replays there, in bf16 autocast as the peer trained."""
+    spec = spec_for()
+    rec, losses = honest(spec, shard, device="cuda", changes=[3])
+    model = build_model(spec.model, 1).to("cuda")
+    for segment in range(1, len(rec.bounds) + 1):
+        result = check(spec, rec, losses, shard, segment, state_changes=[3], model=model, device="cuda",
+                       held_out=shard[:8])
+        assert result.valid, (segment, result.detail)
+        assert result.end_error < 0.02, result  # the 2 % tolerance's end check allows 8 %
+    lazy, losses = honest(spec, shard, device="cuda", train=False)
+    result = check(spec, lazy, losses, shard, 2, model=model, device="cuda")
+    assert not result.valid and "from the peer's end state" in result.detail
