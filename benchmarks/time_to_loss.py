@@ -14,7 +14,10 @@ In one run, on the same corpus shards, model, tokenizer and optimizer family:
 Each gets --seconds of wall time. Printed and written as JSON: tokens per second of each and their
 ratio; both validation-loss curves over wall time and tokens; the target loss (the single process's
 validation loss at one third of its time); the time each took to reach it, and their ratio.
-The swarm's clock starts when its peer processes start, so hivemind's start-up counts against it.
+The swarm's clock starts when its first peer process has loaded Python and torch (its first log line),
+as the single process's starts after its own imports: the rest of the swarm's start-up (registration,
+the DHT, the micro-batch probe, the averager, the state download) counts against it. Samples count
+once trained (accepted results and those a check still holds).
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from hivefold.tls import KNOWN_ENV  # noqa: E402 - after the path is set
+
+# Samples the swarm trained: accepted results and those a check still holds (their training is in the model
+# already; a check takes seconds, and counting only checked ones would move the window's ends by that lag).
+TRAINED = "verdict IN ('accepted', 'pending_verification')"
 
 
 def build_run(workdir: Path, args) -> dict:
@@ -145,6 +153,20 @@ def _cores_for(i: int, peers: int) -> set[int]:
     return set(cores[i * share:(i + 1) * share]) if len(cores) >= peers else set(cores)
 
 
+def _imported(root: Path, peers: int) -> float | None:
+    """When the first peer had its imports done (its log's first line, "registering with"), if one has."""
+    times = []
+    for i in range(peers):
+        try:
+            with (root / f"peer{i}.log").open() as f:
+                line = f.readline()
+        except OSError:
+            continue
+        if "registering with" in line:
+            times.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return min(times) if times else None
+
+
 def run_swarm(workdir: Path, args, root: Path, seq_len: int, *, listen: str = "127.0.0.1:0",
               dht_listen: str = "/ip4/127.0.0.1/tcp/0", peer_dht_listen: Callable[[int], str] | None = None,
               peer_prefix: Callable[[int], list[str]] | None = None,
@@ -155,7 +177,7 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int, *, listen: str = "1
     ``listen`` and ``dht_listen`` are the coordinator's gRPC and DHT addresses (its keeper listens on the
     DHT's interfaces too), ``peer_dht_listen(i)`` peer i's DHT multiaddr, ``peer_prefix(i)`` a command
     that peer i's process runs under (e.g. ``["ip", "netns", "exec", NAME]``). ``probe(i)``, when given,
-    is called for every peer when the throughput window starts (the swarm's first accepted results)
+    is called for every peer when the throughput window starts (the swarm's first results)
     and when it ends; its answers come back as ``probes``: ``[{"start": dict | None, "end": dict}]``.
     """
     procs: list[subprocess.Popen] = []
@@ -193,25 +215,28 @@ def run_swarm(workdir: Path, args, root: Path, seq_len: int, *, listen: str = "1
                   prefix=peer_prefix(i) if peer_prefix else ())
         db = sqlite3.connect(f"file:{workdir / 'ledger.sqlite'}?mode=ro", uri=True)
 
-        def accepted_samples() -> int:
-            return db.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'").fetchone()[0]
+        def trained_samples() -> int:
+            return db.execute(f"SELECT COALESCE(SUM(samples), 0) FROM results WHERE {TRAINED}").fetchone()[0]
 
         first = None  # (time, samples) when the swarm's first results arrived: start of the throughput window
         probes = [{"start": None, "end": None} for _ in range(args.peers)]
+        launched = t0
         while time.time() - t0 < args.seconds:
-            if first is None and accepted_samples() > 0:
-                first = (time.time(), accepted_samples())
+            if t0 == launched:  # the swarm's clock starts where the single process's does: Python and torch loaded
+                t0 = _imported(root, args.peers) or launched
+            if first is None and trained_samples() > 0:
+                first = (time.time(), trained_samples())
                 for i in range(args.peers if probe else 0):
                     probes[i]["start"] = probe(i)
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"a swarm process exited early; see the logs in {root}")
             time.sleep(1.0)
-        end = (time.time(), accepted_samples())
+        end = (time.time(), trained_samples())
         for i in range(args.peers if probe else 0):
             probes[i]["end"] = probe(i)
         evals = db.execute("SELECT step, val_loss, created_at FROM evaluations ORDER BY created_at").fetchall()
-        # tokens at each evaluation: the results accepted by then (each shard's samples, when it was submitted)
-        results = db.execute("SELECT submitted_at, samples FROM results WHERE verdict = 'accepted' "
+        # tokens at each evaluation: the results trained by then (each shard's samples, when it was submitted)
+        results = db.execute(f"SELECT submitted_at, samples FROM results WHERE {TRAINED} "
                              "ORDER BY submitted_at").fetchall()
         curve = []
         for _step, val, at in evals:

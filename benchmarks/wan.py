@@ -104,7 +104,7 @@ def make_probe(net: Testbed, workdir: Path):
             if row:
                 out.update(samples=row[1], utilization=row[2], epoch=row[3])
                 cs, n = db.execute("SELECT COALESCE(SUM(compute_seconds), 0), COALESCE(SUM(samples), 0) FROM "
-                                   "results WHERE peer_id = ? AND verdict = 'accepted'", (row[0],)).fetchone()
+                                   f"results WHERE peer_id = ? AND {ttl.TRAINED}", (row[0],)).fetchone()
                 out.update(compute_seconds=cs, result_samples=n)
         finally:
             db.close()

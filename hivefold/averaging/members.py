@@ -26,6 +26,13 @@ EXCLUDE_S = 600.0  # a member this averager caught poisoning is not averaged wit
 _EXCLUDED: dict[str, float] = {}
 # the members a state download in progress may come from (None: any), in that download's asyncio task
 _SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
+_NOT_A_SOURCE = "not among the round's consensus"
+
+
+def _planned_skip(record: logging.LogRecord) -> bool:
+    """False for hivemind's log line about a member a download skipped because it is not a chosen source: the
+    keeper's consensus skips one on every checkpoint ("Failed to download state from ..."), by design."""
+    return _NOT_A_SOURCE not in record.getMessage()
 
 
 class OuterStateAverager(DecentralizedAverager):
@@ -49,6 +56,7 @@ class OuterStateAverager(DecentralizedAverager):
 
     def run(self) -> None:
         die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
+        logging.getLogger(hivemind.averaging.averager.__name__).addFilter(_planned_skip)
         # this process's all-reduces check what members send and return (the module global is what hivemind uses)
         hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
                                                                      self._range, self._max_weight)
@@ -75,7 +83,7 @@ class OuterStateAverager(DecentralizedAverager):
             raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
         sources = _SOURCES.get()
         if sources is not None and peer.to_base58() not in sources:
-            raise P2PHandlerError(f"not downloading the state from {peer}: not among the round's consensus")
+            raise P2PHandlerError(f"not downloading the state from {peer}: {_NOT_A_SOURCE}")
         return super().get_stub(p2p, peer, namespace=namespace)
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None,
