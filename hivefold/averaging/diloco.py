@@ -14,7 +14,7 @@ steps go on, and its outer update lands one round late (the eager / streaming va
 only when the network is slower than a whole round.
 
 The outer state (global parameters, momentum, outer step) is what newcomers and the keeper
-download (consensus.py: whose the keeper takes); it is served by the same averager.
+download (consensus.py: whose they take); it is served by the same averager.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import hivemind
@@ -108,11 +107,16 @@ class DiLoCo:
             prefix=f"{spec.run_id}_diloco", state_fn=self._shared_state, min_matchmaking_time=a.matchmaking_time,
             request_timeout=min(3.0, a.matchmaking_time / 2), allreduce_timeout=a.averaging_timeout,
             compression=compression(a.compression), state_compression=NoCompression(), client_mode=client_mode,
-            declare_state_period=10.0, swarm_key=swarm_key, max_weight=2.0 * spec.round_samples)
+            declare_state_period=10.0, swarm_key=swarm_key, max_weight=2.0 * spec.round_samples,
+            sample_size=len(self._global_sample))
+        self._downloads = consensus.StateDownloads(
+            self.averager, f"{spec.run_id}_diloco", [g.shape for g in self.global_params + self.momentum],
+            lambda: self.tracker.global_epoch if self.tracker else None)
         # Peers count the swarm's samples to end rounds together; the keeper follows the ledger instead, so it
         # never counts as a peer that might average.
         self.tracker = ProgressTracker(dht, f"{spec.run_id}_diloco", spec.round_samples, client_mode=client_mode,
                                        start=True, min_refresh_period=2.0, max_refresh_period=4.0) if trains else None
+        self._share_priority()  # what this member holds, for downloaders to compare (consensus.py)
 
     # --- the interface shared with sync ----------------------------------------------------------
 
@@ -145,25 +149,21 @@ class DiLoCo:
 
     def load_state_from_peers(self, timeout: float | None = None, *, accept_equal: bool = False,
                               sources: list[str] | None = None) -> bool:
-        """Download the newest outer state (from ``sources``, libp2p peer ids, if given; the keeper takes the one
-        most members hold: consensus.py); True if it moved this one forward.
+        """Download the newest outer state (from ``sources``, libp2p peer ids, if given; else the one most of the
+        newest members hold: consensus.py); True if it moved this one forward.
 
         While a round is in flight elsewhere the newest state is about to change: a state taken then
         would miss that round's update forever, so it retries until the state matches the swarm's step.
         """
         if self._pending is not None:
             self._land_round(block=True)
-        if not self.trains and sources is None:  # the keeper
-            sources = consensus.consensus_sources(
-                consensus.declared(self.averager.dht, f"{self.spec.run_id}_diloco", str(self.averager.peer_id)),
-                lambda peer: self._download(timeout, [peer]), len(self.global_params))
         for attempt in range(CATCH_UP_TRIES):
-            epoch, tensors, in_flight = self._download(timeout, sources)
+            epoch, tensors, in_flight = self._downloads.fetch(timeout, sources)
+            if in_flight and attempt + 1 < CATCH_UP_TRIES:
+                time.sleep(0.5)  # a round is in flight there, or just landed: take the state once it has
+                continue
             if epoch is None:
                 return False
-            if in_flight and attempt + 1 < CATCH_UP_TRIES:
-                time.sleep(0.5)  # a round is in flight there: take the state once it has landed
-                continue
             if epoch < self.epoch or (epoch == self.epoch and self.epoch > 0 and not accept_equal):
                 return False
             n = len(self.global_params)
@@ -174,23 +174,6 @@ class DiLoCo:
             self._install(epoch, tensors[:n], tensors[n:])
             return True
         return False
-
-    def _download(self, timeout: float | None, sources: list[str] | None) -> tuple:
-        """One download: ``(outer step, tensors, whether a round is in flight there)``, or three Nones."""
-        try:
-            loaded = self.averager.load_state_from_peers(timeout=timeout, sources=sources)
-        except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
-            log.info("no peer served the outer state within %ss; going on with this peer's", timeout)
-            return None, None, None
-        if loaded is None:
-            return None, None, None
-        metadata, tensors = loaded
-        epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
-        if not isinstance(epoch, int) or len(tensors) != 2 * len(self.global_params) or any(
-                t.shape != g.shape for t, g in zip(tensors, self.global_params + self.momentum, strict=True)):
-            log.warning("ignoring a malformed outer state from a peer")
-            return None, None, None
-        return epoch, tensors, metadata.get("in_flight") or (self.tracker and epoch + 1 < self.tracker.global_epoch)
 
     def state_dict(self) -> dict:
         """The outer state for a checkpoint (the model's own parameters are the global ones there)."""
@@ -394,6 +377,7 @@ class DiLoCo:
             self._global_sample = agreement.sample(self.global_params)
         if not self.client_mode:
             self.averager.state_sharing_priority = self.epoch + agreement.fingerprint(self._global_sample)
+            self.averager.publish_sample(self.epoch, self._global_sample)  # what downloaders compare (consensus.py)
         return self._global_sample
 
     def _set_lr(self) -> None:

@@ -3,6 +3,7 @@ all-reduces through the Byzantine-tolerant runner of ``robust.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import math
@@ -11,8 +12,9 @@ import time
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing hints (their _name) to find streams
 
 import hivemind.averaging.averager
+import numpy as np
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2PContext, P2PHandlerError
+from hivemind.p2p import P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.mpfuture import MPFuture
 
@@ -44,10 +46,24 @@ class OuterStateAverager(DecentralizedAverager):
 
     A member that the robust all-reduce flags (robust.py) is not served for ``EXCLUDE_S``; the flags reach
     the owning process through :meth:`take_flags`.
+
+    Each member also answers what state it holds, in a few bytes: its outer step and a sample of its global
+    parameters (:meth:`publish_sample`, ``agreement.sample``). Before a download, a newcomer or the keeper
+    compares the samples of several members and downloads from those that agree (consensus.py).
     """
 
-    def __init__(self, *args, state_fn, swarm_key: bytes | None = None, max_weight: float = 0.0, **kwargs):
+    # hivemind caches a servicer's rpc_* handlers per class, and a subclass would inherit its parent's list,
+    # without rpc_state_sample: collect this class's own
+    _rpc_handlers = None
+    _stub_type = None
+
+    def __init__(self, *args, state_fn, swarm_key: bytes | None = None, max_weight: float = 0.0,
+                 sample_size: int = 4096, **kwargs):
         self._state_fn, self._swarm_key, self._members, self._max_weight = state_fn, swarm_key, None, max_weight
+        # owner -> averager process: the latest published sample; _sample_meta = [writes begun, writes done, step,
+        # length], so that a reader can tell a sample being written from a whole one
+        self._sample = mp.Array("f", max(1, sample_size), lock=False)
+        self._sample_meta = mp.Array("q", [0, 0, -1, 0], lock=False)
         self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
         # owner -> averager process: the guard's recent range and ceiling (guard.py)
         self._recent_norm = mp.Value("d", 0.0, lock=False)
@@ -99,6 +115,61 @@ class OuterStateAverager(DecentralizedAverager):
                                      sources: list[str] | None = None):
         _SOURCES.set(frozenset(sources) if sources is not None else None)  # this download's task only
         await super()._load_state_from_peers(future, timeout=timeout)
+
+    def publish_sample(self, epoch: int, values: np.ndarray) -> None:
+        """What :meth:`rpc_state_sample` answers from now on (in the owning process)."""
+        n = min(len(values), len(self._sample))
+        meta = self._sample_meta
+        meta[0] += 1
+        self._sample[:n] = values[:n].tolist()
+        meta[2], meta[3] = epoch, n
+        meta[1] = meta[0]
+
+    def _read_sample(self) -> tuple[int, bytes] | None:
+        meta = self._sample_meta
+        for _ in range(3):
+            begun = meta[0]
+            if meta[1] == begun:
+                epoch, n = meta[2], meta[3]
+                values = np.array(self._sample[:n], dtype=np.float32)
+                if meta[0] == begun and epoch >= 0:
+                    return int(epoch), values.tobytes()
+        return None
+
+    async def rpc_state_sample(self, request: averaging_pb2.DownloadRequest,
+                               context: P2PContext) -> averaging_pb2.DownloadData:
+        """This member's outer step and parameter sample, as msgpack in ``metadata``; empty if it shares no state."""
+        got = self._read_sample() if self.allow_state_sharing and await self._admits(context) else None
+        if got is None:
+            return averaging_pb2.DownloadData()
+        return averaging_pb2.DownloadData(metadata=self.serializer.dumps({"epoch": got[0], "sample": got[1]}))
+
+    def state_samples(self, peers: list[str], timeout: float) -> dict[str, tuple[int, np.ndarray]]:
+        """Ask ``peers`` (libp2p ids) at once for their step and sample; those that answered in ``timeout``."""
+        future = MPFuture()
+        self._outer_pipe.send(("_state_samples", [], dict(peers=peers, timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 10.0)
+
+    async def _state_samples(self, peers: list[str], timeout: float, future: MPFuture) -> None:
+        async def ask(peer: str):
+            try:
+                stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+                answer = await asyncio.wait_for(stub.rpc_state_sample(averaging_pb2.DownloadRequest()), timeout)
+                doc = self.serializer.loads(answer.metadata) if answer.metadata else None
+                epoch, raw = (doc.get("epoch"), doc.get("sample")) if isinstance(doc, dict) else (None, None)
+                if isinstance(epoch, int) and isinstance(raw, bytes) and len(raw) % 4 == 0:
+                    return peer, (epoch, np.frombuffer(raw, dtype=np.float32).copy())
+            except Exception as e:  # noqa: BLE001 - a member that cannot answer is one fewer to compare
+                log.debug("no state sample from %s: %r", peer, e)
+            return peer, None
+
+        try:
+            answers = await asyncio.gather(*(ask(peer) for peer in peers))
+            future.set_result({peer: got for peer, got in answers if got is not None})
+        except BaseException as e:  # noqa: BLE001 - the owner waits on this future
+            if not future.done():
+                future.set_exception(e)
+            raise
 
     def set_range(self, recent_norm: float, ceiling: float) -> None:
         """The norm of the swarm's recent averaged updates (0: unknown) and the most any honest update can be (inf:

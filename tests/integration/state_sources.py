@@ -1,8 +1,9 @@
 """Four outer-state averagers on real DHTs, for tests/integration/test_diloco.py: which member a state download
 comes from, with and without ``sources``, and which ones the keeper's consensus (consensus.py) picks.
 
-"newest" declares the highest priority and serves a state of its own; "honest-a" and "honest-b" serve the
-same state (up to float rounding); "me" downloads. Prints one JSON line with what each download returned."""
+"newest" declares the highest priority and serves a state of its own, while it tells those who ask
+(rpc_state_sample) that it holds the honest one; "honest-a" and "honest-b" serve the same state (up to float
+rounding); "me" downloads. Prints one JSON line with what each download returned."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 
 import torch
 
-from hivefold.averaging import consensus
+from hivefold.averaging import agreement, consensus
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.dht import SwarmDHT
 
@@ -30,6 +31,8 @@ def main() -> None:
         averager = OuterStateAverager(averaged_tensors=[torch.zeros(64)], dht=dht, start=True, prefix=PREFIX,
                                       state_fn=state, min_matchmaking_time=1.0, request_timeout=1.0)
         averager.state_sharing_priority = priority
+        told = values["honest-a"] if name == "newest" else values[name]  # "newest" lies about what it holds
+        averager.publish_sample(3, agreement.sample([torch.full((64,), told)]))
         averagers[name] = averager
     me = averagers["me"]
     ids = {name: str(dht.peer_id) for name, dht in zip(names, dhts, strict=True)}
@@ -46,12 +49,16 @@ def main() -> None:
 
     def download(peer):
         loaded = me.load_state_from_peers(timeout=5.0, sources=[peer])
-        return (loaded[0]["epoch"], loaded[1]) if loaded else (None, None)
+        return (loaded[0]["epoch"], loaded[1], loaded[0]["who"]) if loaded else (None, None, None)
 
     out = {"any": who(), "consensus": who(sources=[ids["honest-a"]]), "nobody": who(sources=[])}
     candidates = consensus.declared(dhts[3], PREFIX, ids["me"])
     out["declared"] = [who_is.get(p) for p in candidates]
-    out["keeper"] = sorted(who_is[p] for p in consensus.consensus_sources(candidates, download, n_params=1))
+    answers = me.state_samples(candidates, timeout=3.0)
+    out["answered"] = sorted(who_is[p] for p in answers)
+    got = consensus.download_agreed(candidates, lambda peers: me.state_samples(peers, timeout=3.0), download,
+                                    n_params=1)
+    out["keeper"] = got[2] if got else None
     print(json.dumps(out), flush=True)
     for averager in averagers.values():
         averager.shutdown()

@@ -142,7 +142,8 @@ def test_a_poisoning_member_does_not_wreck_the_honest_one(tmp_path, poison):
 def test_a_state_download_from_the_rounds_consensus_skips_a_member_that_declares_itself_newest():
     """A member out of sync downloads from the members that agree on its round (agreement.to_follow), not from
     whoever declares the highest priority in the DHT, as hivemind would (a poisoner can declare anything); the
-    keeper compares the newest members' states and takes the one most of them hold (consensus.py)."""
+    keeper and newcomers compare what the newest members say they hold and download the state most of them hold,
+    skipping a member that serves another state than it said (consensus.py)."""
     import json
 
     out = subprocess.run([sys.executable, "-m", "tests.integration.state_sources"], cwd=REPO, capture_output=True,
@@ -150,7 +151,8 @@ def test_a_state_download_from_the_rounds_consensus_skips_a_member_that_declares
     assert out.returncode == 0, out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"any": "newest", "consensus": "honest-a", "nobody": None,
-                   "declared": ["newest", "honest-a", "honest-b"], "keeper": ["honest-a", "honest-b"]}, \
-        (got, out.stderr[-4000:])
+                   "declared": ["newest", "honest-a", "honest-b"], "answered": ["honest-a", "honest-b", "newest"],
+                   "keeper": "honest-a"}, (got, out.stderr[-4000:])
+    assert "served another state than the one it declared" in out.stderr, out.stderr[-4000:]
     # hivemind logs each member a download skips ("Failed to download state from ..."); a skip by design is no news
     assert "not among the round's consensus" not in out.stderr, out.stderr[-4000:]

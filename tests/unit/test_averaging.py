@@ -72,15 +72,20 @@ class _OutlastedAverager:
     def load_state_from_peers(self, timeout=None, sources=None):
         raise concurrent.futures.TimeoutError()
 
+    state_samples = load_state_from_peers  # asking members what they hold outlasts it too (consensus.py)
+    dht, peer_id = types.SimpleNamespace(get=lambda *args, **kwargs: None), "me"
+
 
 def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
     """Found by benchmarks/chaos.py: a peer SIGSTOPped while DiLoCo reloaded the swarm's state died of the
     TimeoutError on SIGCONT (the same call runs when a peer joins, and in sync mode)."""
+    from hivefold.averaging.consensus import StateDownloads
     from hivefold.averaging.diloco import DiLoCo
     from hivefold.averaging.sync import SyncAveraging
 
     diloco = DiLoCo.__new__(DiLoCo)  # only the download path: no DHT, no averager process
-    diloco._pending, diloco.averager, diloco.trains = None, _OutlastedAverager(), True
+    diloco._pending, diloco.trains = None, True
+    diloco._downloads = StateDownloads(_OutlastedAverager(), "run", [], lambda: None)
     assert diloco.load_state_from_peers(timeout=1.0, accept_equal=True) is False
     sync = SyncAveraging.__new__(SyncAveraging)
     sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager())
@@ -219,27 +224,44 @@ def test_a_member_out_of_step_follows_the_rounds_majority_not_the_newest_looking
     assert agreement.to_follow(drifted, {"bad": ["x", 1.0, b""], "worse": 7}, check) is None
 
 
-def test_the_keeper_takes_the_state_most_of_the_newest_members_hold():
-    """hivemind's download takes whoever declares the highest priority; a poisoner declares what it likes."""
-    from hivefold.averaging import consensus
+def test_a_download_takes_the_state_most_of_the_newest_members_declare_and_checks_it_is_the_one_served():
+    """hivemind's download takes whoever declares the highest priority; a poisoner declares what it likes. The
+    keeper (and now newcomers) compare the members' declared samples, download once, and check the state served
+    against the sample its member declared."""
+    from hivefold.averaging import agreement, consensus
 
     honest, poisoned = [torch.ones(8), torch.zeros(2)], [torch.full((8,), -15.0), torch.zeros(2)]
     served = {"poisoner": (4, poisoned), "a": (4, honest), "b": (4, [honest[0] + 1e-7, honest[1]]),
               "silent": (None, None), "c": (4, honest)}
-    asked = []
+    declared = {peer: (step, agreement.sample(t[:1])) for peer, (step, t) in served.items() if step is not None}
+    asked, downloaded = [], []
+
+    def ask(peers):
+        asked.append(list(peers))
+        return {p: declared[p] for p in peers if p in declared}
 
     def download(peer):
-        asked.append(peer)
+        downloaded.append(peer)
         return served[peer]
 
+    def take(order):
+        asked.clear()
+        downloaded.clear()
+        got = consensus.download_agreed(order, ask, download, n_params=1)
+        return got if got is None else next(p for p in downloaded if served[p] is got)
+
     order = ["poisoner", "a", "silent", "b", "c"]
-    assert consensus.consensus_sources(order, download, n_params=1) == ["a", "b"]
-    assert asked == ["poisoner", "a", "silent", "b"]  # three states served: enough
-    assert consensus.consensus_sources(["poisoner", "a"], download, n_params=1) == ["poisoner"]  # 1 against 1
-    # a newer state held by one member does not outvote two at the previous step, nor does one state alone decide
-    served["poisoner"] = (5, poisoned)
-    assert consensus.consensus_sources(["poisoner", "a", "b"], download, n_params=1) == ["a", "b"]
-    assert consensus.consensus_sources(["poisoner", "silent"], download, n_params=1) is None
-    # honest members one outer step apart: the newer leads (a tie between groups of one), as hivemind's would
-    served["a"] = (5, [torch.full((8,), 1.1), torch.zeros(2)])
-    assert consensus.consensus_sources(["a", "c"], download, n_params=1) == ["a"]
+    assert take(order) == "a" and downloaded == ["a"]  # one download, from the group of two that agree
+    assert asked == [order]  # up to twice three candidates asked at once; the first three answers count
+    assert take(["poisoner", "a"]) == "poisoner"  # one against one: the newer, then the higher priority
+    # a newer state declared by one member does not outvote two at the previous step; one answer decides nothing
+    served["poisoner"], declared["poisoner"] = (5, poisoned), (5, agreement.sample(poisoned[:1]))
+    assert take(["poisoner", "a", "b"]) == "a"
+    assert take(["poisoner", "silent"]) is None
+    # a member that declares the honest sample but serves its own state is skipped for the next of its group
+    declared["poisoner"] = declared["a"]
+    served["poisoner"] = (4, poisoned)
+    assert take(["poisoner", "a", "b"]) == "a" and downloaded == ["poisoner", "a"]
+    # ... and a member whose state moved on since it answered is not taken either: nobody vouched for that one
+    served["a"], served["b"] = (5, honest), (5, honest)
+    assert consensus.download_agreed(["a", "b"], ask, download, n_params=1) == (None, None, True)  # ask again
