@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -70,10 +71,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=150.0, help="wall time of each run (default %(default)s)")
     parser.add_argument("--scale", type=float, default=-16.0, help="what the poisoner multiplies its updates by")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--only", choices=("honest", "poisoned"), help="run only this one of the two")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' workdirs and logs (the path is printed)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hivefold-poisoning-") as tmp:
-        honest = run(Path(tmp) / "honest", args.seconds, None)
-        poisoned = run(Path(tmp) / "poisoned", args.seconds, args.scale)
+    tmp = Path(tempfile.mkdtemp(prefix="hivefold-poisoning-"))
+    empty = {"val_history": [], "val_loss_last": None, "global_step": 0, "tokens_trained": 0,
+             "banned_after_s": None, "ban_reason": None, "reports": {}}
+    try:
+        honest = run(tmp / "honest", args.seconds, None) if args.only != "poisoned" else empty
+        poisoned = run(tmp / "poisoned", args.seconds, args.scale) if args.only != "honest" else empty
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     result = {"seconds": args.seconds, "scale": args.scale, "honest": honest, "poisoned": poisoned,
               "val_loss_ratio": (poisoned["val_loss_last"] / honest["val_loss_last"]
                                  if honest["val_loss_last"] and poisoned["val_loss_last"] else None)}
