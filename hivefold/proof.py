@@ -295,7 +295,8 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, bounds, segm
         opt = inner_optimizer(spec, model)
         for p, (step, m1, m2) in zip(params, doc["moments"], strict=True):
             # fused AdamW (CUDA) keeps its step count on the device
-            opt.state[p] = {"step": step.reshape(()).float().to(p.device if opt.defaults.get("fused") else "cpu"),
+            opt.state[p] = {"step": step.reshape(()).to(p.device if opt.defaults.get("fused") else "cpu",
+                                                        dtype=torch.float32, copy=True),
                             "exp_avg": m1.to(p.device, copy=True), "exp_avg_sq": m2.to(p.device, copy=True)}
     model.train()
     loss_error = 0.0
