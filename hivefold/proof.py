@@ -106,7 +106,7 @@ class ShardRecorder:
 
     def before_change(self, params: list[torch.Tensor]) -> None:
         """The swarm is about to replace ``params``: they are where the current segment ends."""
-        if self._current is not None and self._current not in self._ends:
+        if self.final is None and self._current is not None and self._current not in self._ends:
             end = _cpu(params)
             self._ends[self._current] = (end, digest(end))
 

@@ -147,45 +147,42 @@ class Trainer:
         starts = range(0, len(data), mb)
         params = list(self.model.parameters())
         inner = getattr(self.averaging, "inner", None) if self.diloco else None
-        if recorder is not None:  # where the swarm replaces the parameters, a segment ends at what training left
-            self.averaging.before_change = lambda: recorder.before_change(params)
-        try:
-            for i, start in enumerate(starts):
-                if pause is not None and pause.requested():
-                    if pending:
-                        step()
-                    if not pause.wait():
-                        result.interrupted = True
-                        break
-                    window_start = time.perf_counter()
-                if stop.is_set():
+        # where the swarm replaces the parameters, a segment ends at what training left (a finished record ignores it)
+        self.averaging.before_change = (lambda: recorder.before_change(params)) if recorder is not None else None
+        for i, start in enumerate(starts):
+            if pause is not None and pause.requested():
+                if pending:
+                    step()
+                if not pause.wait():
                     result.interrupted = True
                     break
+                window_start = time.perf_counter()
+            if stop.is_set():
+                result.interrupted = True
+                break
+            if recorder is not None:
+                changed = bool(versions) and self.averaging.version != versions[-1]
+                recorder.before_batch(i, params, inner, changed=changed)
+            t0 = time.perf_counter()
+            block = data[start:start + mb].to(self.device, non_blocking=cuda)
+            with autocast(self.device):
+                _, loss = self.model(block[:, :-1], block[:, 1:])
+            (loss * len(block)).backward()  # summed here, divided by the sample count at the step
+            losses.append(loss.detach())
+            epochs.append(self.averaging.epoch)
+            versions.append(self.averaging.version)
+            result.samples += len(block)
+            pending += len(block)
+            busy = time.perf_counter() - t0
+            last = i == len(starts) - 1
+            if self.diloco or last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
                 if recorder is not None:
-                    changed = bool(versions) and self.averaging.version != versions[-1]
-                    recorder.before_batch(i, params, inner, changed=changed)
-                t0 = time.perf_counter()
-                block = data[start:start + mb].to(self.device, non_blocking=cuda)
-                with autocast(self.device):
-                    _, loss = self.model(block[:, :-1], block[:, 1:])
-                (loss * len(block)).backward()  # summed here, divided by the sample count at the step
-                losses.append(loss.detach())
-                epochs.append(self.averaging.epoch)
-                versions.append(self.averaging.version)
-                result.samples += len(block)
-                pending += len(block)
-                busy = time.perf_counter() - t0
-                last = i == len(starts) - 1
-                if self.diloco or last or stop.is_set() or time.perf_counter() - window_start >= self.step_interval:
-                    if recorder is not None:
-                        recorder.record_lr(inner)
-                    busy += step()
-                result.compute_seconds += busy
-                self.meter.busy_seconds += busy
-                if on_batch is not None:
-                    on_batch(len(block))
-        finally:
-            self.averaging.before_change = None
+                    recorder.record_lr(inner)
+                busy += step()
+            result.compute_seconds += busy
+            self.meter.busy_seconds += busy
+            if on_batch is not None:
+                on_batch(len(block))
         t0 = time.perf_counter()
         values = torch.stack(losses).float().tolist() if losses else []  # one device-to-host sync per shard
         self.meter.busy_seconds += time.perf_counter() - t0  # queued device work finishing

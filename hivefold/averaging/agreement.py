@@ -47,7 +47,8 @@ def fingerprint(values: np.ndarray) -> float:
     return zlib.crc32(values.tobytes()) / 2**33
 
 
-def _rms(x: np.ndarray) -> float:
+def rms(x: np.ndarray) -> float:
+    """Root mean square, in float64."""
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
 
@@ -60,16 +61,16 @@ class Agreement:
     def note_step(self, before: np.ndarray, after: np.ndarray) -> None:
         """Record how far the latest outer step moved the sampled values."""
         if before.shape == after.shape:
-            self.step_rms = _rms(after - before)
+            self.step_rms = rms(after - before)
 
     def tolerance(self, values: np.ndarray) -> float:
-        return STEP_FRACTION * self.step_rms + ROUNDING * _rms(values)
+        return STEP_FRACTION * self.step_rms + ROUNDING * rms(values)
 
     def agrees(self, mine: np.ndarray, theirs: np.ndarray) -> bool:
         """True if ``theirs`` is ``mine`` up to rounding; False for a different shape or a real drift."""
         if mine.shape != theirs.shape or not np.all(np.isfinite(theirs)):
             return False
-        return _rms(mine - theirs) <= self.tolerance(mine)
+        return rms(mine - theirs) <= self.tolerance(mine)
 
 
 State = tuple[int, float, bytes]  # what a member sends with its round: (outer step, fingerprint, sample's bytes)

@@ -49,12 +49,8 @@ def declared(dht, prefix: str, own: str) -> list[str]:
     return [peer for _, peer in sorted(ranked, reverse=True)]
 
 
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
-
-
 def _agree(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and _rms(a - b) <= RELATIVE * max(_rms(a), 1e-12)
+    return a.shape == b.shape and agreement.rms(a - b) <= RELATIVE * max(agreement.rms(a), 1e-12)
 
 
 Declared = tuple[int, np.ndarray]  # a member's outer step and the sample of its parameters (agreement.sample)
