@@ -14,6 +14,15 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_device.py t
 # a proof's cost on the GPU (the peer's record, the keeper's replay on the same GPU) at the time-to-loss run's shapes
 timeout 120 python3 benchmarks/proof_replay.py --device cuda --keeper-device cuda --model small --seq-len 128 \
     --micro-batch 128 --batches 8 --json "$OUT/proof_replay.json"
+# 32-step segments at the time-to-loss run's rate, where the H200's replays (then in quarter-size chunks) drifted 35-60 %
+# from honest end states: at the peer's own shapes, and with torch's deterministic algorithms on both sides
+for det in "" --deterministic; do
+  timeout 100 python3 benchmarks/proof_replay.py --device cuda --keeper-device cuda --model small --seq-len 128 \
+      --micro-batch 256 --batches 64 --segments 2 --warmup 40 --lr 3e-3 $det --json "$OUT/proof_replay_long$det.json"
+done
+# ... and by a keeper without a GPU, which replays a GPU peer's segment in the CPU's bf16
+timeout 150 python3 benchmarks/proof_replay.py --device cuda --keeper-device cpu --model small --seq-len 128 \
+    --micro-batch 128 --batches 4 --segments 2 --json "$OUT/proof_replay_cpu_keeper.json"
 # DT_SECONDS=0 skips the trainer-path check; TTL_CORPUS=site trains on 300 MB of the image's site-packages (a corpus
 # the GPU cannot exhaust in minutes; the standard library is 10 M tokens, a pass every 5 s).
 [[ ${DT_SECONDS:-12} != 0 ]] && timeout 150 python3 benchmarks/device_throughput.py --device cuda --models small base --seq-len 512 --micro-batch 32 \
@@ -29,4 +38,7 @@ timeout ${TTL_TIMEOUT:-330} python3 benchmarks/time_to_loss.py --device cuda --m
     --inner-steps 8192 --warmup-steps 200 --decay-steps 200000 --single-batch auto --shard-sequences 1024 --checkpoint-every 2 \
     --eval-every 5 "${verify[@]}" --json "$OUT/time_to_loss.json" --plot "$OUT/time_to_loss.png" --keep
 cp -r /tmp/hivefold-ttl-*/*.log "$OUT/" 2>/dev/null
+grep -h "verified lease" "$OUT"/*.log | tail -5
+grep -hc "verified lease" "$OUT"/coordinator.log
+grep -h "micro-batch" "$OUT"/peer*.log | grep -i auto | head -4
 echo done

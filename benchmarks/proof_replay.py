@@ -5,8 +5,8 @@
 Trains a model on ``--device`` exactly as the peer's trainer does in ``diloco`` (bf16 autocast and fused AdamW on
 CUDA, one inner step per micro-batch), first ``--warmup`` micro-batches to leave the untrained regime, then one
 shard of ``--batches`` micro-batches recorded for a proof (``hivefold.proof``). Every segment is then replayed
-on ``--keeper-device`` (the CPU in fp32, or a GPU in bf16, as a keeper with one does), and the largest
-relative loss difference and the replay's distance from the committed end state (relative to the segment's
+on ``--keeper-device`` (in the peer's precision, as the keeper does: a GPU peer's in bf16, on a CPU too), and the
+largest relative loss difference and the replay's distance from the committed end state (relative to the segment's
 movement) are printed: the margins ``--verify-tolerance`` must cover (a check fails past ``tolerance`` on
 losses and ``4 × tolerance`` on the end). Also the costs: the peer's, of keeping the proof (states copied to
 the host, sha256 commitments), and the keeper's, of one check, each against the shard's training time.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -62,15 +63,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=32, help="micro-batches in the recorded shard")
     parser.add_argument("--segments", type=int, default=4)
     parser.add_argument("--keeper-device", default="cpu",
-                        help="where the replay runs: cpu (fp32), or cuda (bf16 autocast, as the keeper with a GPU)")
+                        help="where the replay runs, in the peer's precision (a --device cuda proof in bf16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the inner AdamW's peak learning rate")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch's deterministic algorithms for training and replay (on a GPU: does it make the "
+                             "replay exact, and what does it cost the training?)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when CUDA starts: now
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
     mb, h = args.micro_batch, 10 ** 6  # one long round: the schedule's range covers every step taken
     model_cfg = ModelConfig(**MODEL_PRESETS[args.model], vocab_size=257, max_seq_len=args.seq_len)
     spec = RunSpec(run_id="replay", seed=0, tokenizer="bytes", seq_len=args.seq_len, micro_batch=mb,
                    target_batch_size=mb, model=model_cfg,
-                   optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20, decay_steps=10 ** 6),
+                   optimizer=OptimizerConfig(lr=args.lr, warmup_steps=20, decay_steps=10 ** 6),
                    averaging=dataclasses.replace(AveragingConfig(), mode="diloco", inner_steps=h),
                    shards=(ShardInfo(0, "00" * 32, 1, 1),), validation=ShardInfo(-1, "00" * 32, 1, 1))
     data = corpus_sequences((args.warmup + args.batches) * mb + 64, args.seq_len)
@@ -118,7 +126,8 @@ def main() -> None:
         t1 = time.perf_counter()
         check = check_proof(recorder.proof(segment), spec=spec, model=keeper_model, sequences=shard, losses=losses,
                             digests=digests, state_changes=[], segments=args.segments, segment=segment, tolerance=1.0,
-                            held_out=held_out, device=args.keeper_device)
+                            held_out=held_out, device=args.keeper_device,
+                            bf16=cuda)  # what the peer trained in: a CPU keeper replays a GPU peer's proof in bf16
         segments.append({"segment": segment, "valid_at_tolerance_1": check.valid, "loss_error": check.loss_error,
                          "end_error": check.end_error, "score": check.score,
                          "replay_seconds": round(time.perf_counter() - t1, 3), "detail": check.detail})
@@ -126,6 +135,7 @@ def main() -> None:
     worst_end = max(s["end_error"] for s in segments)
     replay_s = sum(s["replay_seconds"] for s in segments) / len(segments)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "keeper_device": args.keeper_device,
+              "deterministic": args.deterministic, "lr": args.lr,
               "model": args.model, "micro_batch": mb, "seq_len": args.seq_len, "batches": args.batches,
               "train_seconds": round(train_s, 3), "segments": segments, "worst_loss_error": worst_loss,
               # the peer's cost of keeping a proof (states copied to the host, sha256 commitments), per shard

@@ -335,8 +335,7 @@ def main() -> None:
                         help="swarm: the keeper's validation loss every N swarm steps (its CPU time counts against "
                              "the swarm, as in a real run; the single process's evaluations stop its clock)")
     parser.add_argument("--verify-ceiling", type=float,
-                        help="swarm: the coordinator's --verify-ceiling (default: its own; 0 turns checks off, as a "
-                             "GPU swarm needs while the keeper replays on the CPU: see the README)")
+                        help="swarm: the coordinator's --verify-ceiling (default: its own; 0 turns checks off)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the run's workdir and logs")

@@ -94,6 +94,11 @@ def register(request: pb.RegisterRequest, ctx: Context, now: float) -> pb.Regist
                                      invite_only=ctx.config.invite_only, invite=request.invite)
     log.info("peer %s registered as %r (%s, %.1f GiB)", peer_id, name, device.kind or "?",
              device.memory_bytes / 2**30)
+    if device.kind == "cuda" and ctx.verify.enabled:
+        log.warning("peer %s trains on a GPU while results are checked by replay: a GPU's bf16 training may replay "
+                    "too far from the peer's own for long segments, which fails honest results and bans their peer "
+                    "(README, \"Verified work\"); run GPU swarms with --verify-ceiling 0 until this is resolved",
+                    peer_id)
     return pb.RegisterResponse(peer_id=peer_id, token=token, spec_json=ctx.spec_json, spec_hash=ctx.spec_hash,
                                dht_maddrs=ctx.dht_maddrs, heartbeat_interval_s=ctx.config.heartbeat_interval,
                                swarm_maddrs=_swarm_maddrs(ctx, peer_id, now),

@@ -41,7 +41,11 @@ from hivefold.spec import RunSpec
 from hivefold.training import autocast, evaluate, inner_optimizer, lr_lambda
 
 DEFAULT_SEGMENTS = 4
-CUDA_CHUNK = 64  # sequences a replay on a GPU runs at once (a peer's micro-batch may be larger)
+# A replay runs a peer's micro-batch at once, in the peer's own shapes, up to this many tokens: a different split
+# rounds differently, and training amplifies any difference (32 bf16 steps of `small` early in training, replayed
+# in quarter-size chunks, ended 25 % off the peer's end state on a CPU and 35-60 % on an H200; at the peer's shape
+# the CPU replay is exact). Past this, in chunks of this size (the keeper's memory bounds it), which may drift.
+REPLAY_MAX_TOKENS = 1 << 17
 SCORE_SEQUENCES = 16  # held-out sequences the Gauntlet-style score is measured on (two forward passes each)
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -231,7 +235,8 @@ def _lr_range(spec: RunSpec, epoch: int) -> tuple[float, float]:
 
 def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray,
                 losses: list[tuple[float, int]], digests: list[bytes], state_changes: list[int], segments: int,
-                segment: int, tolerance: float, held_out: np.ndarray | None = None, device: str = "cpu") -> Check:
+                segment: int, tolerance: float, held_out: np.ndarray | None = None, device: str = "cpu",
+                bf16: bool | None = None) -> Check:
     """Replay ``segment`` of a shard's training from the peer's proof and compare it with what the peer reported.
 
     ``model`` is the keeper's scratch copy of the run's model (its parameters are overwritten);
@@ -241,25 +246,28 @@ def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray
     relative difference allowed between a reported and a replayed loss (the end check allows 4x that);
     ``device``: where ``model`` is and the replay runs (on CUDA in bf16 autocast, as a GPU peer trains: a
     GPU-trained segment replayed in fp32 on a CPU drifts from it, and takes minutes where the GPU took
-    a second).
+    a second); ``bf16``: whether the peer trained in bf16 (default: ``device`` is CUDA), so a keeper without a
+    GPU replays a GPU peer's segment in the CPU's bf16.
     """
+    if bf16 is None:
+        bf16 = device.startswith("cuda")
     model.zero_grad(set_to_none=True)
     try:
         return _check(data, spec=spec, model=model, sequences=sequences, losses=losses, digests=digests,
                       bounds=proof_bounds(len(losses), segments, state_changes), segment=segment,
-                      tolerance=tolerance, held_out=held_out, device=device)
+                      tolerance=tolerance, held_out=held_out, device=device, bf16=bf16)
     finally:
         model.zero_grad(set_to_none=True)  # a replay that failed mid-step must not leave gradients to the next
 
 
 def _check(data: bytes, *, spec, model, sequences, losses, digests, bounds, segment, tolerance, held_out,
-           device) -> Check:
+           device, bf16) -> Check:
     try:
         doc = _load(data, model)
     except IntegrityError as e:
         return Check(False, str(e))
     mb = doc["micro_batch"]
-    # a peer picks its own micro-batch (a GPU's is far larger than the run's): the replay splits it into chunks
+    # a peer picks its own micro-batch (a GPU's is far larger than the run's)
     if mb < 1 or math.ceil(len(sequences) / mb) != len(losses):  # _load checked it is an integer
         return Check(False, f"micro-batch {mb} does not fit {len(losses)} losses for {len(sequences)} sequences")
     if len(digests) != 3 * len(bounds) or not 1 <= segment <= len(bounds):
@@ -300,9 +308,7 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, bounds, segm
                             "exp_avg": m1.to(p.device, copy=True), "exp_avg_sq": m2.to(p.device, copy=True)}
     model.train()
     loss_error = 0.0
-    # what the keeper's memory must hold at once, whatever the peer's micro-batch (on a GPU, closer to the peer's
-    # own shapes: bf16 kernels round by shape)
-    chunk = min(mb, CUDA_CHUNK) if device.startswith("cuda") else spec.micro_batch
+    chunk = max(1, min(mb, REPLAY_MAX_TOKENS // spec.seq_len))
     for i in range(start, end):
         reported = losses[i][0]
         block = sequences[i * mb:(i + 1) * mb]
@@ -310,7 +316,7 @@ def _check(data: bytes, *, spec, model, sequences, losses, digests, bounds, segm
         with torch.set_grad_enabled(diloco):
             for c in range(0, len(block), chunk):  # the micro-batch's mean loss and gradient, a chunk at a time
                 part = torch.from_numpy(block[c:c + chunk].astype(np.int64)).to(device)
-                with autocast(device):
+                with autocast(device, bf16):
                     _, loss = model(part[:, :-1], part[:, 1:])
                 total += float(loss.detach()) * len(part)
                 if diloco:

@@ -60,8 +60,14 @@ def evaluate(model: GPT, sequences: np.ndarray, *, batch_size: int = 16, device:
     return total / max(count, 1)
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA; a no-op context elsewhere."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device: str, bf16: bool | None = None):
+    """bf16 autocast on CUDA; a no-op context elsewhere.
+
+    ``bf16=True`` on a CPU: the CPU's bf16 autocast, for a keeper without a GPU that replays what a GPU
+    peer trained in bf16 (closer to the peer's arithmetic than fp32).
+    """
+    if bf16 is None:
+        bf16 = device.startswith("cuda")
+    if not bf16:
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", enabled=False)
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)

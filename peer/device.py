@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -68,6 +71,22 @@ AUTO_MEMORY_SHARE = 0.5  # of the GPU's free memory the probe may fill (optimize
 AUTO_GOOD_ENOUGH = 0.9  # the smallest size within this share of the best throughput wins: small batches learn more
 
 
+@contextlib.contextmanager
+def _probe_lock():
+    """Held while this process probes its GPU: one probe at a time per GPU on this machine."""
+    try:
+        key = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    except (AttributeError, RuntimeError):
+        key = str(torch.cuda.current_device())
+    path = os.path.join(tempfile.gettempdir(), f"hivefold-gpu-probe-{key}.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def choose_micro_batch(requested: int, *, run_micro_batch: int, model: torch.nn.Module, device: str,
                        seq_len: int, memory_fraction: float = 1.0) -> tuple[int, str]:
     """The micro-batch this peer trains at, and why.
@@ -85,42 +104,43 @@ def choose_micro_batch(requested: int, *, run_micro_batch: int, model: torch.nn.
         return run_micro_batch, "the run's (auto on a CPU)"
     from hivefold.training import autocast
 
-    free, total = torch.cuda.mem_get_info()
-    if memory_fraction < 1.0:
-        free = min(free, max(0, int(memory_fraction * total) - torch.cuda.memory_reserved()))
-    budget = AUTO_MEMORY_SHARE * free
-    vocab = model.cfg.vocab_size
-    rates: list[tuple[int, float]] = []
-    mb = run_micro_batch
-    while mb <= run_micro_batch * AUTO_MAX_FACTOR:
-        try:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            x = torch.randint(0, vocab, (mb, seq_len + 1), device=device)
+    with _probe_lock():  # peers sharing a GPU take turns: two probes at once would halve each one's figures
+        free, total = torch.cuda.mem_get_info()
+        if memory_fraction < 1.0:
+            free = min(free, max(0, int(memory_fraction * total) - torch.cuda.memory_reserved()))
+        budget = AUTO_MEMORY_SHARE * free
+        vocab = model.cfg.vocab_size
+        rates: list[tuple[int, float]] = []
+        mb = run_micro_batch
+        while mb <= run_micro_batch * AUTO_MAX_FACTOR:
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                x = torch.randint(0, vocab, (mb, seq_len + 1), device=device)
 
-            def once(x=x):
-                with autocast(device):
-                    _, loss = model(x[:, :-1], x[:, 1:])
-                loss.backward()
+                def once(x=x):
+                    with autocast(device):
+                        _, loss = model(x[:, :-1], x[:, 1:])
+                    loss.backward()
 
-            once()  # warm-up: kernels picked, memory allocated
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(3):
-                once()
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            peak = torch.cuda.max_memory_allocated() - base
-        except torch.cuda.OutOfMemoryError:
-            break
-        finally:
-            model.zero_grad(set_to_none=True)
-        rates.append((mb, 3 * mb / seconds))
-        if 2 * peak > budget:  # the next size would not fit beside the optimizer state and other peers
-            break
-        mb *= 2
-    torch.cuda.empty_cache()
+                once()  # warm-up: kernels picked, memory allocated
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    once()
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated() - base
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                model.zero_grad(set_to_none=True)
+            rates.append((mb, 3 * mb / seconds))
+            if 2 * peak > budget:  # the next size would not fit beside the optimizer state and other peers
+                break
+            mb *= 2
+        torch.cuda.empty_cache()
     if not rates:
         return run_micro_batch, "the run's (the GPU had no memory to spare for a larger one)"
     best = max(rate for _, rate in rates)

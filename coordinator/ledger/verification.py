@@ -71,6 +71,7 @@ class ProofTask:
     state_changes: list[int]  # where the swarm replaced the peer's parameters mid-shard
     proof: bytes
     train_seconds: float
+    device_kind: str = ""  # the device the peer registered with ("cuda": it trained in bf16)
 
 
 class Verifications(LedgerStore):
@@ -141,8 +142,10 @@ class Verifications(LedgerStore):
 
     def next_proof(self) -> ProofTask | None:
         """The oldest proof waiting for the keeper, if any."""
-        rows = self._read("SELECT lease_id, peer_id, shard_id, segment, segments, train_seconds, digests, "
-                          "state_changes FROM verifications WHERE state = ? ORDER BY requested_at LIMIT 1", (QUEUED,))
+        rows = self._read("SELECT v.lease_id, v.peer_id, v.shard_id, v.segment, v.segments, v.train_seconds, "
+                          "v.digests, v.state_changes, COALESCE(p.device_kind, '') FROM verifications v "
+                          "LEFT JOIN peers p ON p.peer_id = v.peer_id WHERE v.state = ? ORDER BY v.requested_at "
+                          "LIMIT 1", (QUEUED,))
         if not rows:
             return None
         r = rows[0]
@@ -153,7 +156,7 @@ class Verifications(LedgerStore):
         packed = bytes(r[6])
         digests = [packed[i:i + 32] for i in range(0, len(packed), 32)]
         changes = [int(x) for x in r[7].split(",") if x]
-        return ProofTask(r[0], r[1], r[2], r[3], r[4], losses, digests, changes, proof, r[5])
+        return ProofTask(r[0], r[1], r[2], r[3], r[4], losses, digests, changes, proof, r[5], r[8])
 
     def record_verification(self, lease_id: str, *, valid: bool, detail: str, now: float, score: float | None = None,
                             keeper_seconds: float | None = None, ban_after: int = 0, strike: bool = True,
