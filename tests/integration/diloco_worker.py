@@ -42,9 +42,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--poison", choices=("nan", "huge", "nan-once", "flip"),
-                        help="nan, huge: a hostile member, no guard of its own, its local model poisoned at every "
-                             "step; flip: a hostile member sending its pseudo-gradient negated and scaled by 16; "
+    parser.add_argument("--poison", choices=("nan", "huge", "huge-all", "nan-once", "flip"),
+                        help="nan, huge: a hostile member, no guard of its own, its local model's first tensor "
+                             "poisoned at every step (huge-all: every tensor); flip: a hostile member sending its "
+                             "pseudo-gradient negated and scaled by 16; "
                              "nan-once: an honest member whose local model goes non-finite once")
     parser.add_argument("--members", type=int, default=2, help="members that start together")
     args = parser.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     spec = make_spec(args.compression)
     model = build_model(spec.model, spec.seed)
     diloco = DiLoCo(spec, model, dht)
-    if args.poison in ("nan", "huge"):
+    if args.poison in ("nan", "huge", "huge-all"):
         diloco.guard.check_outgoing = lambda own: (0.0, None)
     elif args.poison == "flip":
         diloco.guard.check_outgoing = lambda own: ([d.mul_(-16.0) for d in own], (0.0, None))[1]
@@ -81,6 +82,10 @@ def main() -> None:
             poisoned = True
             with torch.no_grad():
                 next(model.parameters()).fill_(1e6 if args.poison == "huge" else float("nan"))
+        elif args.poison == "huge-all":  # every tensor: whichever member reduces a part gets a poisoned slice
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(1e6)
         if diloco.epoch > saved:
             saved = diloco.epoch
             torch.save({"params": [g.clone() for g in diloco.global_params], "time": time.time(),
