@@ -249,8 +249,6 @@ def check_proof(data: bytes, *, spec: RunSpec, model: GPT, sequences: np.ndarray
     a second); ``bf16``: whether the peer trained in bf16 (default: ``device`` is CUDA), so a keeper without a
     GPU replays a GPU peer's segment in the CPU's bf16.
     """
-    if bf16 is None:
-        bf16 = device.startswith("cuda")
     model.zero_grad(set_to_none=True)
     try:
         return _check(data, spec=spec, model=model, sequences=sequences, losses=losses, digests=digests,

@@ -66,8 +66,7 @@ def autocast(device: str, bf16: bool | None = None):
     ``bf16=True`` on a CPU: the CPU's bf16 autocast, for a keeper without a GPU that replays what a GPU
     peer trained in bf16 (closer to the peer's arithmetic than fp32).
     """
+    kind = "cuda" if device.startswith("cuda") else "cpu"
     if bf16 is None:
-        bf16 = device.startswith("cuda")
-    if not bf16:
-        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", enabled=False)
-    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+        bf16 = kind == "cuda"
+    return torch.autocast(kind, dtype=torch.bfloat16) if bf16 else torch.autocast(kind, enabled=False)
