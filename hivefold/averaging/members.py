@@ -12,10 +12,13 @@ import time
 from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing hints (their _name) to find streams
 
 import hivemind.averaging.averager
+import hivemind.averaging.matchmaking
 import numpy as np
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 
 from hivefold.averaging.robust import guarded_runner
@@ -29,6 +32,22 @@ _EXCLUDED: dict[str, float] = {}
 # the members a state download in progress may come from (None: any), in that download's asyncio task
 _SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
 _NOT_A_SOURCE = "not among the round's consensus"
+LOOKUP_GAP_S = 0.2  # the least time between two of matchmaking's DHT lookups of who is waiting for a group
+
+
+class PacedKeyManager(GroupKeyManager):
+    """hivemind's, with its lookups of the averagers waiting for a group at most one per ``LOOKUP_GAP_S``:
+    while no leader is found, matchmaking repeats the lookup as soon as the last one answers, a DHT get on
+    every node each time (about 40 per round and peer on loopback, most of the DHT's remaining requests)."""
+
+    _next_lookup = 0.0
+
+    async def get_averagers(self, *args, **kwargs):
+        wait = self._next_lookup - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_lookup = time.monotonic() + LOOKUP_GAP_S
+        return await super().get_averagers(*args, **kwargs)
 
 
 def _planned_skip(record: logging.LogRecord) -> bool:
@@ -68,6 +87,7 @@ class OuterStateAverager(DecentralizedAverager):
         # owner -> averager process: the guard's recent range and ceiling (guard.py)
         self._recent_norm = mp.Value("d", 0.0, lock=False)
         self._ceiling = mp.Value("d", 0.0, lock=False)
+        self._declare_now: asyncio.Event | None = None  # made in the averager process's event loop
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -76,6 +96,7 @@ class OuterStateAverager(DecentralizedAverager):
         # this process's all-reduces check what members send and return (the module global is what hivemind uses)
         hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
                                                                      self._range, self._max_weight)
+        hivemind.averaging.matchmaking.GroupKeyManager = PacedKeyManager
         super().run()
 
     def _flag(self, peer: str, why: str) -> None:
@@ -186,6 +207,35 @@ class OuterStateAverager(DecentralizedAverager):
         while not self._flags.empty():
             flags.append(self._flags.get())
         return flags
+
+    def _declare_event(self) -> asyncio.Event:
+        if self._declare_now is None:
+            self._declare_now = asyncio.Event()
+        return self._declare_now
+
+    async def _trigger_declare_load_state(self):
+        self._declare_event().set()  # the sharing priority (our outer step) changed, or sharing was switched
+
+    async def _declare_for_download_periodically(self):
+        """hivemind's, except that it re-declares when the sharing priority changes (once a round) and every
+        ``declare_state_period``, not also each time an all-reduce lands a tensor: hivemind wakes it per tensor,
+        and every wake is a signed DHT store on every node (480 a minute per peer with ``tiny``'s 40 tensors,
+        four fifths of all the swarm's DHT requests)."""
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        event, was_allowed = self._declare_event(), self.allow_state_sharing
+        while True:
+            expiration = get_dht_time() + self.declare_state_period
+            if self.allow_state_sharing or was_allowed:  # switched off: overwrite the declaration with None
+                store = self.dht.store(key, subkey=self.peer_id.to_bytes(), expiration_time=expiration,
+                                       value=self.state_sharing_priority if self.allow_state_sharing else None,
+                                       return_future=True)
+                asyncio.create_task(asyncio.wait_for(store, timeout=self.declare_state_period))
+                was_allowed = self.allow_state_sharing
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), timeout=max(0.0, expiration - get_dht_time()))
+            except asyncio.TimeoutError:
+                pass
 
     def get_current_state(self):
         metadata, tensors = self._state_fn()
