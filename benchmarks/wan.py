@@ -265,7 +265,7 @@ def main() -> int:
                              "better in short runs; see the README)")
     parser.add_argument("--outer-momentum", type=float, default=0.0, help="diloco: outer Nesterov momentum")
     parser.add_argument("--compression", default="fp32",
-                        help="diloco: fp32 | fp16 | int8 on the wire (sync mode sends hivemind's default, fp32)")
+                        help="diloco: fp32 | fp16 | int8 | int4 on the wire (sync mode sends hivemind's default, fp32)")
     parser.add_argument("--matchmaking-time", type=float, default=2.0)
     parser.add_argument("--averaging-timeout", type=float, default=120.0,
                         help="seconds before an all-reduce is abandoned (the run's default, 30, is too short at "

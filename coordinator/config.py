@@ -42,7 +42,7 @@ class RunOptions:
     inner_steps: int | None = None  # diloco: micro-batches the swarm trains per outer round (default 100)
     outer_lr: float | None = None  # diloco: outer Nesterov learning rate (default 0.7)
     outer_momentum: float | None = None  # diloco: outer Nesterov momentum (default 0.9)
-    compression: str | None = None  # fp32 | fp16 | int8 values in the all-reduce (default fp32)
+    compression: str | None = None  # fp32 | fp16 | int8 | int4 values in the all-reduce (default fp32)
 
     DEFAULTS = dict(corpus="stdlib", model="tiny", seq_len=128, micro_batch=16, target_batch_size=256, lr=3e-3,
                     warmup_steps=10, decay_steps=2000, shard_sequences=256, seed=0, data_passes=0,
@@ -67,7 +67,8 @@ class RunOptions:
                   "with AdamW, the swarm all-reduces the change every --inner-steps and takes an outer Nesterov step",
         inner_steps="diloco: micro-batches (of --micro-batch) the whole swarm trains per outer round",
         outer_lr="diloco: outer Nesterov SGD learning rate", outer_momentum="diloco: outer Nesterov momentum",
-        compression="fp32 | fp16 | int8: values on the wire in each all-reduce")
+        compression="fp32 | fp16 | int8 | int4: values on the wire in each all-reduce (int4: 4.25 bits a value, "
+                    "for slow links)")
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch", "target_batch_size", "shard_sequences", "decay_steps",

@@ -84,7 +84,7 @@ class OptimizerConfig:
 
 
 AVERAGING_MODES = ("sync", "diloco")
-COMPRESSIONS = ("fp32", "fp16", "int8")
+COMPRESSIONS = ("fp32", "fp16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class AveragingConfig:
     inner_steps: int = 100  # diloco: micro-batches (at the spec's micro_batch) the swarm trains per outer round
     outer_lr: float = 0.7  # diloco: outer Nesterov SGD learning rate
     outer_momentum: float = 0.9  # diloco: outer Nesterov momentum
-    compression: str = "fp32"  # values on the wire in the all-reduce: fp32 | fp16 | int8
+    compression: str = "fp32"  # values on the wire in the all-reduce: fp32 | fp16 | int8 | int4
 
     def __post_init__(self) -> None:
         if self.mode not in AVERAGING_MODES:

@@ -36,7 +36,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivefold.averaging import agreement, consensus
 from hivefold.averaging.guard import UpdateGuard, update_ceiling
 from hivefold.averaging.members import OuterStateAverager
-from hivefold.averaging.outer import compression, nesterov_outer_step
+from hivefold.averaging.outer import WIRE_BYTES, compression, nesterov_outer_step
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
 from hivefold.training import inner_optimizer, lr_lambda
@@ -44,7 +44,6 @@ from hivefold.training import inner_optimizer, lr_lambda
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 2.0  # how often a peer tells the swarm's progress tracker its samples
-_WIRE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per value on the wire, by the spec's compression
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
 
 
@@ -87,7 +86,7 @@ class DiLoCo:
         # All-reduce payload this peer sent and received, estimated: in hivemind's butterfly all-reduce each of n
         # members sends (n-1)/n of its compressed tensors to the others and as much of the averaged result back.
         self.bytes_sent = self.bytes_received = 0
-        self._payload_bytes = sum(g.numel() for g in self.global_params) * _WIRE_BYTES[a.compression]
+        self._payload_bytes = sum(g.numel() for g in self.global_params) * WIRE_BYTES[a.compression]
         self._lock = threading.Lock()  # the outer state is read by the averager's state-sharing thread
         self._pending: _Round | None = None
         self._reported_at = -float("inf")

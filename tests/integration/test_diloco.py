@@ -1,7 +1,7 @@
 """DiLoCo between real hivemind peers in separate processes (see diloco_worker.py).
 
 Two workers complete outer steps together; after each outer step their global parameters agree up to
-fp32 rounding, int8 rounds too (a first round that one of them took alone, before the progress trackers
+fp32 rounding, int8 and int4 rounds too (a first round that one of them took alone, before the progress trackers
 saw each other, is reconciled by the next), and their training
 loss falls. A worker killed mid-round does not stop the other from completing its next outer steps.
 """
@@ -51,7 +51,7 @@ def rms(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().square().sum()) for t in tensors) / sum(t.numel() for t in tensors))
 
 
-@pytest.mark.parametrize("compression", ["fp32", "int8"])
+@pytest.mark.parametrize("compression", ["fp32", "int8", "int4"])
 def test_two_peers_agree_after_every_outer_step_and_learn(tmp_path, compression):
     rounds = 8
     workers = [start(tmp_path, i, "--rounds", str(rounds), "--compression", compression) for i in range(2)]
