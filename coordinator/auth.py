@@ -3,7 +3,9 @@
 A request to a signed method must carry the peer's id, a timestamp within ``MAX_SKEW_S`` of the
 coordinator's clock, a nonce not seen before in that window, and an Ed25519 signature by the key the
 peer registered over the method, the sha256 of the body exactly as received, the timestamp and the
-nonce; and the body must name the same peer as the signature. Anything else is refused with
+nonce; and the body must name the same peer as the signature. Coordinators sharing one ledger also claim
+each nonce there (``coordinator.ledger.nonces``), so a request is served once by all of them together.
+Anything else is refused with
 ``UNAUTHENTICATED`` (who you are cannot be established) or ``PERMISSION_DENIED`` (you are someone else
 than the request says), and a message that says which check failed.
 
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from coordinator.errors import Unavailable
 from hivefold.identity import verify_signature
 from hivefold.rpcsign import MAX_SKEW_S, NONCE, PEER, SIGNATURE, SIGNED_METHODS, TIMESTAMP, signed_message
 
@@ -67,11 +70,13 @@ class _Received:
 
 
 class SignatureInterceptor(grpc.ServerInterceptor):
-    """``public_key(peer_id)``: the raw key the peer registered, or None for an unknown peer."""
+    """``public_key(peer_id)``: the raw key the peer registered, or None for an unknown peer;
+    ``claim_nonce(nonce, signed_at)``: where other coordinators serve the run too, records the nonce for all of
+    them and says whether it was new (None: this coordinator alone serves the run)."""
 
     def __init__(self, public_key: Callable[[str], bytes | None], clock: Callable[[], float] = time.time,
-                 rate: float = 100.0):
-        self.public_key, self.clock = public_key, clock
+                 rate: float = 100.0, claim_nonce: Callable[[str, float], bool] | None = None):
+        self.public_key, self.clock, self.claim_nonce = public_key, clock, claim_nonce
         self.buckets = TokenBuckets(rate, max(20.0, 2 * rate))
         self._nonces: dict[str, float] = {}  # nonce -> its timestamp, for MAX_SKEW_S
         self._lock = threading.Lock()
@@ -141,6 +146,14 @@ class SignatureInterceptor(grpc.ServerInterceptor):
                  f"{peer_id}")
         if not self._first_use(nonce, float(timestamp)):
             deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
+        if self.claim_nonce is not None:
+            try:
+                first = self.claim_nonce(nonce, float(timestamp))
+            except Unavailable as e:
+                deny(grpc.StatusCode.UNAVAILABLE, str(e))
+            if not first:
+                deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used (at another "
+                     "coordinator of this run)")
         self._limit("peer " + peer_id, context)
 
     def _limit(self, key: str, context) -> None:

@@ -96,7 +96,12 @@ def start_server(ctx: handlers.Context, listen: str, *, clock: Callable[[], floa
     """Start serving on ``listen`` (HOST:PORT, port 0 picks one), over TLS when given ``tls``, else in
     plaintext; returns the server and its port."""
     # the signature check is innermost: metrics interceptors time refused requests too
-    signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock, rate=ctx.config.rpc_rate)
+    def claim_nonce(nonce: str, signed_at: float) -> bool:
+        return ctx.ledger.claim_nonce(nonce, signed_at, now=clock())
+
+    # other coordinators may serve a run on a shared ledger: a nonce is claimed there for all of them
+    signatures = SignatureInterceptor(ctx.ledger.public_key_of, clock, rate=ctx.config.rpc_rate,
+                                      claim_nonce=claim_nonce if ctx.ledger.shares_nonces else None)
     # requests are small (the largest, a result, is one loss per micro-batch): refuse big ones unread
     options = [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]

@@ -36,6 +36,7 @@ One module per concept, composed into ``Ledger`` below:
     store.py     the connection's lock, transactions, migrating, the meta and events tables
     peers.py     registration, heartbeats, clean leaves and handovers, the swarm's address book
     access.py    who may take part: invites (invite-only runs) and bans
+    nonces.py    signed requests' nonces, claimed once for all coordinators of a shared ledger
     reports.py   members caught poisoning the averaging: reports, and the ban enough of them bring
     verification.py  results sampled for a proof-of-training check, their proofs, verdicts, bans
     leases.py    the run's shards, leasing them, results
@@ -48,6 +49,7 @@ from coordinator.ledger.access import INVITE_PREFIX, PeerAccess
 from coordinator.ledger.backend import SqliteBackend, is_postgres, redact
 from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
 from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
+from coordinator.ledger.nonces import SharedNonces
 from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
 from coordinator.ledger.progress import KeeperProgress
 from coordinator.ledger.reports import PoisonReports
@@ -73,6 +75,6 @@ __all__ = [
 ]
 
 
-class Ledger(PeerRegistry, PeerAccess, PoisonReports, Verifications, ShardLeases, KeeperProgress, StatusReport,
-             SwarmHistory):
+class Ledger(PeerRegistry, PeerAccess, SharedNonces, PoisonReports, Verifications, ShardLeases, KeeperProgress,
+             StatusReport, SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

@@ -229,6 +229,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE peers ADD COLUMN results_valid INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE peers ADD COLUMN results_invalid INTEGER NOT NULL DEFAULT 0
     """,
+    # 11: signed requests' nonces, claimed once for every coordinator of a shared ledger (nonces.py).
+    """
+    CREATE TABLE nonces (nonce TEXT PRIMARY KEY, signed_at REAL NOT NULL);
+    CREATE INDEX nonces_by_time ON nonces (signed_at)
+    """,
 ]
 
 

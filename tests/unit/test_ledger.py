@@ -13,7 +13,7 @@ from tests.unit.ledger_cases import LEASE_S, SHARDS, lease, location, submit
 
 
 def test_schema_is_versioned_and_pragmas_apply(ledger):
-    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 10
+    assert ledger.schema_version() == len(ledger_module.MIGRATIONS) == 11
     if ledger.backend == "sqlite":
         assert ledger._read("PRAGMA foreign_keys")[0][0] == 1
     else:  # SQLite's 64-bit INTEGER and double REAL keep their range: GPU memory sizes, timestamps to the µs
@@ -41,7 +41,7 @@ def test_an_older_ledger_is_migrated_in_place(kind, request, tmp_path, monkeypat
         assert old.schema_version() == 1
         old.close()
     new = Ledger(path)
-    assert new.schema_version() == 10
+    assert new.schema_version() == 11
     assert [p["name"] for p in new.status(now=1.0, online_seconds=30, seq_len=8)["peers"]] == ["a"]
     new.heartbeat("a", epoch=3, samples=0, recent_loss=None, samples_per_second=0.0, now=2.0,
                   dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/QmA"], micro_batch=64)
