@@ -146,6 +146,8 @@ class SignatureInterceptor(grpc.ServerInterceptor):
                  f"{peer_id}")
         if not self._first_use(nonce, float(timestamp)):
             deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
+        # counted before the shared claim: a peer's flood past its rate never reaches the database
+        self._limit("peer " + peer_id, context)
         if self.claim_nonce is not None:
             try:
                 first = self.claim_nonce(nonce, float(timestamp))
@@ -154,7 +156,6 @@ class SignatureInterceptor(grpc.ServerInterceptor):
             if not first:
                 deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used (at another "
                      "coordinator of this run)")
-        self._limit("peer " + peer_id, context)
 
     def _limit(self, key: str, context) -> None:
         wait = self.buckets.take(key, time.monotonic())

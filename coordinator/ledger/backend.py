@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.errors import FailedPrecondition
+from coordinator.errors import FailedPrecondition, Unavailable
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # pg_advisory_xact_lock key of the ledger's single writer (any fixed 64-bit number; "hvfl" in ASCII)
@@ -122,7 +122,10 @@ class PostgresBackend:
     def ensure_open(self) -> None:
         """Reconnect after the server restarted or the connection broke (the failed call raised already)."""
         if self.conn.raw.closed or self.conn.raw.broken:
-            self.conn = _PgConnection(self._connect())
+            try:
+                self.conn = _PgConnection(self._connect())
+            except FailedPrecondition as e:  # only the first connection, at start, is a configuration error
+                raise Unavailable(f"{e}; retry shortly") from None
 
     def begin_write(self) -> None:
         self.conn.execute("BEGIN")

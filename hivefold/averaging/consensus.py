@@ -12,6 +12,10 @@ same step, samples within ``RELATIVE`` of each other: members that averaged toge
 float rounding), and downloads from the largest group, then the newest, one member at a time. A member
 whose served state is not the one it declared is skipped. One hostile member among three cannot be
 followed; one download, not three (the keeper downloaded three whole states per checkpoint before).
+
+A downloader that already holds the state the chosen members declare (the same step and sample) downloads
+nothing: every newcomer to a swarm still at step 0 holds the run's initial state, built from its seed, and
+two of them downloading it from each other cost each 88 MB of a home uplink for `small`.
 """
 
 from __future__ import annotations
@@ -72,13 +76,19 @@ def agreed(candidates: list[str], samples: dict[str, Declared]) -> list[tuple[st
 
 
 def download_agreed(candidates: list[str], ask: Callable[[list[str]], dict], download: Callable[[str], tuple],
-                    n_params: int) -> tuple | None:
+                    n_params: int, held: Declared | None = None) -> tuple | None:
     """Download the state the candidates agree on: ``ask(peers)`` gives their declared ``{peer: (step, sample)}``,
     ``download(peer)`` a state ``(step, tensors, ...)`` (the step None if it served nothing), the first
     ``n_params`` tensors being the parameters. None when fewer than two candidates answered (the caller takes
     any member's state); ``(None, None, True)`` when no member of the chosen group served the state it declared
-    but one moved on to a newer step meanwhile (ask again), ``(None, None, None)`` when none did."""
-    chosen = agreed(candidates, ask(candidates[:2 * CANDIDATES])) if len(candidates) > 1 else None
+    but one moved on to a newer step meanwhile (ask again), ``(None, None, None)`` when none did;
+    ``(step, None, False)`` when the state they declare is ``held``, the downloader's own (step, sample)."""
+    samples = ask(candidates[:2 * CANDIDATES]) if candidates else {}
+    chosen = agreed(candidates, samples) if len(candidates) > 1 else None
+    # the one member that answered vouches for nothing, but if it holds what this one does there is nothing to fetch
+    first = chosen[0] if chosen else next(((p, *samples[p]) for p in candidates if p in samples), None)
+    if held is not None and first is not None and first[1] == held[0] and _agree(first[2], held[1]):
+        return held[0], None, False
     if chosen is None:
         return None
     moved = None
@@ -105,11 +115,15 @@ class StateDownloads:
     def __init__(self, averager, prefix: str, shapes: list, swarm_epoch: Callable[[], int | None]):
         self.averager, self.prefix, self.shapes, self.swarm_epoch = averager, prefix, shapes, swarm_epoch
 
-    def fetch(self, timeout: float | None, sources: list[str] | None) -> tuple:
-        """From ``sources`` (libp2p peer ids) if given, else from the members that agree (:func:`download_agreed`)."""
+    def fetch(self, timeout: float | None, sources: list[str] | None, held: Declared | None = None) -> tuple:
+        """From ``sources`` (libp2p peer ids) if given, else from the members that agree (:func:`download_agreed`;
+        tensors None: they hold ``held``, this member's own step and sample, so nothing was downloaded)."""
         if sources is None:
             got = download_agreed(declared(self.averager.dht, self.prefix, str(self.averager.peer_id)), self._ask,
-                                  lambda peer: self.one(timeout, [peer]), len(self.shapes) // 2)
+                                  lambda peer: self.one(timeout, [peer]), len(self.shapes) // 2, held)
+            if got is not None and got[0] is not None and got[1] is None:  # held: is a round landing meanwhile?
+                swarm = self.swarm_epoch()
+                return got[0], None, swarm is not None and got[0] + 1 < swarm
             if got is not None:
                 return got
         return self.one(timeout, sources)

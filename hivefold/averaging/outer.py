@@ -69,13 +69,13 @@ class Int4(CompressionBase):
         if not torch.is_floating_point(tensor):
             raise ValueError(f"int4 does not support {tensor.dtype} tensors")
         flat = tensor.detach().reshape(-1).float().cpu()
-        blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % self.BLOCK)).view(-1, self.BLOCK)
+        n_blocks = -(-flat.numel() // self.BLOCK)  # view(-1, ...) would refuse a tensor of no values
+        blocks = torch.nn.functional.pad(flat, (0, n_blocks * self.BLOCK - flat.numel())).view(n_blocks, self.BLOCK)
         # the scale as the receiver will read it (bfloat16), so that the largest value lands on a level exactly
         scale = blocks.abs().amax(dim=1).to(torch.bfloat16)
-        safe = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-        codes = torch.bucketize((blocks / safe).clamp_(-1.0, 1.0), self._EDGES).to(torch.uint8).view(-1)
+        codes = torch.bucketize((blocks / _safe(scale)).clamp_(-1.0, 1.0), self._EDGES).to(torch.uint8).view(-1)
         packed = (codes[0::2] << 4) | codes[1::2]
-        buffer = scale.view(torch.int16).numpy().tobytes() + packed.numpy().tobytes()
+        buffer = scale.view(torch.int16).numpy().astype("<i2").tobytes() + packed.numpy().tobytes()
         return runtime_pb2.Tensor(
             compression=self.compression_type, buffer=buffer,
             size=tensor.shape, dtype="bfloat16" if tensor.dtype == torch.bfloat16 else tensor.data.numpy().dtype.name,
@@ -88,15 +88,21 @@ class Int4(CompressionBase):
         buffer = serialized_tensor.buffer
         if len(buffer) != 2 * n_blocks + n_blocks * self.BLOCK // 2:
             raise ValueError(f"int4: {len(buffer)} bytes do not hold a tensor of shape {shape}")
-        scale = torch.from_numpy(np.frombuffer(buffer, dtype=np.int16, count=n_blocks).copy()).view(torch.bfloat16)
+        scale = np.frombuffer(buffer, dtype="<i2", count=n_blocks).astype(np.int16)  # bfloat16 bits, little-endian
+        scale = torch.from_numpy(scale).view(torch.bfloat16)
         packed = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8, offset=2 * n_blocks).copy())
-        codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1, self.BLOCK).long()
-        values = (self.LEVELS[codes] * scale.float()[:, None]).view(-1)[:numel]
+        codes = torch.stack([packed >> 4, packed & 15], dim=1).view(n_blocks, self.BLOCK).long()
+        values = (self.LEVELS[codes] * _safe(scale)).view(-1)[:numel]
         return values.reshape(shape).to(getattr(torch, serialized_tensor.dtype)).requires_grad_(
             serialized_tensor.requires_grad)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return (4 + 16 / self.BLOCK) / torch.finfo(info.descriptor.dtype).bits
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales as both ends use them: float32, never below its smallest normal (no division by zero)."""
+    return scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
 
 
 # hivemind decodes by wire type through this table, in whichever process receives a part.

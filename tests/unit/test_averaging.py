@@ -72,6 +72,8 @@ def test_int4_halves_int8s_bytes_keeps_shapes_and_dtypes_and_refuses_a_malformed
     back = deserialize_torch_tensor(wire("int4", mixed))
     small_error = ((back[640:] - mixed[640:]).norm() / mixed[640:].norm()).item()
     assert small_error < INT4_RELATIVE_ERROR
+    empty = deserialize_torch_tensor(wire("int4", torch.zeros(0, 4)))  # a parameter of no values averages too
+    assert empty.shape == (0, 4)
     for t in (torch.zeros(3, 5), torch.randn(7, 3, generator=gen).bfloat16(), torch.randn(65, generator=gen)):
         back = deserialize_torch_tensor(wire("int4", t))
         assert back.shape == t.shape and back.dtype == t.dtype
@@ -114,7 +116,7 @@ def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
     from hivefold.averaging.sync import SyncAveraging
 
     diloco = DiLoCo.__new__(DiLoCo)  # only the download path: no DHT, no averager process
-    diloco._pending, diloco.trains = None, True
+    diloco._pending, diloco.trains, diloco.epoch, diloco._global_sample = None, True, 0, np.zeros(4, np.float32)
     diloco._downloads = StateDownloads(_OutlastedAverager(), "run", [], lambda: None)
     assert diloco.load_state_from_peers(timeout=1.0, accept_equal=True) is False
     sync = SyncAveraging.__new__(SyncAveraging)
@@ -295,3 +297,30 @@ def test_a_download_takes_the_state_most_of_the_newest_members_declare_and_check
     # ... and a member whose state moved on since it answered is not taken either: nobody vouched for that one
     served["a"], served["b"] = (5, honest), (5, honest)
     assert consensus.download_agreed(["a", "b"], ask, download, n_params=1) == (None, None, True)  # ask again
+
+
+def test_a_member_that_holds_the_state_the_swarm_declares_downloads_nothing():
+    """Newcomers to a swarm at step 0 hold its state already (the run's seed built it): 88 MB of `small` each,
+    downloaded from each other over home uplinks before this."""
+    from hivefold.averaging import agreement, consensus
+
+    init, other = [torch.ones(8)], [torch.full((8,), 2.0)]
+    declared = {"a": (0, agreement.sample(init)), "b": (0, agreement.sample(init)), "c": (3, agreement.sample(init))}
+    downloaded = []
+
+    def ask(peers):
+        return {p: declared[p] for p in peers if p in declared}
+
+    def download(peer):
+        downloaded.append(peer)
+        return declared[peer][0], init
+
+    def take(order, held):
+        downloaded.clear()
+        return consensus.download_agreed(order, ask, download, n_params=1, held=held)
+
+    assert take(["a", "b"], (0, agreement.sample(init))) == (0, None, False) and downloaded == []
+    assert take(["a"], (0, agreement.sample(init))) == (0, None, False) and downloaded == []  # the only answer
+    assert take(["a", "b"], (0, agreement.sample(other)))[1] is init and downloaded == ["a"]  # another init
+    assert take(["c", "a"], (0, agreement.sample(init)))[1] is init and downloaded == ["c"]  # behind: fetch it
+    assert take(["a"], (0, agreement.sample(other))) is None  # nothing to compare: hivemind's download decides

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from coordinator.context import Context
+from coordinator.errors import Unavailable
 from coordinator.ledger import Ledger
 from coordinator.ledger.nonces import KEEP_S
 from coordinator.server import start_server
@@ -29,10 +30,13 @@ def test_a_nonce_is_claimed_once_across_ledger_connections_and_old_ones_are_prun
         assert not b.claim_nonce("n1", 100.0, now=100.5)
         assert not a.claim_nonce("n1", 100.0, now=101.0)
         assert b.claim_nonce("n2", 101.0, now=101.0)
-        # once both windows have passed the old nonces go (the signature window refuses such requests anyway)
+        assert a.claim_nonce("n4", 140.0, now=140.0)
+        # once both windows have passed the old nonces go (the signature window refuses such requests anyway);
+        # one signed within them stays
         b._nonces_pruned_at = -float("inf")
         assert b.claim_nonce("n3", 100.0 + KEEP_S + 5, now=100.0 + KEEP_S + 5)
-        assert [r[0] for r in b._read("SELECT nonce FROM nonces ORDER BY nonce")] == ["n3"]
+        assert [r[0] for r in b._read("SELECT nonce FROM nonces ORDER BY nonce")] == ["n3", "n4"]
+        assert not a.claim_nonce("n4", 140.0, now=100.0 + KEEP_S + 6)
     finally:
         a.close()
         b.close()
@@ -79,14 +83,34 @@ def test_a_request_replayed_to_another_coordinator_of_the_run_is_refused(tmp_pat
         stubs[1].Heartbeat(request, metadata=signed())  # a fresh signature is served by either
         first_at_second = signed()
         stubs[1].Heartbeat(request, metadata=first_at_second)
-        assert code_of(lambda: stubs[0].Heartbeat(request, metadata=first_at_second))[0] == (
-            grpc.StatusCode.UNAUTHENTICATED)
+        assert code_of(lambda: stubs[0].Heartbeat(request, metadata=first_at_second)) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "replayed request: this nonce was already used (at another coordinator of this run)")
         client.close()
     finally:
         for server in servers:
             server.stop(0)
         for ledger in ledgers:
             ledger.close()
+
+
+def test_while_postgresql_cannot_be_reached_a_claim_is_unavailable_and_then_recovers(postgres):
+    """Not only the call that finds the connection broken: every call until the database is back (peers retry
+    UNAVAILABLE; anything else would stop them)."""
+    url = postgres.create_database("nonce_outage")
+    ledger = Ledger(url)
+    try:
+        assert ledger.claim_nonce("before", 1.0, now=1.0)
+        postgres.sql('ALTER DATABASE "nonce_outage" WITH ALLOW_CONNECTIONS false')
+        postgres.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'nonce_outage'")
+        for i in range(2):
+            with pytest.raises(Unavailable, match="cannot (be reached|reach)"):
+                ledger.claim_nonce(f"during-{i}", 2.0, now=2.0)
+        postgres.sql('ALTER DATABASE "nonce_outage" WITH ALLOW_CONNECTIONS true')
+        assert ledger.claim_nonce("after", 3.0, now=3.0)
+        assert not ledger.claim_nonce("before", 1.0, now=3.0)
+    finally:
+        ledger.close()
 
 
 @pytest.fixture(autouse=True)
