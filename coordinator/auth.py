@@ -5,9 +5,9 @@ coordinator's clock, a nonce not seen before in that window, and an Ed25519 sign
 peer registered over the method, the sha256 of the body exactly as received, the timestamp and the
 nonce; and the body must name the same peer as the signature. Coordinators sharing one ledger also claim
 each nonce there (``coordinator.ledger.nonces``), so a request is served once by all of them together.
-Anything else is refused with
-``UNAUTHENTICATED`` (who you are cannot be established) or ``PERMISSION_DENIED`` (you are someone else
-than the request says), and a message that says which check failed.
+Anything else is refused with ``UNAUTHENTICATED`` (who you are cannot be established) or
+``PERMISSION_DENIED`` (you are someone else than the request says), and a message that says which check
+failed.
 
 Each signed-in peer may send ``rate`` requests a second (bursts of ``2 x rate``), counted after its
 signature checks out so nobody can spend another peer's allowance; the public methods (Register,

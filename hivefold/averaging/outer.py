@@ -61,6 +61,7 @@ class Int4(CompressionBase):
 
     compression_type = runtime_pb2.CompressionType.BLOCKWISE_8BIT
     BLOCK = 64
+    BITS = 4 + 16 / BLOCK  # per value: its level, and its share of the block's bfloat16 scale
     LEVELS = torch.tensor([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
                            0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
     _EDGES = (LEVELS[1:] + LEVELS[:-1]) / 2  # a value goes to the level whose interval holds it
@@ -97,7 +98,7 @@ class Int4(CompressionBase):
             serialized_tensor.requires_grad)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        return (4 + 16 / self.BLOCK) / torch.finfo(info.descriptor.dtype).bits
+        return self.BITS / torch.finfo(info.descriptor.dtype).bits
 
 
 def _safe(scale: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
 _wire._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Int8()
 _wire._BASE_COMPRESSION_TYPES["BLOCKWISE_8BIT"] = Int4()
 
-WIRE_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": (4 + 16 / Int4.BLOCK) / 8}  # bytes per value sent
+WIRE_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": Int4.BITS / 8}  # bytes per value sent
 
 
 def compression(name: str) -> CompressionBase:
