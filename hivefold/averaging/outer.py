@@ -43,8 +43,9 @@ class Int8(Uniform8BitQuantization):
         size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
         codebook = np.frombuffer(buffer, offset=8, count=size, dtype=self.codebook_dtype)
         quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
-        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        # copies: the wire buffer is read-only, and torch warns about tensors over non-writable memory
+        quantized = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
+        codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
         return codebook[quantized]
 
 
