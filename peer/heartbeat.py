@@ -37,8 +37,7 @@ def heartbeat_loop(session: Session, left: threading.Event, gate: Gate) -> None:
     while True:
         m = trainer.meter
         paused = gate.halted
-        take_flags = getattr(trainer.averaging, "take_flags", None)  # diloco's robust all-reduce (sync has none)
-        caught.update(take_flags() if take_flags else [])
+        caught.update(trainer.averaging.take_flags())
         reports = [pb.PoisonReport(libp2p_peer_id=peer, reason=why) for peer, why in list(caught.items())[:16]]
         try:
             resp = session.client.heartbeat(pb.HeartbeatRequest(

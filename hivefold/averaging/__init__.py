@@ -11,7 +11,8 @@ and the keeper (``trains=False``: follows the swarm and serves its state, never 
   in the DHT, or this process was itself suspended mid-download (a laptop lid, SIGSTOP);
 - ``state_dict()`` / ``load_state_dict()``: what a checkpoint holds besides the model;
 - ``settle(final=False)`` (land work in flight before leaving; ``final``: the run is over, average what is
-  left), ``stats()`` and ``shutdown()``.
+  left), ``stats()`` and ``shutdown()``;
+- ``take_flags()``: members its guarded all-reduces caught poisoning since the last call, to report.
 
 ``sync`` (``sync.py``): hivemind's Optimizer, gradients all-reduced every swarm step.
 ``diloco`` (``diloco.py``): local AdamW, an overlapped outer Nesterov step every round.
@@ -30,8 +31,8 @@ def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
     """The run's averaging mode around ``model``; build it in the process's main thread (hivemind needs that).
 
     Both modes take each step's sample count from the caller, so members may train at any micro-batch.
-    With ``swarm_key`` (the coordinator's public key), ``diloco`` serves group joins and state downloads only
-    to swarm members holding a valid token (hivefold.swarm_access); ``sync`` relies on the DHT's check alone.
+    With ``swarm_key`` (the coordinator's public key), both modes serve group joins and state downloads only
+    to swarm members holding a valid token (hivefold.swarm_access).
     """
     if spec.averaging.mode == "diloco":
         from hivefold.averaging.diloco import DiLoCo
@@ -39,4 +40,4 @@ def make_averaging(spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode:
         return DiLoCo(spec, model, dht, client_mode=client_mode, trains=trains, swarm_key=swarm_key)
     from hivefold.averaging.sync import SyncAveraging
 
-    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains)
+    return SyncAveraging(spec, model, dht, client_mode=client_mode, trains=trains, swarm_key=swarm_key)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from hivemind.utils import get_dht_time
 
 from hivefold.averaging import agreement, consensus
 from hivefold.averaging.guard import UpdateGuard, update_ceiling
+from hivefold.averaging.guarded import Caught
 from hivefold.averaging.members import OuterStateAverager
 from hivefold.averaging.outer import WIRE_BYTES, compression, nesterov_outer_step
 from hivefold.model import GPT
@@ -102,8 +102,7 @@ class DiLoCo:
         self._sent_sample = self._global_sample
         self.agreement = agreement.Agreement()
         self.guard = UpdateGuard()  # what enters and leaves each all-reduce (guard.py)
-        self.flagged: dict[str, str] = {}  # libp2p peer id -> why: members the robust all-reduce caught (robust.py)
-        self._unreported: deque[tuple[str, str]] = deque()  # appended by training, drained by the heartbeat thread
+        self.caught = Caught()  # members the robust all-reduce flagged (robust.py)
         self.inner = inner_optimizer(spec, model) if trains else None
         self._set_lr()
         self.averager = OuterStateAverager(
@@ -286,12 +285,14 @@ class DiLoCo:
         if control is None:
             self._land_round()
 
+    @property
+    def flagged(self) -> dict[str, str]:
+        """libp2p peer id -> why: members the robust all-reduce caught."""
+        return self.caught.flagged
+
     def take_flags(self) -> list[tuple[str, str]]:
         """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report."""
-        flags = []
-        while self._unreported:
-            flags.append(self._unreported.popleft())
-        return flags
+        return self.caught.take()
 
     def _land_round(self, block: bool = False) -> None:
         r = self._pending
@@ -300,11 +301,7 @@ class DiLoCo:
         except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
             log.debug("outer round %d failed: %r", r.epoch, e)
             gathered = None
-        for peer, why in self.averager.take_flags():
-            if peer not in self.flagged:
-                log.error("outer round %d: member %s poisoned the all-reduce (%s); reporting it", r.epoch, peer, why)
-            self.flagged[peer] = why
-            self._unreported.append((peer, why))
+        self.caught.collect(self.averager.take_flags(), f"outer round {r.epoch}")
         update = None
         if gathered:
             with self.averager.get_tensors() as buffers:

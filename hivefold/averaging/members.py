@@ -1,5 +1,5 @@
 """The diloco averager: shares the outer state, serves only swarm members (hivefold.swarm_access), and
-all-reduces through the Byzantine-tolerant runner of ``robust.py``."""
+all-reduces through the Byzantine-tolerant runner of ``robust.py`` (guarded.py)."""
 
 from __future__ import annotations
 
@@ -8,46 +8,22 @@ import contextvars
 import logging
 import math
 import multiprocessing as mp
-import time
-from typing import AsyncIterator  # noqa: UP035 - hivemind reads typing hints (their _name) to find streams
 
 import hivemind.averaging.averager
-import hivemind.averaging.matchmaking
 import numpy as np
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import P2PContext, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
 
-from hivefold.averaging.robust import guarded_runner
-from hivefold.dht import die_with_parent
+from hivefold.averaging.guarded import Guarded
 
 log = logging.getLogger(__name__)
 
-EXCLUDE_S = 600.0  # a member this averager caught poisoning is not averaged with for this long
-# libp2p peer id -> until when: members caught poisoning, in the averager's process (one averager per process)
-_EXCLUDED: dict[str, float] = {}
 # the members a state download in progress may come from (None: any), in that download's asyncio task
 _SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
 _NOT_A_SOURCE = "not among the round's consensus"
-LOOKUP_GAP_S = 0.2  # the least time between two of matchmaking's DHT lookups of who is waiting for a group
-
-
-class PacedKeyManager(GroupKeyManager):
-    """hivemind's, with its lookups of the averagers waiting for a group at most one per ``LOOKUP_GAP_S``:
-    while no leader is found, matchmaking repeats the lookup as soon as the last one answers, a DHT get on
-    every node each time (about 40 per round and peer on loopback, most of the DHT's remaining requests)."""
-
-    _next_lookup = 0.0
-
-    async def get_averagers(self, *args, **kwargs):
-        wait = self._next_lookup - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._next_lookup = time.monotonic() + LOOKUP_GAP_S
-        return await super().get_averagers(*args, **kwargs)
 
 
 def _planned_skip(record: logging.LogRecord) -> bool:
@@ -56,15 +32,11 @@ def _planned_skip(record: logging.LogRecord) -> bool:
     return _NOT_A_SOURCE not in record.getMessage()
 
 
-class OuterStateAverager(DecentralizedAverager):
+class OuterStateAverager(Guarded, DecentralizedAverager):
     """A ``DecentralizedAverager`` that shares the DiLoCo outer state instead of its averaged tensors.
 
-    With ``swarm_key``, a group join or a state download is served only to a libp2p peer whose token, as
-    published in the DHT, the coordinator signed and has not expired. Without a group join nobody takes
-    part in an all-reduce: its parts are accepted from the group's members only.
-
-    A member that the robust all-reduce flags (robust.py) is not served for ``EXCLUDE_S``; the flags reach
-    the owning process through :meth:`take_flags`.
+    It serves swarm members only and all-reduces through the robust runner (guarded.py), bounded by the range
+    its owner sets (:meth:`set_range`).
 
     Each member also answers what state it holds, in a few bytes: its outer step and a sample of its global
     parameters (:meth:`publish_sample`, ``agreement.sample``). Before a download, a newcomer or the keeper
@@ -78,12 +50,12 @@ class OuterStateAverager(DecentralizedAverager):
 
     def __init__(self, *args, state_fn, swarm_key: bytes | None = None, max_weight: float = 0.0,
                  sample_size: int = 4096, **kwargs):
-        self._state_fn, self._swarm_key, self._members, self._max_weight = state_fn, swarm_key, None, max_weight
+        self._state_fn = state_fn
+        self._guard(swarm_key=swarm_key, max_weight=max_weight, limits=lambda tensors: self._range())
         # owner -> averager process: the latest published sample; _sample_meta = [writes begun, writes done, step,
         # length], so that a reader can tell a sample being written from a whole one
         self._sample = mp.Array("f", max(1, sample_size), lock=False)
         self._sample_meta = mp.Array("q", [0, 0, -1, 0], lock=False)
-        self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
         # owner -> averager process: the guard's recent range and ceiling (guard.py)
         self._recent_norm = mp.Value("d", 0.0, lock=False)
         self._ceiling = mp.Value("d", 0.0, lock=False)
@@ -91,33 +63,13 @@ class OuterStateAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
-        die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
         logging.getLogger(hivemind.averaging.averager.__name__).addFilter(_planned_skip)
-        # this process's all-reduces check what members send and return (the module global is what hivemind uses)
-        hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded,
-                                                                     self._range, self._max_weight)
-        hivemind.averaging.matchmaking.GroupKeyManager = PacedKeyManager
         super().run()
-
-    def _flag(self, peer: str, why: str) -> None:
-        if self._is_excluded(peer):
-            return  # caught already, in another part: once per exclusion (the owner drains the queue once a round)
-        log.error("averaging: member %s %s; not averaging with it for %.0fs", peer, why, EXCLUDE_S)
-        _EXCLUDED[peer] = time.monotonic() + EXCLUDE_S
-        self._flags.put((peer, why))
-
-    @staticmethod
-    def _is_excluded(peer: str) -> bool:
-        return _EXCLUDED.get(peer, 0.0) > time.monotonic()
 
     @classmethod
     def get_stub(cls, p2p, peer, *, namespace=None):
-        """Every call to another member goes through here (matchmaking, downloads, all-reduce): none to one
-        caught poisoning, and no state download from outside the chosen sources (hivemind logs the refusal and
-        moves on to the next member)."""
-        if cls._is_excluded(peer.to_base58()):
-            # the error hivemind's matchmaking expects from a failed call: it moves on to the next leader
-            raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
+        """Also no state download from outside the chosen sources (hivemind logs the refusal and moves on to the
+        next member)."""
         sources = _SOURCES.get()
         if sources is not None and peer.to_base58() not in sources:
             raise P2PHandlerError(f"not downloading the state from {peer}: {_NOT_A_SOURCE}")
@@ -201,13 +153,6 @@ class OuterStateAverager(DecentralizedAverager):
     def _range(self) -> tuple[float, float]:
         return self._recent_norm.value, self._ceiling.value
 
-    def take_flags(self) -> list[tuple[str, str]]:
-        """The members flagged since the last call, as ``(libp2p peer id, why)`` (in the owning process)."""
-        flags = []
-        while not self._flags.empty():
-            flags.append(self._flags.get())
-        return flags
-
     def _declare_event(self) -> asyncio.Event:
         if self._declare_now is None:
             self._declare_now = asyncio.Event()
@@ -240,29 +185,3 @@ class OuterStateAverager(DecentralizedAverager):
     def get_current_state(self):
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
-
-    async def _admits(self, context) -> bool:
-        if self._is_excluded(context.remote_id.to_base58()):
-            return False
-        if self._swarm_key is None:
-            return True
-        if self._members is None:  # made in the averager's process, where its handlers run
-            from hivefold.swarm_access import MemberCheck
-            self._members = MemberCheck(self.dht, self._swarm_key)
-        return await self._members.allowed(context.remote_id)
-
-    # hivemind finds its handlers' message types in their annotations
-    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
-                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if not await self._admits(context):
-            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_DECLARED)
-            return
-        async for response in super().rpc_join_group(request, context):
-            yield response
-
-    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
-                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
-        if not await self._admits(context):
-            return
-        async for response in super().rpc_download_state(request, context):
-            yield response

@@ -103,8 +103,8 @@ def _allowance(weight: float, others: list[float]) -> float:
 
 
 def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int | None, recent_norm: float = 0.0,
-                   max_weight: float = 0.0, share: float = 1.0,
-                   ceiling: float = 0.0) -> tuple[torch.Tensor | None, list[Flag]]:
+                   max_weight: float = 0.0, share: float = 1.0, ceiling: float = 0.0,
+                   outliers: bool = True) -> tuple[torch.Tensor | None, list[Flag]]:
     """The robust weighted average of ``(sender index, slice, weight)``, and the senders it flagged.
 
     ``recent_norm``: the norm of the swarm's recent averaged updates as this member saw them (0: not known yet);
@@ -112,7 +112,10 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     times its square root: the least spread the outlier test assumes, so that members sending (almost) nothing,
     a converged one or an idle poisoner, cannot make an honest update the outlier);
     ``max_weight``: the largest weight a member may claim (0: no cap); ``ceiling``: the largest norm any honest update
-    can have (guard.update_ceiling; 0: unknown), which holds from the first round. None when no slice can be used.
+    can have (0: unknown; in diloco guard.update_ceiling, in sync the gradient clip), which holds from the first round.
+    None when no slice can be used.
+    ``outliers=False`` flags only what is out of bounds (non-finite, an invalid weight, over the ceiling or the range)
+    and still combines by centered clipping: for gradients, whose honest spread grows as a member's samples shrink.
     """
     flags: list[Flag] = []
     kept = []
@@ -123,8 +126,7 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
         elif not math.isfinite(w) or w < 0:
             flags.append((s, f"it sent an invalid weight {w!r}"))
         elif ceiling > 0 and (norm := _norm(t)) > ceiling:
-            flags.append((s, f"its slice's norm {norm:.3g} is over the most any member's inner optimizer moves the "
-                             f"model in a round ({ceiling:.3g})"))
+            flags.append((s, f"its slice's norm {norm:.3g} is over the most an honest member sends ({ceiling:.3g})"))
         elif recent_norm > 0 and (norm := _norm(t)) > RANGE_FACTOR * recent_norm:
             flags.append((s, f"its slice's norm {norm:.3g} is over {RANGE_FACTOR:.0f}x the swarm's recent updates' "
                              f"({recent_norm:.3g})"))
@@ -134,7 +136,7 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
         return None, flags
     own = next(((t, w) for s, t, w in kept if s == own_index), None)
     if len(kept) <= 2:  # no majority to compare with: bound the other against this member's own slice
-        if own is not None:
+        if own is not None and outliers:
             own_norm, own_weight = _norm(own[0]), own[1]
             checked = []
             for s, t, w in kept:
@@ -165,7 +167,7 @@ def robust_combine(slices: list[tuple[int, torch.Tensor, float]], own_index: int
     for i, (s, t, w) in enumerate(kept):
         others = max(statistics.median(d for j, d in enumerate(distances) if j != i), typical)
         larger = norms[i] > statistics.median(n for j, n in enumerate(norms) if j != i)
-        if larger and distances[i] > OUTLIER * allowances[i] * others and distances[i] > TINY:
+        if outliers and larger and distances[i] > OUTLIER * allowances[i] * others and distances[i] > TINY:
             flags.append((s, f"its slice lies {distances[i] / max(others, TINY):.1f}x further from the others' "
                              f"center than they do (a flipped, scaled or unrelated update)"))
         else:
@@ -196,8 +198,7 @@ def check_returned(averaged: torch.Tensor, recent_norm: float = 0.0, ceiling: fl
     if not torch.isfinite(averaged).all():
         return "it returned non-finite values"
     if ceiling > 0 and (norm := _norm(averaged)) > ceiling:
-        return (f"its averaged part's norm {norm:.3g} is over the most any member's inner optimizer moves the model "
-                f"in a round ({ceiling:.3g})")
+        return f"its averaged part's norm {norm:.3g} is over the most an honest member sends ({ceiling:.3g})"
     if recent_norm > 0 and (norm := _norm(averaged)) > RETURNED_FACTOR * recent_norm:
         return (f"its averaged part's norm {norm:.3g} is over {RETURNED_FACTOR:.0f}x the swarm's recent updates' "
                 f"({recent_norm:.3g}), more than a robust reducer returns")
@@ -213,9 +214,9 @@ class RobustReducer(TensorPartReducer):
 
     def __init__(self, part_shapes, num_senders: int, *, own_index: int | None, on_flag: Callable[[int, str], None],
                  recent_norm: float = 0.0, max_weight: float = 0.0, total_size: int = 0, ceiling: float = 0.0,
-                 encode: Callable[[int, torch.Tensor], runtime_pb2.Tensor] | None = None):
+                 encode: Callable[[int, torch.Tensor], runtime_pb2.Tensor] | None = None, outliers: bool = True):
         self.own_index, self.on_flag, self.recent_norm, self.max_weight = own_index, on_flag, recent_norm, max_weight
-        self.ceiling = ceiling
+        self.ceiling, self.outliers = ceiling, outliers
         self.total_size = total_size  # values in the whole averaged vector (0: unknown, each part counts as whole)
         self.encode = encode
         self.slices: dict[int, list[tuple[int, torch.Tensor, float]]] = {}
@@ -235,7 +236,7 @@ class RobustReducer(TensorPartReducer):
         slices = [(s, t, w) for s, t, w in self.slices.pop(part, []) if part < self.sender_failed_after[s]]
         share = math.prod(self.part_shapes[part]) / self.total_size if self.total_size else 1.0
         result, flags = robust_combine(slices, self.own_index, self.recent_norm, self.max_weight, min(share, 1.0),
-                                       self.ceiling)
+                                       self.ceiling, self.outliers)
         for sender, why in flags:
             self.on_flag(sender, why)
         if result is None:
@@ -249,10 +250,12 @@ class RobustReducer(TensorPartReducer):
 
 
 def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str], bool],
-                   limits: Callable[[], tuple[float, float]], max_weight: float) -> type[AllReduceRunner]:
-    """An ``AllReduceRunner`` whose reducer is robust (bounded by ``limits()``, the recent norm and the ceiling, and
-    by ``max_weight``, see :func:`robust_combine`) and whose received averages are checked. Flags go to
-    ``on_flag(libp2p peer id in base58, why)``. It refuses to run in a group with an ``excluded`` member.
+                   limits: Callable[[list[torch.Tensor]], tuple[float, float]], max_weight: float,
+                   outliers: bool = True) -> type[AllReduceRunner]:
+    """An ``AllReduceRunner`` whose reducer is robust (bounded by ``limits(this member's tensors)``, the recent norm
+    and the ceiling, by ``max_weight``, and flagging ``outliers`` or not, see :func:`robust_combine`) and whose
+    received averages are checked. Flags go to ``on_flag(libp2p peer id in base58, why)``. It refuses to run in a
+    group with an ``excluded`` member.
 
     Members end a round with the same averaged tensors (up to float rounding), also through a lossy codec:
     hivemind's reducer returns each sender the average minus that sender's slice, encoded, and a member adds
@@ -263,11 +266,11 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
     """
 
     class GuardedAllReduceRunner(AllReduceRunner):
-        def __init__(self, *args, ordered_peer_ids, **kwargs):
+        def __init__(self, *args, ordered_peer_ids, tensors, **kwargs):
             caught = [p.to_base58() for p in ordered_peer_ids if excluded(p.to_base58())]
             if caught:
                 raise AllreduceException(f"not averaging in a group with {', '.join(caught)}, caught poisoning")
-            super().__init__(*args, ordered_peer_ids=ordered_peer_ids, **kwargs)
+            super().__init__(*args, ordered_peer_ids=ordered_peer_ids, tensors=tensors, **kwargs)
             me = self.peer_id.to_base58()
 
             def flag(peer: str, why: str) -> None:
@@ -277,13 +280,13 @@ def guarded_runner(on_flag: Callable[[str, str], None], excluded: Callable[[str]
             container, my_index = self.tensor_part_container, self.ordered_peer_ids.index(self.peer_id)
             infos = [info for _, info in container._input_parts_by_peer[my_index]]  # the parts this member reduces
             own = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
-            recent, ceiling = limits()
+            recent, ceiling = limits(list(tensors))
             self.tensor_part_reducer.finished.set()  # hivemind's own, replaced unused (else it warns it got nothing)
             self.tensor_part_reducer = RobustReducer(
                 tuple(p.shape for p in self.parts_for_local_averaging), len(self.sender_peer_ids), own_index=own,
                 on_flag=lambda i, why: flag(self.sender_peer_ids[i].to_base58(), f"as a sender: {why}"),
                 recent_norm=recent, max_weight=max_weight, total_size=container.total_size, ceiling=ceiling,
-                encode=lambda part, t: container.compression.compress(t, infos[part]))
+                encode=lambda part, t: container.compression.compress(t, infos[part]), outliers=outliers)
             register = container.register_processed_part
 
             def received(peer_index: int, part_index: int, part: torch.Tensor) -> None:

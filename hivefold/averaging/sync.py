@@ -3,7 +3,7 @@
 Peers accumulate gradients until the swarm has ``target_batch_size`` samples, all-reduce them and
 take one AdamW step together. Every step is a matchmaking and all-reduce round, so the device idles
 between rounds unless the target batch is large; prefer ``diloco`` unless the model is tiny and the
-links are fast.
+links are fast. The all-reduces are guarded against hostile members (sync_members.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from functools import partial
 
 import hivemind
 import torch
-from hivemind.optim.grad_averager import GradientAverager
 
+from hivefold.averaging.guarded import Caught
+from hivefold.averaging.sync_members import GuardedOptimizer
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
 from hivefold.training import lr_lambda, param_groups
@@ -29,13 +30,15 @@ class SyncAveraging:
     before_change = None
 
     def __init__(self, spec: RunSpec, model: GPT, dht: hivemind.DHT, *, client_mode: bool = False,
-                 trains: bool = True):
+                 trains: bool = True, swarm_key: bytes | None = None):
         self.spec, self.model = spec, model
+        self.caught = Caught()  # members the guarded all-reduces flagged (sync_members.py)
         cfg = spec.optimizer
         # Matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise);
         # hivemind 1.1.12 forwards averager_opts to the state averager only, so the gradient averager gets it here.
         request_timeout = min(3.0, spec.averaging.matchmaking_time / 2)
-        self.opt = hivemind.Optimizer(
+        self.opt = GuardedOptimizer(
+            swarm_key=swarm_key, grad_clip=cfg.grad_clip,
             dht=dht, run_id=spec.run_id, params=param_groups(model, cfg.weight_decay),
             optimizer=partial(torch.optim.AdamW, lr=cfg.lr, betas=cfg.betas),
             scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(lr_lambda, cfg=cfg)),
@@ -43,7 +46,7 @@ class SyncAveraging:
             matchmaking_time=spec.averaging.matchmaking_time, averaging_timeout=spec.averaging.averaging_timeout,
             average_state_every=spec.averaging.average_state_every, client_mode=client_mode,
             averager_opts=dict(request_timeout=request_timeout),
-            grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout))
+            grad_averager_opts=dict(request_timeout=request_timeout))
 
     @property
     def epoch(self) -> int:
@@ -67,6 +70,16 @@ class SyncAveraging:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
         self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
         self.opt.zero_grad()
+        self.caught.collect(self.opt.take_flags(), f"swarm step {self.opt.local_epoch}")
+
+    @property
+    def flagged(self) -> dict[str, str]:
+        """libp2p peer id -> why: members the guarded all-reduces caught."""
+        return self.caught.flagged
+
+    def take_flags(self) -> list[tuple[str, str]]:
+        """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report."""
+        return self.caught.take()
 
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """One bounded attempt (hivemind's own ``Optimizer.load_state_from_peers`` retries forever)."""
@@ -92,7 +105,7 @@ class SyncAveraging:
         self.opt.state_averager.state_sharing_priority = self.opt.local_epoch
 
     def stats(self) -> dict:
-        return {}
+        return {"flagged": len(self.caught.flagged)}
 
     def settle(self, final: bool = False) -> None:
         """Nothing runs in the background between steps in this mode (gradients short of a swarm step stay local)."""

@@ -12,7 +12,8 @@ import torch
 from hivemind import DHT
 from hivemind.dht.routing import DHTID
 
-from hivefold.averaging.members import LOOKUP_GAP_S, OuterStateAverager
+from hivefold.averaging.guarded import LOOKUP_GAP_S
+from hivefold.averaging.members import OuterStateAverager
 
 pytestmark = pytest.mark.integration
 

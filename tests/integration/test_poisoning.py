@@ -24,7 +24,7 @@ def first_step(tmp, index: int) -> int:
     return min(int(p.stem.split("-")[1]) for p in tmp.glob(f"w{index}-*.pt"))
 
 
-@pytest.mark.parametrize("poison", ["flip", "huge-all"])
+@pytest.mark.parametrize("poison", ["flip", "huge"])
 def test_a_poisoner_among_three_is_caught_and_the_honest_members_keep_learning_together(tmp_path, poison):
     workers = [start(tmp_path, 0, "--rounds", str(ROUNDS), "--members", "3"),
                start(tmp_path, 1, "--rounds", str(ROUNDS), "--members", "3"),
@@ -37,10 +37,8 @@ def test_a_poisoner_among_three_is_caught_and_the_honest_members_keep_learning_t
         first = [saved(tmp_path, i, first_step(tmp_path, i)) for i in (0, 1)]  # a reload may skip a step's file
         last = [saved(tmp_path, i, ROUNDS) for i in (0, 1)]
         caught = [poisoner in z["flagged"] for z in last]
-        # A flipped update is in every slice, so every reducer sees it. A huge one is in every slice too, but the first
-        # reducer to flag it stops averaging with it (so the other may never see it). (It once poisoned one tensor:
-        # where the poisoner reduced that part itself, its own reducer, this project's, left its slice out, nothing
-        # reached an honest member, and nobody caught it; a hostile reducer that returns it is flagged by receivers.)
+        # A flipped update is in every slice, so every reducer sees it. A huge one is in every slice too (see
+        # diloco_worker.py), but the first reducer to flag it stops averaging with it (so the other may never see it).
         assert all(caught) if poison == "flip" else any(caught), (caught, logs(tmp_path))
         for a, z in zip(first, last, strict=True):
             assert set(z["flagged"]) <= {poisoner}, z["flagged"]  # no honest member accused

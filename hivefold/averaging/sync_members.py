@@ -1,0 +1,148 @@
+"""sync's averagers, guarded as diloco's are (guarded.py): hivemind's Optimizer averages gradients every swarm step
+and parameters every ``average_state_every`` steps, and downloads a newcomer's state, each trusting every member.
+
+- **Gradients** (:class:`GuardedGradientAverager`): every member sends the sample-weighted mean of its clipped
+  micro-batch gradients, so no honest slice, and no honest average, is larger than the spec's ``grad_clip``: that
+  is the ceiling, from the first step. hivemind's own accumulation scales each micro-batch by its size over the
+  first one's and divides by their count, which lets a short first micro-batch inflate the others past the clip;
+  here each is weighted by its samples and the sum divided by the samples. A member's weight (its samples, which
+  nobody can check) is capped at twice the target batch. Outliers are not flagged (an honest member that
+  accumulated a few samples sends a noisy gradient far from the others'), but the robust reducer still combines
+  by centered clipping, so a flipped or unrelated gradient within the ceiling pulls the average by a bounded amount
+  where three or more members average.
+- **Parameters** (:class:`GuardedStateAverager`): a slice over ``STATE_FACTOR`` × this member's parameters' norm,
+  or non-finite, is flagged; weights are capped at hivemind's 1. A downloaded state is installed only if it is
+  finite, its parameters' norm within ``STATE_FACTOR`` × this member's, and no older than what it holds.
+
+A flagged member is not averaged with (guarded.py) and is reported to the coordinator like diloco's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+
+import hivemind
+import hivemind.optim.optimizer
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from hivefold.averaging.guard import STATE_FACTOR, total_norm
+from hivefold.averaging.guarded import Guarded
+
+log = logging.getLogger(__name__)
+
+# The gradient ceiling over the spec's grad_clip: a mean of vectors within the clip is within it, and this leaves
+# room for float rounding and a lossy codec's error on a part (int4's is ~12 %).
+CLIP_MARGIN = 1.25
+
+
+class GuardedGradientAverager(Guarded, GradientAverager):
+    """hivemind's ``GradientAverager`` guarded (see the module's docstring); ``grad_clip`` 0: no ceiling."""
+
+    _rpc_handlers = None  # hivemind caches these per class: a subclass must collect its own (and name them itself)
+    _stub_type = None
+
+    def __init__(self, parameters, *, swarm_key: bytes | None = None, grad_clip: float, max_weight: float, **kwargs):
+        ceiling = grad_clip * CLIP_MARGIN
+        self._guard(swarm_key=swarm_key, max_weight=max_weight, limits=lambda tensors: (0.0, ceiling),
+                    outliers=False)
+        super().__init__(parameters, **kwargs)
+
+    @torch.no_grad()
+    def accumulate_grads_(self, batch_size: int) -> None:
+        """Add the current gradients, each a mean over its ``batch_size`` samples, weighted by those samples."""
+        if self.reuse_grad_buffers:
+            raise ValueError("hivefold's sync averaging accumulates gradients in buffers of its own")
+        self._accumulators_used_in_step = False
+        self.local_samples_accumulated += batch_size
+        self.local_times_accumulated += 1
+        for grad_buf, grad_acc in zip(self._grads_from_parameters(), self._grad_accumulators(), strict=True):
+            grad_acc.add_(grad_buf.to(grad_acc.device), alpha=float(batch_size))
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self) -> None:
+        """The sample-weighted mean of the accumulated gradients, into the averager's tensors."""
+        samples = self.local_samples_accumulated
+        with self.get_tensors() as averaged_grads:
+            for grad_acc, averaged_grad in zip(self._grad_accumulators(), averaged_grads, strict=True):
+                averaged_grad.copy_(grad_acc, non_blocking=True).mul_(1.0 / samples if samples else 0.0)
+
+
+class _CheckedDownload(DecentralizedAverager):
+    """Sits under ``TrainingStateAverager`` (its ``super()``): a downloaded state it would install is checked first."""
+
+    def load_state_from_peers(self, **kwargs):
+        loaded = super().load_state_from_peers(**kwargs)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        why = refused_state(metadata, tensors, self.main_parameters, self.local_epoch)
+        if why:
+            log.error("not loading the state a peer served: %s", why)
+            return None
+        return loaded
+
+
+def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor], epoch: int) -> str | None:
+    """None if a downloaded state (hivemind's metadata and flat tensors, the parameters first) may replace ``own``
+    parameters at ``epoch``, else why not."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < epoch:
+        return "its step is missing or behind this peer's"
+    if len(tensors) < len(own) or any(t.shape != p.shape for t, p in zip(tensors, own, strict=False)):
+        return "its parameters do not have the model's shapes"
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "it has non-finite values"
+    theirs, mine = total_norm(tensors[:len(own)]), total_norm(own)
+    if mine > 0 and theirs > STATE_FACTOR * mine:
+        return f"its parameters' norm {theirs:.3g} is over {STATE_FACTOR:.0f}x this peer's ({mine:.3g})"
+    return None
+
+
+class GuardedStateAverager(Guarded, TrainingStateAverager, _CheckedDownload):
+    """hivemind's ``TrainingStateAverager`` guarded (see the module's docstring)."""
+
+    _rpc_handlers = None
+    _stub_type = None
+
+    def __init__(self, *, swarm_key: bytes | None = None, **kwargs):
+        self._guard(swarm_key=swarm_key, max_weight=1.0, outliers=False,
+                    limits=lambda tensors: (0.0, STATE_FACTOR * total_norm(tensors)))
+        super().__init__(**kwargs)
+
+
+@contextlib.contextmanager
+def _state_averager_class(factory):
+    """hivemind's Optimizer builds its state averager from a module global, with the arguments it computes."""
+    original = hivemind.optim.optimizer.TrainingStateAverager
+    hivemind.optim.optimizer.TrainingStateAverager = factory
+    try:
+        yield
+    finally:
+        hivemind.optim.optimizer.TrainingStateAverager = original
+
+
+class GuardedOptimizer(hivemind.Optimizer):
+    """hivemind's Optimizer with the guarded averagers above. Build it in the process's main thread."""
+
+    def __init__(self, *args, swarm_key: bytes | None, grad_clip: float, **kwargs):
+        self._swarm_key = swarm_key
+        target = kwargs["target_batch_size"]
+        kwargs["grad_averager_factory"] = partial(GuardedGradientAverager, swarm_key=swarm_key, grad_clip=grad_clip,
+                                                  max_weight=2.0 * target, **kwargs.pop("grad_averager_opts", {}))
+        super().__init__(*args, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        with _state_averager_class(partial(GuardedStateAverager, swarm_key=self._swarm_key)):
+            return super()._make_state_averager(**kwargs)
+
+    def take_flags(self) -> list[tuple[str, str]]:
+        """Members either averager caught since the last call, as ``(libp2p peer id, why)``."""
+        flags = self.state_averager.take_flags()
+        if self.grad_averager is not None:
+            flags += self.grad_averager.take_flags()
+        return flags
+

@@ -1,0 +1,87 @@
+"""A ``sync`` member in its own process, for tests/integration/test_sync_guard.py (no coordinator needed).
+
+    python -m tests.integration.sync_worker --index I --dir DIR [--steps K] [--poison nan|huge|flip|state]
+
+As diloco_worker.py: worker 0 starts the DHT, every worker trains the tiny model on its own learnable stream,
+and after each swarm step saves its parameters, the latest loss and the members it caught to DIR/w<I>-<step>.pt.
+A hostile worker (``--poison``) sends, in place of its mean gradient, NaNs (``nan``), the gradient times 1e6
+(``huge``) or times -16 (``flip``); ``state`` sends honest gradients but parameters times 1e3 into the state
+averaging. It runs until killed with --steps 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from hivefold.averaging.sync import SyncAveraging
+from hivefold.model import build_model
+from tests.integration.diloco_worker import MICRO_BATCH, batch, join, make_spec, start_together
+
+MEMBERS = 3
+
+
+def poison(sync: SyncAveraging, how: str) -> None:
+    """Make this member hostile: its own averagers send what ``how`` says (their inputs, after all honest checks)."""
+    grads, state = sync.opt.grad_averager, sync.opt.state_averager
+    averager, load = ((state, state._load_local_tensors_into_averager_) if how == "state" else  # noqa: SLF001
+                      (grads, grads.load_accumulators_into_averager_))
+
+    def hostile() -> None:
+        load()
+        with averager.get_tensors() as tensors:
+            for t in tensors:
+                if how == "nan":
+                    t.fill_(float("nan"))
+                else:
+                    t.mul_({"huge": 1e6, "flip": -16.0, "state": 1e3}[how])
+
+    if how == "state":
+        state._load_local_tensors_into_averager_ = hostile  # noqa: SLF001
+    else:
+        grads.load_accumulators_into_averager_ = hostile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--poison", choices=("nan", "huge", "flip", "state"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    dht = join(args.index, args.dir)
+    spec = make_spec("fp32")
+    # every member's micro-batch makes a swarm step, and parameters are averaged every other step
+    spec = dataclasses.replace(spec, target_batch_size=MEMBERS * MICRO_BATCH, averaging=dataclasses.replace(
+        spec.averaging, mode="sync", average_state_every=2))
+    model = build_model(spec.model, spec.seed)
+    sync = SyncAveraging(spec, model, dht)
+    if args.poison:
+        poison(sync, args.poison)
+    start_together(args.index, args.dir, MEMBERS)
+    gen = torch.Generator().manual_seed(100 + args.index)
+    saved = 0
+    while args.steps == 0 or sync.epoch < args.steps:
+        block = batch(gen)
+        _, loss = model(block[:, :-1], block[:, 1:])
+        (loss * MICRO_BATCH).backward()
+        sync.step(MICRO_BATCH)
+        if sync.epoch > saved:
+            saved = sync.epoch
+            torch.save({"params": [p.detach().clone() for p in model.parameters()], "loss": float(loss),
+                        "flagged": dict(sync.flagged), "libp2p_id": dht.peer_id.to_base58()},
+                       args.dir / f"w{args.index}-{saved}.pt")
+        time.sleep(0.05)
+    sync.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
