@@ -1,13 +1,13 @@
 """A 3-peer swarm with one poisoner against the same swarm all honest: validation loss, and when the ban came.
 
-    python benchmarks/poisoning.py [--seconds 150] [--scale -16] [--json PATH]
+    python benchmarks/poisoning.py [--mode diloco|sync] [--seconds 150] [--scale -16] [--json PATH]
 
 Runs a real coordinator (with its keeper) and three ``hivefold peer`` processes on this machine twice, for
 the same wall time from the coordinator's start: all honest, then with one peer sending every
-pseudo-gradient multiplied by ``--scale`` (``tests/integration/poison_peer.py``). Prints, for both, the
-keeper's validation loss by swarm step, and for the poisoned run when the poisoner was banned (seconds
-after the coordinator served) and why. Both runs share the machine's two cores the same way, so the
-honest run is the limit the poisoned one is measured against.
+pseudo-gradient (in ``sync``: gradient) multiplied by ``--scale`` (``tests/integration/poison_peer.py``).
+Prints, for both, the keeper's validation loss by swarm step, and for the poisoned run when the poisoner
+was banned (seconds after the coordinator served) and why. Both runs share the machine's two cores the
+same way, so the honest run is the limit the poisoned one is measured against.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ if str(REPO) not in sys.path:
 from hivefold.client import CoordinatorClient  # noqa: E402
 from hivefold.tls import Trust  # noqa: E402
 from tests.conftest import Processes, start_coordinator  # noqa: E402
-from tests.integration.test_swarm import RUN_FLAGS  # noqa: E402
+from tests.integration.test_swarm import RUN_FLAGS, SYNC_FLAGS  # noqa: E402
 
 PEERS = ("alice", "bob", "mallory")
 
 
-def run(root: Path, seconds: float, scale: float | None) -> dict:
+def run(root: Path, seconds: float, scale: float | None, flags: list[str]) -> dict:
     """One swarm for ``seconds``; ``scale`` None: all honest, else mallory multiplies its updates by it."""
     root.mkdir(parents=True)
     procs = Processes(root)
     try:
         endpoints = start_coordinator(procs, root / "coordinator", "--heartbeat-interval", "2",
-                                      "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
+                                      "--checkpoint-every", "2", "--keeper-poll", "1", *flags)
         start = time.monotonic()
         for name in PEERS:
             hostile = scale is not None and name == "mallory"
@@ -68,6 +68,7 @@ def run(root: Path, seconds: float, scale: float | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("diloco", "sync"), default="diloco", help="averaging (default diloco)")
     parser.add_argument("--seconds", type=float, default=150.0, help="wall time of each run (default %(default)s)")
     parser.add_argument("--scale", type=float, default=-16.0, help="what the poisoner multiplies its updates by")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -77,15 +78,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hivefold-poisoning-"))
     empty = {"val_history": [], "val_loss_last": None, "global_step": 0, "tokens_trained": 0,
              "banned_after_s": None, "ban_reason": None, "reports": {}}
+    flags = SYNC_FLAGS if args.mode == "sync" else RUN_FLAGS
     try:
-        honest = run(tmp / "honest", args.seconds, None) if args.only != "poisoned" else empty
-        poisoned = run(tmp / "poisoned", args.seconds, args.scale) if args.only != "honest" else empty
+        honest = run(tmp / "honest", args.seconds, None, flags) if args.only != "poisoned" else empty
+        poisoned = run(tmp / "poisoned", args.seconds, args.scale, flags) if args.only != "honest" else empty
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = {"seconds": args.seconds, "scale": args.scale, "honest": honest, "poisoned": poisoned,
+    result = {"mode": args.mode, "seconds": args.seconds, "scale": args.scale, "honest": honest, "poisoned": poisoned,
               "val_loss_ratio": (poisoned["val_loss_last"] / honest["val_loss_last"]
                                  if honest["val_loss_last"] and poisoned["val_loss_last"] else None)}
     for name, r in (("honest", honest), ("poisoned", poisoned)):

@@ -33,9 +33,9 @@ FP32_TOLERANCE = 2e-5
 STEP_FRACTION = 0.35
 
 
-def start(tmp: Path, index: int, *args: str) -> subprocess.Popen:
+def start(tmp: Path, index: int, *args: str, worker: str = "diloco_worker") -> subprocess.Popen:
     log = (tmp / f"w{index}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.diloco_worker", "--index", str(index), "--dir",
+    return subprocess.Popen([sys.executable, "-m", f"tests.integration.{worker}", "--index", str(index), "--dir",
                              str(tmp), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

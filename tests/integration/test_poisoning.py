@@ -13,7 +13,7 @@ from hivefold.client import CoordinatorClient
 from hivefold.tls import Trust
 from tests.conftest import Processes, start_coordinator, wait_for
 from tests.integration.test_diloco import logs, rms, saved, start
-from tests.integration.test_swarm import RUN_FLAGS
+from tests.integration.test_swarm import RUN_FLAGS, SYNC_FLAGS
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +53,15 @@ def test_a_poisoner_among_three_is_caught_and_the_honest_members_keep_learning_t
             w.wait()
 
 
-def test_a_poisoning_volunteer_in_a_real_swarm_is_banned_and_the_loss_still_falls(tmp_path):
+@pytest.mark.parametrize("flags", [RUN_FLAGS, SYNC_FLAGS], ids=["diloco", "sync"])
+def test_a_poisoning_volunteer_in_a_real_swarm_is_banned_and_the_loss_still_falls(tmp_path, flags):
     """Coordinator, keeper and three `hivefold peer` processes, one of them hostile (poison_peer.py): both honest
     peers catch it in the all-reduce and report it in their heartbeats, the coordinator bans it (two reports, the
     default --ban-after-reports), and the keeper's validation loss keeps falling."""
     procs = Processes(tmp_path)
     try:
         endpoints = start_coordinator(procs, tmp_path / "coordinator", "--heartbeat-interval", "2",
-                                      "--checkpoint-every", "2", "--keeper-poll", "1", *RUN_FLAGS)
+                                      "--checkpoint-every", "2", "--keeper-poll", "1", *flags)
 
         def peer(name, **kwargs):
             return procs.start(name, "peer", "--coordinator", endpoints["grpc"], "--coordinator-fingerprint",

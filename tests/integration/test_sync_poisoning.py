@@ -4,13 +4,13 @@ and the honest members keep learning with finite, bounded parameters."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, Processes, wait_for
+from tests.conftest import Processes, wait_for
+from tests.integration import test_diloco as diloco
 from tests.integration.test_diloco import logs, saved
 
 pytestmark = pytest.mark.integration
@@ -19,9 +19,7 @@ STEPS = 10
 
 
 def start(tmp: Path, index: int, *args: str) -> subprocess.Popen:
-    log = (tmp / f"w{index}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "tests.integration.sync_worker", "--index", str(index), "--dir",
-                             str(tmp), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return diloco.start(tmp, index, *args, worker="sync_worker")
 
 
 @pytest.mark.parametrize("poison", ["nan", "flip"])
