@@ -8,23 +8,29 @@ links are fast. The all-reduces are guarded against hostile members (sync_member
 
 from __future__ import annotations
 
+import logging
+import math
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 
 import hivemind
 import torch
 
+from hivefold.averaging.guard import total_norm
 from hivefold.averaging.guarded import Caught
 from hivefold.averaging.sync_members import GuardedOptimizer
 from hivefold.model import GPT
 from hivefold.spec import RunSpec
 from hivefold.training import lr_lambda, param_groups
 
+log = logging.getLogger(__name__)
+
 
 class SyncAveraging:
     """See ``hivefold.averaging`` for the interface. Must be built in a process's main thread."""
 
     _loads = 0  # state downloads tried (``version``)
+    refused_out = 0  # micro-batches whose gradients were not finite, so not sent
     # hivemind's optimizer replaces the parameters inside its step, unhooked; a proof's segment that such a step
     # ends ends at its start state (hivefold.proof), as parameters do not move between steps here
     before_change = None
@@ -63,12 +69,18 @@ class SyncAveraging:
 
     def step(self, samples: int) -> None:
         """Turn gradients summed over ``samples`` sequences into a mean, clip, and hand them to the swarm."""
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.div_(samples)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for g in grads:
+            g.div_(samples)
         if self.spec.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip)
-        self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optimizer.grad_clip))
+        else:
+            norm = total_norm(grads)
+        if math.isfinite(norm):
+            self.opt.step(batch_size=samples)  # may block for the swarm's all-reduce
+        else:  # the others would flag it (sync_members.py); these samples add nothing
+            self.refused_out += 1
+            log.warning("not sending this micro-batch's gradients to the swarm: they are not finite")
         self.opt.zero_grad()
         self.caught.collect(self.opt.take_flags(), f"swarm step {self.opt.local_epoch}")
 
@@ -78,7 +90,9 @@ class SyncAveraging:
         return self.caught.flagged
 
     def take_flags(self) -> list[tuple[str, str]]:
-        """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report."""
+        """Members caught poisoning an all-reduce since the last call: ``(libp2p peer id, why)``, to report (also
+        while training is paused and ``step`` is not called)."""
+        self.caught.collect(self.opt.take_flags(), f"swarm step {self.opt.local_epoch}")
         return self.caught.take()
 
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
@@ -105,7 +119,7 @@ class SyncAveraging:
         self.opt.state_averager.state_sharing_priority = self.opt.local_epoch
 
     def stats(self) -> dict:
-        return {"flagged": len(self.caught.flagged)}
+        return {"flagged": len(self.caught.flagged), "refused_out": self.refused_out}
 
     def settle(self, final: bool = False) -> None:
         """Nothing runs in the background between steps in this mode (gradients short of a swarm step stay local)."""

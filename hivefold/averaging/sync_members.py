@@ -12,7 +12,11 @@ and parameters every ``average_state_every`` steps, and downloads a newcomer's s
   where three or more members average.
 - **Parameters** (:class:`GuardedStateAverager`): a slice over ``STATE_FACTOR`` × this member's parameters' norm,
   or non-finite, is flagged; weights are capped at hivemind's 1. A downloaded state is installed only if it is
-  finite, its parameters' norm within ``STATE_FACTOR`` × this member's, and no older than what it holds.
+  finite, of the model's and the optimizer's shapes, its parameters' norm within ``STATE_FACTOR`` × this member's,
+  its AdamW moments within what clipped gradients give, and no older than what it holds; the optimizer's
+  hyperparameters stay this member's own (a served ``maximize`` or weight decay would steer it).
+- **This member's own gradient** is not sent when it is non-finite (one bad batch, a bf16 overflow): the others
+  would rightly flag it, and two reports ban a peer. It takes part with nothing that step.
 
 A flagged member is not averaged with (guarded.py) and is reported to the coordinator like diloco's.
 """
@@ -28,7 +32,8 @@ import hivemind.optim.optimizer
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
+from hivemind.utils.nested import nested_pack
 
 from hivefold.averaging.guard import STATE_FACTOR, total_norm
 from hivefold.averaging.guarded import Guarded
@@ -73,7 +78,10 @@ class GuardedGradientAverager(Guarded, GradientAverager):
 
 
 class _CheckedDownload(DecentralizedAverager):
-    """Sits under ``TrainingStateAverager`` (its ``super()``): a downloaded state it would install is checked first."""
+    """Sits under ``TrainingStateAverager`` (its ``super()``): a downloaded state it would install is checked first,
+    and its optimizer hyperparameters are replaced by this member's own."""
+
+    _grad_ceiling = 0.0
 
     def load_state_from_peers(self, **kwargs):
         loaded = super().load_state_from_peers(**kwargs)
@@ -81,10 +89,14 @@ class _CheckedDownload(DecentralizedAverager):
             return None
         metadata, tensors = loaded
         why = refused_state(metadata, tensors, self.main_parameters, self.local_epoch)
+        if why is None:
+            n = len(self.main_parameters) + len(self.extra_tensors)
+            own_hyperparameters, why = vetted_optimizer_state(self.optimizer, metadata.get("optimizer_metadata"),
+                                                              tensors[n:], self._grad_ceiling)
         if why:
             log.error("not loading the state a peer served: %s", why)
             return None
-        return loaded
+        return {**metadata, "optimizer_metadata": own_hyperparameters}, tensors
 
 
 def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor], epoch: int) -> str | None:
@@ -102,13 +114,47 @@ def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor]
     return None
 
 
+def vetted_optimizer_state(optimizer: torch.optim.Optimizer, metadata, tensors: list[torch.Tensor],
+                           ceiling: float) -> tuple[list | None, str | None]:
+    """A served optimizer state (hivemind's flat metadata and tensors) with every plain value (learning rate, betas,
+    weight decay, ``maximize``...) replaced by ``optimizer``'s own, or why it is refused: another layout or shapes,
+    or AdamW moments no honest member has. Every gradient an honest member applies is within ``ceiling`` (sync's
+    clip; 0: unknown), so its first moment's norm is too, and its second moment's values are within its square."""
+    own, own_tensors = dump_optimizer_state(optimizer)
+    if not isinstance(metadata, list) or len(metadata) != len(own) or any(
+            not isinstance(t, dict) or t.get("type") != o["type"] for t, o in zip(metadata, own, strict=True)):
+        return None, "its optimizer state does not have this optimizer's layout"
+    vetted, flat = [], []
+    for theirs, mine in zip(metadata, own, strict=True):
+        if mine["type"] == "value":
+            vetted.append(mine)
+            flat.append(mine["value"])
+            continue
+        index = theirs.get("index")
+        if not isinstance(index, int) or not 0 <= index < len(tensors) or (
+                tensors[index].shape != own_tensors[mine["index"]].shape):
+            return None, "its optimizer state does not have this optimizer's shapes"
+        vetted.append({"type": "tensor", "index": index})
+        flat.append(tensors[index])
+    state = nested_pack(flat, structure=optimizer.state_dict())["state"]
+    for moments in state.values():
+        exp_avg, exp_avg_sq = moments.get("exp_avg"), moments.get("exp_avg_sq")
+        if ceiling > 0 and exp_avg is not None and (norm := total_norm([exp_avg])) > ceiling:
+            return None, f"its first moments' norm {norm:.3g} is over the gradient clip ({ceiling:.3g})"
+        if exp_avg_sq is not None and (bool((exp_avg_sq < 0).any()) or (
+                ceiling > 0 and exp_avg_sq.numel() and float(exp_avg_sq.max()) > ceiling ** 2)):
+            return None, "its second moments are negative or over the square of the gradient clip"
+    return vetted, None
+
+
 class GuardedStateAverager(Guarded, TrainingStateAverager, _CheckedDownload):
     """hivemind's ``TrainingStateAverager`` guarded (see the module's docstring)."""
 
     _rpc_handlers = None
     _stub_type = None
 
-    def __init__(self, *, swarm_key: bytes | None = None, **kwargs):
+    def __init__(self, *, swarm_key: bytes | None = None, grad_clip: float = 0.0, **kwargs):
+        self._grad_ceiling = grad_clip * CLIP_MARGIN
         self._guard(swarm_key=swarm_key, max_weight=1.0, outliers=False,
                     limits=lambda tensors: (0.0, STATE_FACTOR * total_norm(tensors)))
         super().__init__(**kwargs)
@@ -129,14 +175,15 @@ class GuardedOptimizer(hivemind.Optimizer):
     """hivemind's Optimizer with the guarded averagers above. Build it in the process's main thread."""
 
     def __init__(self, *args, swarm_key: bytes | None, grad_clip: float, **kwargs):
-        self._swarm_key = swarm_key
+        self._swarm_key, self._grad_clip = swarm_key, grad_clip
         target = kwargs["target_batch_size"]
         kwargs["grad_averager_factory"] = partial(GuardedGradientAverager, swarm_key=swarm_key, grad_clip=grad_clip,
                                                   max_weight=2.0 * target, **kwargs.pop("grad_averager_opts", {}))
         super().__init__(*args, **kwargs)
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        with _state_averager_class(partial(GuardedStateAverager, swarm_key=self._swarm_key)):
+        with _state_averager_class(partial(GuardedStateAverager, swarm_key=self._swarm_key,
+                                           grad_clip=self._grad_clip)):
             return super()._make_state_averager(**kwargs)
 
     def take_flags(self) -> list[tuple[str, str]]:

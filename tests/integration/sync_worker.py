@@ -1,12 +1,13 @@
 """A ``sync`` member in its own process, for tests/integration/test_sync_guard.py (no coordinator needed).
 
-    python -m tests.integration.sync_worker --index I --dir DIR [--steps K] [--poison nan|huge|flip|state]
+    python -m tests.integration.sync_worker --index I --dir DIR [--steps K] [--poison nan|huge|flip] [--bad-batch S]
 
 As diloco_worker.py: worker 0 starts the DHT, every worker trains the tiny model on its own learnable stream,
-and after each swarm step saves its parameters, the latest loss and the members it caught to DIR/w<I>-<step>.pt.
-A hostile worker (``--poison``) sends, in place of its mean gradient, NaNs (``nan``), the gradient times 1e6
-(``huge``) or times -16 (``flip``); ``state`` sends honest gradients but parameters times 1e3 into the state
-averaging. It runs until killed with --steps 0.
+and after each swarm step saves its parameters, the latest loss, the members it caught and the micro-batches
+it did not send to DIR/w<I>-<step>.pt. A hostile worker (``--poison``) sends, in place of its mean gradient,
+NaNs (``nan``), the gradient times 1e6 (``huge``) or times -16 (``flip``). An honest worker with
+``--bad-batch S`` computes non-finite gradients once, at swarm step S (a bf16 overflow, say). It runs until
+killed with --steps 0.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ MEMBERS = 3
 
 def poison(sync: SyncAveraging, how: str) -> None:
     """Make this member hostile: its own averagers send what ``how`` says (their inputs, after all honest checks)."""
-    grads, state = sync.opt.grad_averager, sync.opt.state_averager
-    averager, load = ((state, state._load_local_tensors_into_averager_) if how == "state" else  # noqa: SLF001
-                      (grads, grads.load_accumulators_into_averager_))
+    averager = sync.opt.grad_averager
+    load = averager.load_accumulators_into_averager_
 
     def hostile() -> None:
         load()
@@ -39,12 +39,9 @@ def poison(sync: SyncAveraging, how: str) -> None:
                 if how == "nan":
                     t.fill_(float("nan"))
                 else:
-                    t.mul_({"huge": 1e6, "flip": -16.0, "state": 1e3}[how])
+                    t.mul_({"huge": 1e6, "flip": -16.0}[how])
 
-    if how == "state":
-        state._load_local_tensors_into_averager_ = hostile  # noqa: SLF001
-    else:
-        grads.load_accumulators_into_averager_ = hostile
+    averager.load_accumulators_into_averager_ = hostile
 
 
 def main() -> None:
@@ -52,7 +49,8 @@ def main() -> None:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--poison", choices=("nan", "huge", "flip", "state"))
+    parser.add_argument("--poison", choices=("nan", "huge", "flip"))
+    parser.add_argument("--bad-batch", type=int, default=-1, help="swarm step at which one gradient is non-finite")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -71,12 +69,14 @@ def main() -> None:
     while args.steps == 0 or sync.epoch < args.steps:
         block = batch(gen)
         _, loss = model(block[:, :-1], block[:, 1:])
-        (loss * MICRO_BATCH).backward()
+        bad = sync.epoch == args.bad_batch and not sync.refused_out
+        (loss * (float("inf") if bad else MICRO_BATCH)).backward()
         sync.step(MICRO_BATCH)
         if sync.epoch > saved:
             saved = sync.epoch
             torch.save({"params": [p.detach().clone() for p in model.parameters()], "loss": float(loss),
-                        "flagged": dict(sync.flagged), "libp2p_id": dht.peer_id.to_base58()},
+                        "flagged": dict(sync.flagged), "libp2p_id": dht.peer_id.to_base58(),
+                        "refused_out": sync.refused_out},
                        args.dir / f"w{args.index}-{saved}.pt")
         time.sleep(0.05)
     sync.shutdown()

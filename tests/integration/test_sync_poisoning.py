@@ -47,3 +47,22 @@ def test_a_poisoner_among_three_sync_members_is_caught_and_the_honest_ones_keep_
         for w in workers:
             Processes.kill_group(w)
             w.wait()
+
+
+def test_an_honest_member_with_one_non_finite_gradient_does_not_send_it_and_nobody_is_accused(tmp_path):
+    """A bf16 overflow, say: the member keeps that micro-batch to itself (the others would flag it, and two reports
+    ban a peer), and the swarm trains on."""
+    workers = [start(tmp_path, 0, "--steps", str(STEPS)), start(tmp_path, 1, "--steps", str(STEPS)),
+               start(tmp_path, 2, "--steps", str(STEPS), "--bad-batch", "3")]
+    try:
+        for i in range(3):
+            wait_for(lambda i=i: (tmp_path / f"w{i}-{STEPS}.pt").exists(), timeout=180,
+                     what=f"member {i}'s {STEPS} swarm steps")
+        last = [saved(tmp_path, i, STEPS) for i in range(3)]
+        assert [z["refused_out"] for z in last] == [0, 0, 1], logs(tmp_path)
+        assert all(not z["flagged"] for z in last), [z["flagged"] for z in last]
+        assert all(torch.isfinite(p).all() for z in last for p in z["params"]), logs(tmp_path)
+    finally:
+        for w in workers:
+            Processes.kill_group(w)
+            w.wait()

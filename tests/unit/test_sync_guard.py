@@ -9,9 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import dump_optimizer_state
+from hivemind.utils.nested import nested_pack
 
 from hivefold.averaging.robust import robust_combine
-from hivefold.averaging.sync_members import CLIP_MARGIN, GuardedGradientAverager, refused_state
+from hivefold.averaging.sync_members import (
+    CLIP_MARGIN,
+    GuardedGradientAverager,
+    refused_state,
+    vetted_optimizer_state,
+)
 
 CLIP = 1.0
 
@@ -38,13 +45,14 @@ def accumulate(cls, batches: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
 
 
 def test_the_accumulated_gradient_is_the_sample_weighted_mean_and_stays_within_the_clip():
-    batches = [(2, clipped(1)), (16, clipped(1)), (16, clipped(1))]  # a shard's short last micro-batch came first
+    batches = [(2, clipped(1)), (16, clipped(2)), (14, clipped(3))]  # a shard's short last micro-batch came first
     guarded = accumulate(GuardedGradientAverager, batches)
-    assert torch.allclose(guarded, clipped(1), atol=1e-6)
+    assert torch.allclose(guarded, (2 * clipped(1) + 16 * clipped(2) + 14 * clipped(3)) / 32, atol=1e-6)
     assert guarded.norm() <= CLIP * 1.0001
-    # hivemind's own scales each by its size over the first one's, then divides by the count: 5.7x the clip here,
-    # which an honest member would then be flagged for
-    assert accumulate(GradientAverager, batches).norm() > 5 * CLIP
+    # hivemind's own scales each by its size over the first one's, then divides by the count: over 3x the clip
+    # here (for the same gradient three times, 5.7x), which an honest member would then be flagged for
+    assert accumulate(GradientAverager, batches).norm() > 3 * CLIP
+    assert accumulate(GradientAverager, [(2, clipped(1)), (16, clipped(1)), (16, clipped(1))]).norm() > 5 * CLIP
 
 
 def test_gradients_over_the_ceiling_or_non_finite_are_flagged_and_honest_noise_is_not():
@@ -75,3 +83,45 @@ def test_a_downloaded_state_is_refused_unless_finite_of_the_models_shapes_near_i
         metadata, tensors, why):
     got = refused_state(metadata, tensors, [torch.ones(3), torch.ones(2)], epoch=4)
     assert (got is None) if why is None else (why in got), got
+
+
+def adamw(maximize: bool = False) -> torch.optim.AdamW:
+    """An AdamW over a small model, one clipped step taken (its moments exist)."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, maximize=maximize)
+    model(torch.randn(8, 4, generator=torch.Generator().manual_seed(0))).square().mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return opt
+
+
+def test_a_served_optimizer_state_keeps_this_members_hyperparameters_and_honest_moments_only():
+    mine, served = adamw(), adamw(maximize=True)  # a poisoner serving maximize=True would turn descent into ascent
+    served.param_groups[0]["weight_decay"] = 1e4
+    metadata, tensors = dump_optimizer_state(served)
+    vetted, why = vetted_optimizer_state(mine, metadata, tensors, CLIP * CLIP_MARGIN)
+    assert why is None
+    def group(meta) -> dict:
+        flat = [tensors[m["index"]] if m["type"] == "tensor" else m["value"] for m in meta]
+        return nested_pack(flat, structure=mine.state_dict())["param_groups"][0]
+
+    assert group(metadata)["maximize"] is True and group(metadata)["weight_decay"] == 1e4  # what was served
+    assert group(vetted)["maximize"] is False and group(vetted)["weight_decay"] == 0.1  # what is installed
+
+    def refused(change) -> str:
+        meta, flat = dump_optimizer_state(adamw())
+        meta, flat = change(meta, [t.clone() for t in flat])
+        return vetted_optimizer_state(mine, meta, flat, CLIP * CLIP_MARGIN)[1]
+
+    def moment(name, value):
+        def change(meta, flat):
+            index = next(i for i, t in enumerate(flat) if t.shape == (3, 4))  # exp_avg, then exp_avg_sq
+            flat[index + (name == "exp_avg_sq")].fill_(value)
+            return meta, flat
+        return change
+
+    assert "first moments" in refused(moment("exp_avg", 1e30))
+    assert "second moments" in refused(moment("exp_avg_sq", -1.0))
+    assert "second moments" in refused(moment("exp_avg_sq", 1e6))
+    assert "layout" in refused(lambda meta, flat: (meta[:-1], flat))
+    assert "shapes" in refused(lambda meta, flat: (meta, [t.reshape(-1) for t in flat]))
