@@ -60,6 +60,8 @@ class _PeerCollector(Collector):
                           "compressed pseudo-gradient and the group size)",
                           {"sent": stats.get("bytes_sent", 0), "received": stats.get("bytes_received", 0)},
                           "direction")
+        yield gauge("hivefold_peer_poisoners_caught", "Members this peer's guarded all-reduces caught poisoning "
+                    "(reported to the coordinator)", stats.get("flagged", 0))
         yield counter("hivefold_peer_coordinator_bytes", "Bytes exchanged with the coordinator (shards, results)",
                       dict(self.traffic), "direction")
         yield gauge("hivefold_peer_device_memory_bytes", "Memory in use: the CUDA allocator's on a GPU, the "

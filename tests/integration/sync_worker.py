@@ -42,6 +42,17 @@ def poison(sync: SyncAveraging, how: str) -> None:
                     t.mul_({"huge": 1e6, "flip": -16.0}[how])
 
     averager.load_accumulators_into_averager_ = hostile
+    honest_step = sync.step
+
+    def hostile_step(samples: int) -> None:
+        # its own model goes bad with what it sends (hivemind applies its local gradients when a round fails): it
+        # keeps sending anyway, where an honest member would keep its non-finite gradients to itself
+        for p in sync.model.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+        honest_step(samples)
+
+    sync.step = hostile_step
 
 
 def main() -> None:

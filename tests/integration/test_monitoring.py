@@ -205,6 +205,7 @@ def test_a_real_prometheus_scrapes_the_coordinator_and_the_peers(swarm, tmp_path
         assert len(query("hivefold_peer_samples_per_second > 0")) == 2
         assert len(query("hivefold_peer_compute_utilization > 0")) == 2
         assert len(query("hivefold_peer_device_memory_bytes > 1e6")) == 2
+        assert len(query("hivefold_peer_poisoners_caught == 0")) == 2  # an honest swarm
         assert len(query("hivefold_peer_coordinator_bytes_total{direction='received'} > 0")) == 2
         # every query of the Grafana dashboard in deploy/ names series that exist
         panels = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())["panels"]

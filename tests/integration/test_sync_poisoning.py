@@ -22,7 +22,8 @@ def start(tmp: Path, index: int, *args: str) -> subprocess.Popen:
     return diloco.start(tmp, index, *args, worker="sync_worker")
 
 
-@pytest.mark.parametrize("poison", ["nan", "flip"])
+# (a flipped and scaled gradient: test_poisoning.py's real swarm in sync mode; CI time is kept for one here)
+@pytest.mark.parametrize("poison", ["nan"])
 def test_a_poisoner_among_three_sync_members_is_caught_and_the_honest_ones_keep_learning(tmp_path, poison):
     workers = [start(tmp_path, 0, "--steps", str(STEPS)), start(tmp_path, 1, "--steps", str(STEPS)),
                start(tmp_path, 2, "--steps", "0", "--poison", poison)]
