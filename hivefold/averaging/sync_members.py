@@ -35,7 +35,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 from hivemind.utils.nested import nested_pack
 
-from hivefold.averaging.guard import STATE_FACTOR, total_norm
+from hivefold.averaging.guard import STATE_FACTOR, UpdateGuard, total_norm
 from hivefold.averaging.guarded import Guarded
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,7 @@ def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor]
         return "its parameters do not have the model's shapes"
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "it has non-finite values"
-    theirs, mine = total_norm(tensors[:len(own)]), total_norm(own)
-    if mine > 0 and theirs > STATE_FACTOR * mine:
-        return f"its parameters' norm {theirs:.3g} is over {STATE_FACTOR:.0f}x this peer's ({mine:.3g})"
-    return None
+    return UpdateGuard.check_state(tensors[:len(own)], own)  # diloco's check of a downloaded state's size
 
 
 def vetted_optimizer_state(optimizer: torch.optim.Optimizer, metadata, tensors: list[torch.Tensor],

@@ -1,4 +1,4 @@
-"""A ``sync`` member in its own process, for tests/integration/test_sync_guard.py (no coordinator needed).
+"""A ``sync`` member in its own process, for tests/integration/test_sync_poisoning.py (no coordinator needed).
 
     python -m tests.integration.sync_worker --index I --dir DIR [--steps K] [--poison nan|huge|flip] [--bad-batch S]
 
