@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 2.0
 REPORT_AT_MOST_EVERY_S = 15.0
 CATCH_UP_TRIES = 10  # state downloads tried while a round is in flight elsewhere (see load_state_from_peers)
+ROUND_GRACE_S = 15.0  # past hivemind's own round timeout, before a blocked caller gives the round up
 
 
 @dataclass
@@ -63,6 +64,7 @@ class _Round:
     started: float
     own_norm: float = 0.0
     refused: bool = False  # the guard refused to send ``own`` (non-finite, far too large): restart from global
+    deadline: float = float("inf")  # perf_counter time by which hivemind must have ended the round
 
 
 class DiLoCo:
@@ -278,10 +280,11 @@ class DiLoCo:
             # Every member takes part in every round, even with nothing to add (it just joined or reloaded):
             # skipping one would leave its global parameters an outer update behind for good.
             gather = (self.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
-            control = self.averager.step(gather=gather, weight=float(samples) or 1e-6,
-                                         wait=False,
-                                         timeout=2 * a.matchmaking_time + 2 * a.averaging_timeout)
-        self._pending = _Round(self.epoch, control, sent_local, own, time.perf_counter(), own_norm, bool(refused))
+            timeout = 2 * a.matchmaking_time + 2 * a.averaging_timeout
+            control = self.averager.step(gather=gather, weight=float(samples) or 1e-6, wait=False, timeout=timeout)
+        started = time.perf_counter()
+        self._pending = _Round(self.epoch, control, sent_local, own, started, own_norm, bool(refused),
+                               deadline=started + timeout + ROUND_GRACE_S if control is not None else started)
         if control is None:
             self._land_round()
 
@@ -297,8 +300,14 @@ class DiLoCo:
     def _land_round(self, block: bool = False) -> None:
         r = self._pending
         try:
-            gathered = r.control.result(timeout=None if block else 0) if r.control else None
+            # hivemind ends a round by its timeout; should it not (a group that never forms nor fails), a blocked
+            # caller gives up past the deadline instead of stalling the device for good.
+            wait = max(0.0, r.deadline - time.perf_counter()) if block else 0
+            gathered = r.control.result(timeout=wait) if r.control else None
         except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
+            if block and not r.control.done():
+                log.warning("outer round %d: hivemind did not end it by its timeout; giving it up", r.epoch)
+                r.control.cancel()
             log.debug("outer round %d failed: %r", r.epoch, e)
             gathered = None
         self.caught.collect(self.averager.take_flags(), f"outer round {r.epoch}")
