@@ -9,6 +9,7 @@ hivemind looks up its all-reduce runner and key manager as module globals: :meth
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import multiprocessing as mp
 import time
@@ -22,6 +23,7 @@ import torch
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.p2p import P2PContext, P2PHandlerError
 from hivemind.proto import averaging_pb2
+from hivemind.utils.mpfuture import MPFuture
 
 from hivefold.averaging.robust import guarded_runner
 from hivefold.dht import die_with_parent
@@ -33,6 +35,11 @@ EXCLUDE_S = 600.0  # a member this averager caught poisoning is not averaged wit
 # process; sync's two averagers live in two processes, each with its own list)
 _EXCLUDED: dict[str, float] = {}
 LOOKUP_GAP_S = 0.2  # the least time between two of matchmaking's DHT lookups of who is waiting for a group
+
+# the members a state download in progress may come from (None: any), in that download's asyncio task
+_SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
+_NOT_A_SOURCE = "not among the chosen sources"
+_CAUGHT = "it was caught poisoning the averaging"
 
 # (the runner's local tensors) -> (recent norm, ceiling), see robust.robust_combine; computed in the averager process
 Limits = Callable[[list[torch.Tensor]], tuple[float, float]]
@@ -51,6 +58,13 @@ class PacedKeyManager(GroupKeyManager):
             await asyncio.sleep(wait)
         self._next_lookup = time.monotonic() + LOOKUP_GAP_S
         return await super().get_averagers(*args, **kwargs)
+
+
+def _planned_skip(record: logging.LogRecord) -> bool:
+    """False for hivemind's log line (an error, with a traceback) about a member a download skipped by design:
+    not a chosen source (the keeper's consensus skips one on every checkpoint) or caught poisoning."""
+    message = record.getMessage()
+    return _NOT_A_SOURCE not in message and _CAUGHT not in message
 
 
 class Guarded:
@@ -75,6 +89,7 @@ class Guarded:
         hivemind.averaging.averager.AllReduceRunner = guarded_runner(self._flag, self._is_excluded, self._limits,
                                                                      self._max_weight, outliers=self._outliers)
         hivemind.averaging.matchmaking.GroupKeyManager = PacedKeyManager
+        logging.getLogger(hivemind.averaging.averager.__name__).addFilter(_planned_skip)
         super().run()
 
     def _flag(self, peer: str, why: str) -> None:
@@ -88,14 +103,39 @@ class Guarded:
     def _is_excluded(peer: str) -> bool:
         return _EXCLUDED.get(peer, 0.0) > time.monotonic()
 
+    def exclude(self, peer: str) -> None:
+        """(owner) Stop averaging with ``peer`` in this averager's process too: another averager or a check in the
+        owning process caught it."""
+        if self.is_alive():
+            self._outer_pipe.send(("_exclude", [peer], {}))
+
+    async def _exclude(self, peer: str) -> None:
+        _EXCLUDED[peer] = max(_EXCLUDED.get(peer, 0.0), time.monotonic() + EXCLUDE_S)
+
     @classmethod
     def get_stub(cls, p2p, peer, *, namespace=None):
         """Every call to another member goes through here (matchmaking, downloads, all-reduce): none to one
-        caught poisoning."""
+        caught poisoning, and no state download from outside the chosen sources (hivemind logs the refusal and
+        moves on to the next member)."""
+        sources = _SOURCES.get()
+        if sources is not None and peer.to_base58() not in sources:
+            raise P2PHandlerError(f"not downloading the state from {peer}: {_NOT_A_SOURCE}")
         if cls._is_excluded(peer.to_base58()):
             # the error hivemind's matchmaking expects from a failed call: it moves on to the next leader
-            raise P2PHandlerError(f"not calling {peer}: it was caught poisoning the averaging")
+            raise P2PHandlerError(f"not calling {peer}: {_CAUGHT}")
         return super().get_stub(p2p, peer, namespace=namespace)
+
+    def _download(self, timeout: float | None, sources: list[str] | None) -> MPFuture:
+        """(owner) hivemind's state download, from ``sources`` (libp2p peer ids in base58) only if given: a future
+        of its ``(metadata, tensors)``, or of None if nobody served one."""
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, sources=sources)))
+        return future
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None,
+                                     sources: list[str] | None = None):
+        _SOURCES.set(frozenset(sources) if sources is not None else None)  # this download's task only
+        await super()._load_state_from_peers(future, timeout=timeout)
 
     def take_flags(self) -> list[tuple[str, str]]:
         """The members flagged since the last call, as ``(libp2p peer id, why)`` (in the owning process)."""
@@ -141,7 +181,7 @@ class Caught:
     def collect(self, flags: list[tuple[str, str]], where: str) -> None:
         for peer, why in flags:
             if peer not in self.flagged:
-                log.error("%s: member %s poisoned the all-reduce (%s); reporting it", where, peer, why)
+                log.error("%s: member %s was caught poisoning (%s); reporting it", where, peer, why)
             self.flagged[peer] = why
             self._unreported.append((peer, why))
 

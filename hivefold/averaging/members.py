@@ -4,15 +4,13 @@ all-reduces through the Byzantine-tolerant runner of ``robust.py`` (guarded.py).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import math
 import multiprocessing as mp
 
-import hivemind.averaging.averager
 import numpy as np
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2PContext, P2PHandlerError, PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.mpfuture import MPFuture
@@ -20,17 +18,6 @@ from hivemind.utils.mpfuture import MPFuture
 from hivefold.averaging.guarded import Guarded
 
 log = logging.getLogger(__name__)
-
-# the members a state download in progress may come from (None: any), in that download's asyncio task
-_SOURCES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("sources", default=None)
-_NOT_A_SOURCE = "not among the round's consensus"
-
-
-def _planned_skip(record: logging.LogRecord) -> bool:
-    """False for hivemind's log line about a member a download skipped because it is not a chosen source: the
-    keeper's consensus skips one on every checkpoint ("Failed to download state from ..."), by design."""
-    return _NOT_A_SOURCE not in record.getMessage()
-
 
 class OuterStateAverager(Guarded, DecentralizedAverager):
     """A ``DecentralizedAverager`` that shares the DiLoCo outer state instead of its averaged tensors.
@@ -62,32 +49,13 @@ class OuterStateAverager(Guarded, DecentralizedAverager):
         self._declare_now: asyncio.Event | None = None  # made in the averager process's event loop
         super().__init__(*args, **kwargs)
 
-    def run(self) -> None:
-        logging.getLogger(hivemind.averaging.averager.__name__).addFilter(_planned_skip)
-        super().run()
-
-    @classmethod
-    def get_stub(cls, p2p, peer, *, namespace=None):
-        """Also no state download from outside the chosen sources (hivemind logs the refusal and moves on to the
-        next member)."""
-        sources = _SOURCES.get()
-        if sources is not None and peer.to_base58() not in sources:
-            raise P2PHandlerError(f"not downloading the state from {peer}: {_NOT_A_SOURCE}")
-        return super().get_stub(p2p, peer, namespace=namespace)
-
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None,
                               sources: list[str] | None = None):
         """hivemind's, from ``sources`` (libp2p peer ids in base58) only if given: the members that agree on the
         round's state (agreement.to_follow), so that a hostile member that declares itself newest is not the
         one followed."""
-        future = MPFuture()
-        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, sources=sources)))
+        future = self._download(timeout, sources)
         return future.result(timeout=timeout) if wait else future
-
-    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None,
-                                     sources: list[str] | None = None):
-        _SOURCES.set(frozenset(sources) if sources is not None else None)  # this download's task only
-        await super()._load_state_from_peers(future, timeout=timeout)
 
     def publish_sample(self, epoch: int, values: np.ndarray) -> None:
         """What :meth:`rpc_state_sample` answers from now on (in the owning process)."""

@@ -103,6 +103,8 @@ class SyncAveraging:
             self.opt.state_averager.load_state_from_peers(timeout=timeout)
         except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
             return False
+        finally:  # a member that served a bad state is reported
+            self.caught.collect(self.opt.take_flags(), "state download")
         if self.opt.local_epoch <= before:
             return False
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)

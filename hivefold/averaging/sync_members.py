@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 
 import hivemind
@@ -35,6 +37,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 from hivemind.utils.nested import nested_pack
 
+from hivefold.averaging.consensus import declared
 from hivefold.averaging.guard import STATE_FACTOR, UpdateGuard, total_norm
 from hivefold.averaging.guarded import Guarded
 
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 # The gradient ceiling over the spec's grad_clip: a mean of vectors within the clip is within it, and this leaves
 # room for float rounding and a lossy codec's error on a part (int4's is ~12 %).
 CLIP_MARGIN = 1.25
+DOWNLOAD_TRIES = 3  # members a state download asks, highest declared priority first
 
 
 class GuardedGradientAverager(Guarded, GradientAverager):
@@ -83,27 +87,47 @@ class _CheckedDownload(DecentralizedAverager):
 
     _grad_ceiling = 0.0
 
-    def load_state_from_peers(self, **kwargs):
-        loaded = super().load_state_from_peers(**kwargs)
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
-        why = refused_state(metadata, tensors, self.main_parameters, self.local_epoch)
-        if why is None:
-            n = len(self.main_parameters) + len(self.extra_tensors)
-            own_hyperparameters, why = vetted_optimizer_state(self.optimizer, metadata.get("optimizer_metadata"),
-                                                              tensors[n:], self._grad_ceiling)
-        if why:
-            log.error("not loading the state a peer served: %s", why)
-            return None
-        return {**metadata, "optimizer_metadata": own_hyperparameters}, tensors
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        """The first state that passes the checks, from the members declaring the highest priority, one at a time
+        (hivemind's takes the first served, without saying whose). A member whose state is bad, not merely
+        behind, is reported and no longer averaged with: an honest member cannot serve one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for peer in declared(self.dht, self.prefix, str(self.peer_id))[:DOWNLOAD_TRIES]:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                loaded = self._download(left, [peer]).result(timeout=left)
+            except FutureTimeout:
+                log.info("member %s did not serve its state within %.0fs", peer, left)
+                continue
+            if loaded is None:
+                continue
+            metadata, tensors = loaded
+            why = refused_state(metadata, tensors, self.main_parameters, self.local_epoch)
+            if why is None:
+                n = len(self.main_parameters) + len(self.extra_tensors)
+                own_hyperparameters, why = vetted_optimizer_state(self.optimizer, metadata.get("optimizer_metadata"),
+                                                                  tensors[n:], self._grad_ceiling)
+            if why is None:
+                return {**metadata, "optimizer_metadata": own_hyperparameters}, tensors
+            log.error("not loading the state member %s served: %s", peer, why)
+            if why != BEHIND:
+                self._flags.put((peer, f"served a bad state: {why}"))
+                self.exclude(peer)
+        return None
+
+
+BEHIND = "its step is behind this peer's"  # not evidence: the member fell behind, or a step landed here meanwhile
 
 
 def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor], epoch: int) -> str | None:
     """None if a downloaded state (hivemind's metadata and flat tensors, the parameters first) may replace ``own``
     parameters at ``epoch``, else why not."""
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < epoch:
-        return "its step is missing or behind this peer's"
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int):
+        return "its step is missing"
+    if metadata["epoch"] < epoch:
+        return BEHIND
     if len(tensors) < len(own) or any(t.shape != p.shape for t, p in zip(tensors, own, strict=False)):
         return "its parameters do not have the model's shapes"
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -185,8 +209,10 @@ class GuardedOptimizer(hivemind.Optimizer):
 
     def take_flags(self) -> list[tuple[str, str]]:
         """Members either averager caught since the last call, as ``(libp2p peer id, why)``."""
-        flags = self.state_averager.take_flags()
-        if self.grad_averager is not None:
-            flags += self.grad_averager.take_flags()
+        averagers = [a for a in (self.state_averager, self.grad_averager) if a is not None]
+        flags = [flag for averager in averagers for flag in averager.take_flags()]
+        for peer, _ in flags:  # each averager runs in its own process, with its own list of members caught
+            for averager in averagers:
+                averager.exclude(peer)
         return flags
 

@@ -3,7 +3,8 @@ comes from, with and without ``sources``, and which ones the keeper's consensus 
 
 "newest" declares the highest priority and serves a state of its own, while it tells those who ask
 (rpc_state_sample) that it holds the honest one; "honest-a" and "honest-b" serve the same state (up to float
-rounding); "me" downloads. Prints one JSON line with what each download returned."""
+rounding); "me" downloads, last after excluding "newest" (as caught poisoning). Prints one JSON line with what
+each download returned."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def main() -> None:
     got = consensus.download_agreed(candidates, lambda peers: me.state_samples(peers, timeout=3.0), download,
                                     n_params=1)
     out["keeper"] = got[2] if got else None
+    me.exclude(ids["newest"])  # as the owner does for a member another averager or check caught (guarded.py)
+    loaded = me.load_state_from_peers(timeout=5.0)
+    out["after_exclude"] = loaded[0]["who"] if loaded else None
     print(json.dumps(out), flush=True)
     for averager in averagers.values():
         averager.shutdown()

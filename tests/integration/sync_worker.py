@@ -1,13 +1,16 @@
 """A ``sync`` member in its own process, for tests/integration/test_sync_poisoning.py (no coordinator needed).
 
     python -m tests.integration.sync_worker --index I --dir DIR [--steps K] [--poison nan|huge|flip] [--bad-batch S]
+                                            [--serve-bad-state] [--late]
 
 As diloco_worker.py: worker 0 starts the DHT, every worker trains the tiny model on its own learnable stream,
 and after each swarm step saves its parameters, the latest loss, the members it caught and the micro-batches
 it did not send to DIR/w<I>-<step>.pt. A hostile worker (``--poison``) sends, in place of its mean gradient,
 NaNs (``nan``), the gradient times 1e6 (``huge``) or times -16 (``flip``). An honest worker with
-``--bad-batch S`` computes non-finite gradients once, at swarm step S (a bf16 overflow, say). It runs until
-killed with --steps 0.
+``--bad-batch S`` computes non-finite gradients once, at swarm step S (a bf16 overflow, say). A hostile worker
+with ``--serve-bad-state`` declares itself the newest member and serves NaN states to downloaders. A ``--late``
+worker joins once worker 0 has taken 2 swarm steps, downloads the state, saves what it got to DIR/w<I>-loaded.pt
+and exits. It runs until killed with --steps 0.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import time
 from pathlib import Path
 
+import hivemind.optim.state_averager
 import torch
 
 from hivefold.averaging.sync import SyncAveraging
@@ -55,6 +59,33 @@ def poison(sync: SyncAveraging, how: str) -> None:
     sync.step = hostile_step
 
 
+def serve_bad_state(sync: SyncAveraging) -> None:
+    """Make this member declare itself the newest (whatever hivemind sets) and serve states with NaN moments."""
+    averager = sync.opt.state_averager
+    honest_class = type(averager)
+    declared = honest_class.state_sharing_priority
+
+    class Newest(honest_class):
+        state_sharing_priority = property(declared.fget, lambda self, _: declared.fset(self, 1e9))
+
+    averager.__class__ = Newest
+    averager.state_sharing_priority = 1e9
+    # hivemind serves the state through a weak reference to the method it had at start: what it calls is patched
+    honest_dump = hivemind.optim.state_averager.dump_optimizer_state
+
+    def hostile_dump(optimizer):
+        metadata, tensors = honest_dump(optimizer)
+        return metadata, [torch.full_like(t, float("nan")) for t in tensors]
+
+    hivemind.optim.state_averager.dump_optimizer_state = hostile_dump
+
+
+def late_download(sync: SyncAveraging, directory: Path, index: int) -> None:
+    loaded = sync.load_state_from_peers(timeout=60)
+    torch.save({"loaded": loaded, "epoch": sync.epoch, "flagged": dict(sync.flagged),
+                "params": [p.detach().clone() for p in sync.model.parameters()]}, directory / f"w{index}-loaded.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--index", type=int, required=True)
@@ -62,9 +93,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--poison", choices=("nan", "huge", "flip"))
     parser.add_argument("--bad-batch", type=int, default=-1, help="swarm step at which one gradient is non-finite")
+    parser.add_argument("--serve-bad-state", action="store_true", help="declare itself newest, serve NaN states")
+    parser.add_argument("--members", type=int, default=MEMBERS, help="members that start together")
+    parser.add_argument("--late", action="store_true", help="join after 2 swarm steps, download the state, exit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{args.index} %(name)s: %(message)s")
     torch.set_num_threads(1)
+    while args.late and not (args.dir / "w0-2.pt").exists():
+        time.sleep(0.2)
     dht = join(args.index, args.dir)
     spec = make_spec("fp32")
     # every member's micro-batch makes a swarm step, and parameters are averaged every other step
@@ -74,7 +110,14 @@ def main() -> None:
     sync = SyncAveraging(spec, model, dht)
     if args.poison:
         poison(sync, args.poison)
-    start_together(args.index, args.dir, MEMBERS)
+    if args.serve_bad_state:
+        serve_bad_state(sync)
+    if args.late:
+        late_download(sync, args.dir, args.index)
+        sync.shutdown()
+        dht.shutdown()
+        return
+    start_together(args.index, args.dir, args.members)
     gen = torch.Generator().manual_seed(100 + args.index)
     saved = 0
     while args.steps == 0 or sync.epoch < args.steps:

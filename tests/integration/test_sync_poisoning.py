@@ -67,3 +67,23 @@ def test_an_honest_member_with_one_non_finite_gradient_does_not_send_it_and_nobo
         for w in workers:
             Processes.kill_group(w)
             w.wait()
+
+
+def test_a_newcomer_refuses_a_bad_state_from_the_member_declaring_itself_newest_and_loads_an_honest_one(tmp_path):
+    """hivemind downloads from the member declaring the highest priority and stops at the first state served: a
+    hostile member declaring itself newest would keep every newcomer from the swarm's state until its ban."""
+    workers = [start(tmp_path, 0, "--steps", "0", "--members", "2"),
+               start(tmp_path, 1, "--steps", "0", "--members", "2", "--serve-bad-state"),
+               start(tmp_path, 2, "--late")]
+    try:
+        wait_for(lambda: (tmp_path / "w2-loaded.pt").exists(), timeout=180, what="the newcomer's download")
+        got = torch.load(tmp_path / "w2-loaded.pt")
+        hostile = saved(tmp_path, 1, 1)["libp2p_id"]
+        assert got["loaded"] and got["epoch"] >= 2, logs(tmp_path)
+        assert all(torch.isfinite(p).all() for p in got["params"])
+        assert "non-finite" in got["flagged"].get(hostile, ""), (got["flagged"], logs(tmp_path))
+        assert set(got["flagged"]) == {hostile}
+    finally:
+        for w in workers:
+            Processes.kill_group(w)
+            w.wait()
