@@ -81,11 +81,9 @@ from netns import (  # noqa: E402 - benchmarks/ is on sys.path
     Testbed,
     preflight,
     remove_stale,
-    selftest,
     tbf_args,
-    tcp_sink,
-    tcp_source,
 )
+from netns_check import selftest, tcp_sink, tcp_source  # noqa: E402
 
 
 def make_probe(net: Testbed, workdir: Path):
