@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from netns import HOST_IP, Testbed, sh, tbf_args  # noqa: E402 - benchmarks/ is on sys.path
+from netns import HOST_IP, Testbed, sh, tbf_args  # benchmarks/ is on sys.path
 
 
 def tcp_sink(addr: str, seconds: float, warm: float) -> None:

@@ -82,12 +82,13 @@ def render(status: dict, *, clock: str = "") -> Group:
         f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
         status.get("averaging") or "",
     )
-    peers = Table("peer", "name", "device", "batch", "online", "shards", "samples", "samples/s", "compute", "loss",
-                  "step", box=None)
+    peers = Table("peer", "name", "device", "batch", "online", "checked", "shards", "samples", "samples/s",
+                  "compute", "loss", "step", box=None)
     for p in status["peers"]:
-        # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
-        peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
-                      online_cell(p), str(p["shards_done"]),
+        # The whole id: `hivefold coordinator ban` takes it. Names come from volunteers: Text keeps a '[' in one
+        # from being read as rich markup.
+        peers.add_row(p["peer_id"], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
+                      online_cell(p), checked_cell(p), str(p["shards_done"]),
                       str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status),
@@ -129,14 +130,24 @@ def access_lines(status: dict) -> list[Text]:
 
 def online_cell(peer: dict) -> str:
     """``yes``, ``no``, ``paused`` (online, not training: its volunteer paused it, its machine is busy, ...) or
-    ``banned``; with ``, reported N`` when N peers caught it poisoning the averaging, and ``, N invalid`` when
-    N of its results failed the keeper's check (the dashboard shows every peer's checked results)."""
+    ``banned``; with ``, reported N`` when N peers caught it poisoning the averaging."""
     if peer.get("banned"):
         return "banned"
     cell = "no" if not peer["online"] else "paused" if peer.get("paused") else "yes"
-    if peer.get("poison_reports"):
-        cell += f", reported {peer['poison_reports']}"
-    return cell + (f", {peer['results_invalid']} invalid" if peer.get("results_invalid") else "")
+    return cell + (f", reported {peer['poison_reports']}" if peer.get("poison_reports") else "")
+
+
+def checked_cell(peer: dict) -> str:
+    """Its results the keeper checked: ``—``, ``3 ok``, or ``2 ok, 1 bad`` with its reputation (1 until one fails:
+    ``(rep 0.43)``)."""
+    valid, invalid = peer.get("results_valid") or 0, peer.get("results_invalid") or 0
+    if not valid and not invalid:
+        return "—"
+    cell = f"{valid} ok"
+    if invalid:
+        rep = peer.get("reputation")
+        cell += f", {invalid} bad" + (f" (rep {rep:.2f})" if rep is not None else "")
+    return cell
 
 
 def duration(seconds: float) -> str:

@@ -17,10 +17,11 @@ def status():
     led.init_run(run_id="hivefold-0123456789ab", spec_hash="h" * 64,
                  shards=[ShardInfo(i, f"{i:064x}", 100, 8) for i in range(4)], seed=0, data_passes=0, now=0.0)
     for i in range(3):
-        led.register_peer(peer_id=f"{i}" * 40, name=f"{LONG_NAME}-{i}", public_key=bytes([i]) * 32,
+        # 16 hex digits, as a real peer id
+        led.register_peer(peer_id=f"{i}" * 16, name=f"{LONG_NAME}-{i}", public_key=bytes([i]) * 32,
                           device_kind="cpu", device_name="", memory_bytes=0, now=0.0)
         led.observe_global_step(123456)  # the keeper's word: peers may not jump the step this far
-        led.heartbeat(f"{i}" * 40, epoch=123456, samples=987654, recent_loss=2.345678, samples_per_second=1234.5,
+        led.heartbeat(f"{i}" * 16, epoch=123456, samples=987654, recent_loss=2.345678, samples_per_second=1234.5,
                       now=900.0)
     led.set_checkpoint_every(10)
     led.record_checkpoint(100000, "/a/long/path/to/the/workdir/checkpoints/step-00100000.pt", 2.5, now=800.0)
@@ -105,11 +106,11 @@ def test_a_paused_peer_shows_as_paused(status, monkeypatch):
     status["peers"][2].update(online=False)
     rows = {line.split()[0]: line for line in rendered(status, monkeypatch).splitlines()
             if line.lstrip()[:1].isdigit() and LONG_NAME in line}
-    assert " paused " in rows["0" * 8] and " yes " in rows["1" * 8] and " no " in rows["2" * 8], rows
+    assert " paused " in rows["0" * 16] and " yes " in rows["1" * 16] and " no " in rows["2" * 16], rows
 
 
 def test_the_verification_line_and_column_show_checked_work(status, monkeypatch):
-    from hivefold.status_view import online_cell
+    from hivefold.status_view import checked_cell, online_cell
 
     assert "verification:" not in rendered(status, monkeypatch)  # an older coordinator's document
     status["run"] = {"verification": {"segments": 4, "ban_after_invalid": 2}}
@@ -123,4 +124,6 @@ def test_the_verification_line_and_column_show_checked_work(status, monkeypatch)
     assert ("verification: off (sync averaging: the swarm replaces the parameters every step: results are credited "
             "unchecked)") in rendered(status, monkeypatch)
     assert online_cell({"online": True, "results_valid": 3}) == "yes"
-    assert online_cell({"online": True, "results_invalid": 1, "poison_reports": 2}) == "yes, reported 2, 1 invalid"
+    assert online_cell({"online": True, "results_invalid": 1, "poison_reports": 2}) == "yes, reported 2"
+    assert checked_cell({}) == "—" and checked_cell({"results_valid": 3, "reputation": 1.0}) == "3 ok"
+    assert checked_cell({"results_valid": 2, "results_invalid": 1, "reputation": 0.43}) == "2 ok, 1 bad (rep 0.43)"
