@@ -144,10 +144,14 @@ class SignatureInterceptor(grpc.ServerInterceptor):
         if named != peer_id:
             deny(grpc.StatusCode.PERMISSION_DENIED, f"the request names peer {named!r} but is signed by peer "
                  f"{peer_id}")
+        # A replay is refused before it costs its signer's rate allowance, and a request past the rate is refused
+        # before its nonce is remembered: a peer flooding with fresh nonces would otherwise fill the memory that
+        # every peer's requests need (NONCES_MAX), and its flood never reaches the shared claim's database.
+        if self._seen(nonce):
+            deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
+        self._limit("peer " + peer_id, context)
         if not self._first_use(nonce, float(timestamp)):
             deny(grpc.StatusCode.UNAUTHENTICATED, "replayed request: this nonce was already used")
-        # counted before the shared claim: a peer's flood past its rate never reaches the database
-        self._limit("peer " + peer_id, context)
         if self.claim_nonce is not None:
             try:
                 first = self.claim_nonce(nonce, float(timestamp))
@@ -163,6 +167,10 @@ class SignatureInterceptor(grpc.ServerInterceptor):
             context.set_trailing_metadata([("retry-after-s", f"{wait:.3f}")])
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"rate limit: at most {self.buckets.rate:.0f} requests "
                           f"a second; retry in {wait:.2f}s")
+
+    def _seen(self, nonce: str) -> bool:
+        with self._lock:
+            return nonce in self._nonces
 
     def _first_use(self, nonce: str, timestamp: float) -> bool:
         """Remember ``nonce``; False if it was seen within the window (or the memory is full)."""
