@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.access import ban_in
@@ -113,7 +114,7 @@ class Verifications(LedgerStore):
             row = c.execute("SELECT peer_id, segment, state, proof_deadline, proof_bytes FROM verifications "
                             "WHERE lease_id = ?", (lease_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no proof was asked for lease {lease_id}")
+                _no_proof_asked(c, peer_id, lease_id)
             if row[0] != peer_id:
                 raise PermissionDenied(f"lease {lease_id} belongs to another peer")
             have = row[4]
@@ -217,7 +218,8 @@ class Verifications(LedgerStore):
         """The peer has no proof to send (it restarted since it trained the shard): invalid at once, no strike."""
         rows = self._read("SELECT peer_id, state FROM verifications WHERE lease_id = ?", (lease_id,))
         if not rows:
-            raise NotFound(f"no proof was asked for lease {lease_id}")
+            with self._tx() as c:
+                _no_proof_asked(c, peer_id, lease_id)
         if rows[0][0] != peer_id:
             raise PermissionDenied(f"lease {lease_id} belongs to another peer")
         if rows[0][1] == AWAITING:
@@ -266,3 +268,11 @@ def verification_summary(c) -> dict:
 def reputation(valid: int, invalid: int) -> float:
     """1 for a peer never caught; each invalid result weighs four valid ones."""
     return round((valid + 1) / (valid + 1 + 4 * invalid), 3)
+
+
+def _no_proof_asked(c, peer_id: str, lease_id: str) -> NoReturn:
+    """Raise for a proof of a lease without a check: another peer's lease is not this peer's business."""
+    owner = c.execute("SELECT peer_id FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+    if owner is not None and owner[0] != peer_id:
+        raise PermissionDenied(f"lease {lease_id} belongs to another peer")
+    raise NotFound(f"no proof was asked for lease {lease_id}")

@@ -130,6 +130,34 @@ def test_unknown_lease_and_bad_results(service, tmp_path):
     assert again.verdict == ok.verdict and again.credit == ok.credit
 
 
+def test_a_peer_cannot_use_another_peers_lease(service, tmp_path):
+    """Signed by its own key, a peer naming another peer's lease is refused on every lease call, and the lease
+    stays its owner's."""
+    _, address, _ = service
+    owner, _ = registered(address, tmp_path / "owner", "owner")
+    other, _ = registered(address, tmp_path / "other", "other")
+    work = owner.lease().work
+    calls = {
+        "SubmitResult": lambda: other.stub.SubmitResult(pb.SubmitResultRequest(
+            auth=other.auth, lease_id=work.lease_id, samples=work.num_sequences), timeout=5),
+        "ExtendLease": lambda: other.extend_lease(work.lease_id, 1),
+        "ReleaseLease": lambda: other.stub.ReleaseLease(pb.ReleaseLeaseRequest(
+            auth=other.auth, lease_id=work.lease_id, reason="mine now"), timeout=5),
+        "FetchShard": lambda: b"".join(c.data for c in other.stub.FetchShard(pb.FetchShardRequest(
+            auth=other.auth, lease_id=work.lease_id), timeout=5)),
+        "SubmitProof": lambda: other.stub.SubmitProof(pb.SubmitProofRequest(
+            auth=other.auth, lease_id=work.lease_id, segment=0, offset=0, total_size=1, data=b"x"), timeout=5),
+    }
+    for name, call in calls.items():
+        code, msg = code_of(call)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "belongs to another peer" in msg, (name, code, msg)
+    ok = owner.submit(pb.SubmitResultRequest(lease_id=work.lease_id, samples=work.num_sequences,
+                                             losses=[pb.MicroBatchLoss(loss=2.0, epoch=0)]))
+    assert ok.verdict == pb.RESULT_VERDICT_ACCEPTED
+    owner.close()
+    other.close()
+
+
 def test_each_peer_reports_its_own_micro_batch(service, tmp_path):
     """The spec's micro-batch is 4; a peer that trains at 2 sends twice as many losses per shard, and may."""
     ctx, address, _ = service
