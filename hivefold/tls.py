@@ -12,8 +12,8 @@ A client (``peer``, ``status``, ``doctor``) trusts, in this order:
    with a message that says how to accept a legitimate change.
 ``--insecure`` (both ends) speaks plaintext, for loopback development, and says so loudly.
 
-A self-signed certificate is checked by pinning it as the only root, under the name it carries
-(``SERVER_NAME``), so a peer may reach the coordinator by any address.
+A certificate trusted by 1 or 3 is checked by pinning it as the only root, under the name it carries
+(``SERVER_NAME`` for ours), so a peer may reach the coordinator by any address; so is one from a private CA.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ class _Unreachable(grpc.RpcError):
 
 def fingerprint(cert: bytes) -> str:
     """SHA-256 of a certificate (DER, or PEM which is converted), 64 lowercase hex digits."""
-    if cert.lstrip().startswith(b"-----BEGIN"):
-        cert = ssl.PEM_cert_to_DER_cert(cert.decode())
+    if cert.lstrip().startswith(b"-----BEGIN"):  # the first certificate of a chain file: the server's own
+        end = b"-----END CERTIFICATE-----"
+        cert = ssl.PEM_cert_to_DER_cert(cert[:cert.index(end) + len(end)].decode())
     return hashlib.sha256(cert).hexdigest()
 
 
@@ -250,8 +251,8 @@ def open_channel(address: str, trust: Trust, options: list) -> grpc.Channel:
                 "impersonating it. If its operator really changed the certificate, confirm the new fingerprint "
                 "with them and run again with --coordinator-fingerprint NEW_FINGERPRINT (that also updates the "
                 f"record), or delete the line for {address} from {trust.known_path}.")
-    if not _self_signed(der):  # a pinned certificate from a CA: the CA's chain is checked as usual
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options=options)
+    # Pinned or trusted on first use: that certificate is the only root, self-signed or from a CA the system does
+    # not know (a private one); gRPC takes a server's own certificate as the anchor of its chain.
     creds = grpc.ssl_channel_credentials(root_certificates=pem)
     return grpc.secure_channel(address, creds, options=[*options, ("grpc.ssl_target_name_override", _name_of(der))])
 
@@ -305,19 +306,22 @@ def _self_signed(der: bytes) -> bool:
 
 
 def _name_of(der: bytes) -> str:
-    """The name to check a pinned self-signed certificate under: ours, else its first DNS name, else its CN."""
+    """The name to check a pinned certificate under: ours, else its first DNS name, else its first IP address,
+    else its CN."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
     cert = x509.load_der_x509_certificate(der)
     try:
-        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.DNSName)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns, ips = san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
     except x509.ExtensionNotFound:
-        dns = []
-    if SERVER_NAME in dns or not dns:
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return SERVER_NAME if SERVER_NAME in dns or not cn else str(cn[0].value)
-    return dns[0]
+        dns, ips = [], []
+    if SERVER_NAME in dns:
+        return SERVER_NAME
+    if dns or ips:  # where a certificate names itself, its CN is not checked
+        return dns[0] if dns else str(ips[0])
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cn[0].value) if cn else SERVER_NAME
 
 
 def _known(path: Path, address: str) -> str | None:

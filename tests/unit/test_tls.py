@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import json
+import os
 import ssl
 import stat
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -19,7 +25,17 @@ from coordinator.server import start_server
 from hivefold.client import CoordinatorClient
 from hivefold.errors import ConfigError
 from hivefold.retry import Unreachable
-from hivefold.tls import SERVER_NAME, Trust, TrustError, client_ssl_context, parse_fingerprint, server_tls
+from hivefold.tls import (
+    KNOWN_ENV,
+    SERVER_NAME,
+    ServerTLS,
+    Trust,
+    TrustError,
+    client_ssl_context,
+    fingerprint,
+    parse_fingerprint,
+    server_tls,
+)
 from tests.conftest import small_run
 
 
@@ -154,6 +170,72 @@ def test_an_operators_certificate_is_checked_under_its_own_name(run, tmp_path):
     server, address = serve(run, tls)
     try:
         assert CoordinatorClient(address, trust=Trust(fingerprint=tls.fingerprint), give_up_after=5).status()
+    finally:
+        server.stop(0)
+
+
+def private_ca(tmp_path, names: list) -> tuple[ServerTLS, Path]:
+    """An operator's certificate for ``names`` (x509 general names) from a private CA, served with its chain;
+    and the CA's certificate file."""
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("Example Private CA")).issuer_name(name("Example Private CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(name("coordinator")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "chain.pem").write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    tls, _ = server_tls(tmp_path / "wd", tmp_path / "chain.pem", tmp_path / "key.pem")
+    assert tls.fingerprint == fingerprint(leaf.public_bytes(serialization.Encoding.DER))  # the server's own
+    return tls, tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize("names", [[x509.DNSName("coord.internal")],
+                                   [x509.IPAddress(ipaddress.ip_address("10.9.8.7"))]], ids=["dns-name", "ip-only"])
+def test_a_certificate_from_a_private_ca_works_pinned_and_on_first_use(run, tmp_path, known_coordinators, names):
+    """The system's roots do not know a private CA: pinned, or trusted on first use, its certificate is the
+    anchor (gRPC had been given the system's roots, and the handshake failed after the pin matched)."""
+    tls, _ = private_ca(tmp_path, names)
+    server, address = serve(run, tls)
+    try:
+        assert CoordinatorClient(address, trust=Trust(fingerprint=tls.fingerprint), give_up_after=5).status()
+        known_coordinators.unlink()
+        assert CoordinatorClient(address, give_up_after=5).status()
+        assert f"{address} {tls.fingerprint}" in known_coordinators.read_text()
+    finally:
+        server.stop(0)
+
+
+def test_a_certificate_the_system_trusts_needs_no_pin_and_is_not_recorded(run, tmp_path, known_coordinators):
+    """A real certificate: the system's roots (here a CA put there through OpenSSL's and gRPC's root file variables,
+    in a process of its own) vouch for it under the address's name; nothing is trusted on first use."""
+    tls, ca = private_ca(tmp_path, [x509.DNSName("localhost")])
+    server, address = serve(run, tls)
+    port = address.rpartition(":")[2]
+    env = {**os.environ, "SSL_CERT_FILE": str(ca), "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(ca),
+           KNOWN_ENV: str(known_coordinators)}
+    try:
+        out = subprocess.run([sys.executable, "-m", "hivefold", "status", "--coordinator", f"localhost:{port}",
+                              "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout)["run_id"] == run.spec.run_id
+        assert not known_coordinators.exists() and "first use" not in out.stderr, out.stderr[-3000:]
+        # without that CA the same certificate is only trusted on first use
+        env.pop("SSL_CERT_FILE"), env.pop("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+        out = subprocess.run([sys.executable, "-m", "hivefold", "status", "--coordinator", f"localhost:{port}",
+                              "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "first use" in out.stderr, out.stderr[-3000:]
+        assert tls.fingerprint in known_coordinators.read_text()
     finally:
         server.stop(0)
 
