@@ -207,13 +207,19 @@ def test_a_certificate_from_a_private_ca_works_pinned_and_on_first_use(run, tmp_
     anchor (gRPC had been given the system's roots, and the handshake failed after the pin matched)."""
     tls, _ = private_ca(tmp_path, names)
     server, address = serve(run, tls)
+    http, port = start_http(run, "127.0.0.1:0", tls=tls.ssl_context(tmp_path / "key.pem"))
     try:
         assert CoordinatorClient(address, trust=Trust(fingerprint=tls.fingerprint), give_up_after=5).status()
         known_coordinators.unlink()
         assert CoordinatorClient(address, give_up_after=5).status()
         assert f"{address} {tls.fingerprint}" in known_coordinators.read_text()
+        leaf = tls.cert_pem[:tls.cert_pem.index(b"-----END CERTIFICATE-----") + 25]  # without its CA
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/api/status", context=client_ssl_context(leaf),
+                                    timeout=10) as r:
+            assert r.status == 200
     finally:
         server.stop(0)
+        http.shutdown()
 
 
 def test_a_certificate_the_system_trusts_needs_no_pin_and_is_not_recorded(run, tmp_path, known_coordinators):
