@@ -172,6 +172,10 @@ class CoordinatorConfig:
             raise ConfigError(f"--rpc-rate must be between 0.1 and 1e6 requests a second, got {self.rpc_rate}")
         if not 10 <= self.swarm_token_seconds <= 86400:
             raise ConfigError(f"--swarm-token-seconds must be between 10 and 86400, got {self.swarm_token_seconds}")
+        if self.swarm_token_seconds < 3 * self.heartbeat_interval:  # peers renew past half-life, at a heartbeat
+            raise ConfigError(f"--swarm-token-seconds ({self.swarm_token_seconds:g}) must be at least 3 × "
+                              f"--heartbeat-interval ({self.heartbeat_interval:g}): peers renew their token at a "
+                              "heartbeat past its half-life, and would drop out of the swarm meanwhile")
         if not 0 <= self.ban_after_reports <= 1000:
             raise ConfigError(f"--ban-after-reports must be between 0 (never ban) and 1000, "
                               f"got {self.ban_after_reports}")

@@ -62,3 +62,5 @@ class SwarmPass:
         if not publish(dht, self.token):
             log.warning("could not announce the renewed swarm token in the DHT; trying again at the next heartbeat")
             self.expires = time.time() + self.lifetime / 2  # due again at once
+            return
+        log.info("renewed the swarm token for %.0fs", self.lifetime)

@@ -1,5 +1,6 @@
-"""The moderated swarm with real hivemind DHT nodes: a node whose token expired (a banned peer's is not renewed)
-falls out of the DHT, and averagers stop serving it, while members with valid tokens carry on."""
+"""The moderated swarm with real hivemind DHT nodes: a node without a token is not let in, and one whose token
+expired (a banned peer's is not renewed) falls out of the DHT, and averagers stop serving it, while members with
+valid tokens carry on."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 LIFETIME_S = 12.0
 
 
-def test_an_expired_token_shuts_a_node_out_of_the_dht_and_the_averaging(tmp_path):
+def test_no_token_or_an_expired_one_shuts_a_node_out_of_the_dht_and_the_averaging(tmp_path):
     coordinator = Identity.load_or_create(tmp_path / "credit")
     nodes = []
     try:
@@ -58,6 +59,10 @@ def test_an_expired_token_shuts_a_node_out_of_the_dht_and_the_averaging(tmp_path
         assert wait_for(lambda: member.get("from-banned"), timeout=10, what="the member to see its record").value \
             == "hello"
         assert asyncio.run(check.allowed(banned.peer_id)) and asyncio.run(check.allowed(member.peer_id))
+
+        # a node with no token at all is not let in: no member answers it, so it cannot even join
+        with pytest.raises(Exception, match="none of the initial_peers responded"):  # noqa: PT011 - hivemind's type
+            nodes.append(SwarmDHT(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True))
 
         wait_for(lambda: token_problem(token, coordinator.public_key, time.time()) == "expired",
                  timeout=LIFETIME_S + 5, what="the token to expire")

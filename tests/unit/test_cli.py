@@ -33,6 +33,7 @@ def test_coordinator_refuses_a_bad_corpus(tmp_path, corpus, message):
 @pytest.mark.parametrize("flags,message", [
     (["--listen", "nonsense"], "--listen must be HOST:PORT"),
     (["--lease-seconds", "5", "--heartbeat-interval", "10"], "must exceed --heartbeat-interval"),
+    (["--swarm-token-seconds", "20", "--heartbeat-interval", "10"], "must be at least 3 × --heartbeat-interval (10)"),
     (["--seq-len", "0"], "--seq-len must be >= 1"),
     (["--model", "gigantic"], "unknown model 'gigantic'"),
     (["--micro-batch", "64", "--target-batch-size", "32"], "--micro-batch (64) must be <= --target-batch-size (32)"),
