@@ -29,7 +29,8 @@ EXAMPLES = int(os.environ.get("HIVEFOLD_FUZZ_EXAMPLES", "1000"))
 FD = pb.DESCRIPTOR.message_types_by_name["RegisterRequest"].fields[0].__class__  # FieldDescriptor
 INT_RANGES = {FD.TYPE_UINT64: (0, 2**64 - 1), FD.TYPE_UINT32: (0, 2**32 - 1), FD.TYPE_INT64: (-2**63, 2**63 - 1),
               FD.TYPE_INT32: (-2**31, 2**31 - 1), FD.TYPE_ENUM: (0, 5), FD.TYPE_BOOL: (0, 1)}
-TALLY = {"sent": 0, "codes": {}}
+TALLY = {"sent": 0, "codes": {}, "methods": {}, "live_lease": 0}
+LEASES: list[str] = []  # lease ids the fuzzer's peer holds: the lease paths are fuzzed past their lookup too
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def coordinator(tmp_path_factory):
     identity = Identity.load_or_create(root / "fuzzer")
     client = CoordinatorClient(address, trust=trust, give_up_after=10)
     client.register(identity, name="fuzzer", device=pb.DeviceReport(kind="cpu"))
+    LEASES.append(client.lease().work.lease_id)
     channel = open_channel(address, trust, CHANNEL_OPTIONS)  # raw: the fuzzer writes every byte itself
     yield proc, workdir, client, channel
     channel.close()
@@ -69,6 +71,9 @@ def field_value(field, draw, auth: pb.PeerAuth):
     if field.type in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
         return draw(st.floats(allow_nan=True, allow_infinity=True, width=64 if field.type == FD.TYPE_DOUBLE else 32))
     if field.type == FD.TYPE_STRING:
+        if field.name in ("lease_id", "held_lease_ids", "active_lease_ids") and LEASES and draw(st.booleans()):
+            TALLY["live_lease"] += 1
+            return draw(st.sampled_from(LEASES))  # a real lease of this peer: past the lookup, into the checks
         long = st.builds(lambda c, n: c * n, st.characters(), st.integers(100, 5000))  # cheap to generate
         return draw(st.one_of(st.text(max_size=40), long, st.just("../" * 20 + "etc/passwd")))
     return draw(st.one_of(st.binary(max_size=64), st.builds(lambda b, n: bytes([b]) * n, st.integers(0, 255),
@@ -117,6 +122,10 @@ def test_every_rpc_answers_hostile_input_with_a_status_code(coordinator, data):
         if stream:
             for _ in response:
                 pass
+        elif method.endswith("/LeaseShard"):  # a new lease for the fuzzer's peer: fuzz it too
+            work = pb.LeaseShardResponse.FromString(response).work
+            if work.lease_id:
+                LEASES.append(work.lease_id)
         code = grpc.StatusCode.OK
     except grpc.RpcError as e:
         code = e.code()
@@ -125,6 +134,7 @@ def test_every_rpc_answers_hostile_input_with_a_status_code(coordinator, data):
         assert code != grpc.StatusCode.INTERNAL or raw, (method, e.details())
         assert code != grpc.StatusCode.DEADLINE_EXCEEDED, (method, "the coordinator hung")
     TALLY["codes"][code.name] = TALLY["codes"].get(code.name, 0) + 1
+    TALLY["methods"][method] = TALLY["methods"].get(method, 0) + 1
     TALLY["slowest"] = max(TALLY.get("slowest", 0.0), time.monotonic() - t0)
     assert proc.poll() is None, "the coordinator died"
 
@@ -132,7 +142,10 @@ def test_every_rpc_answers_hostile_input_with_a_status_code(coordinator, data):
 def test_after_the_fuzzing_the_coordinator_serves_and_its_ledger_is_consistent(coordinator):
     proc, workdir, client, _ = coordinator
     assert TALLY["sent"] >= EXAMPLES, TALLY  # runs after the fuzz test (file order)
-    print(f"fuzzed messages: {TALLY['sent']}, answers: {TALLY['codes']}, slowest {TALLY.get('slowest', 0):.2f}s")
+    print(f"fuzzed messages: {TALLY['sent']}, answers: {TALLY['codes']}, slowest {TALLY.get('slowest', 0):.2f}s, "
+          f"{TALLY['live_lease']} naming a live lease, {len(LEASES)} leases taken")
+    assert set(TALLY["methods"]) == set(METHODS), set(METHODS) - set(TALLY["methods"])  # every RPC was fuzzed
+    assert TALLY["live_lease"] >= EXAMPLES // 20, TALLY
     assert proc.poll() is None
     assert client.status()["run"]["shards"] > 0
     lease = client.lease()  # still leases and accepts work
