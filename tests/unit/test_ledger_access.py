@@ -90,3 +90,22 @@ def test_status_shows_who_is_banned_and_why(ledger):
     assert not peers["a"]["banned"] and peers["a"]["ban_reason"] is None
     from hivefold.status_view import online_cell
     assert online_cell(peers["b"]) == "banned"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("12h", 43200),
+                                               ("7d", 604800), ("2w", 1209600), ("1.5h", 5400)])
+def test_invite_expiries_read_as_durations(text, seconds):
+    from coordinator.admin import duration
+
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1d", "7 days", "1y", "d"])
+def test_a_bad_invite_expiry_says_what_is_expected(text):
+    import argparse
+
+    from coordinator.admin import duration
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a duration like 30m, 12h or 7d"):
+        duration(text)
+
