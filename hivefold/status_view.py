@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import IO
 
 from rich.console import Console, Group
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 # Width when stdout is not a terminal and $COLUMNS is unset: rich would assume 80 columns and wrap
@@ -82,8 +82,8 @@ def render(status: dict, *, clock: str = "") -> Group:
         f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
         status.get("averaging") or "",
     )
-    peers = Table("peer", "name", "device", "batch", "online", "checked", "shards", "samples", "samples/s",
-                  "compute", "loss", "step", box=None)
+    peers = Table(Column("peer", no_wrap=True, min_width=16), "name", "device", "batch", "online", "checked",
+                  "shards", "samples", "samples/s", "compute", "loss", "step", box=None)
     for p in status["peers"]:
         # The whole id: `hivefold coordinator ban` takes it. Names come from volunteers: Text keeps a '[' in one
         # from being read as rich markup.

@@ -254,7 +254,8 @@ def open_channel(address: str, trust: Trust, options: list) -> grpc.Channel:
     # Pinned or trusted on first use: that certificate is the only root, self-signed or from a CA the system does
     # not know (a private one); gRPC takes a server's own certificate as the anchor of its chain.
     creds = grpc.ssl_channel_credentials(root_certificates=pem)
-    return grpc.secure_channel(address, creds, options=[*options, ("grpc.ssl_target_name_override", _name_of(der))])
+    return grpc.secure_channel(address, creds,
+                               options=[*options, ("grpc.ssl_target_name_override", _name_of(der, host))])
 
 
 def client_ssl_context(cert_pem: bytes | None) -> ssl.SSLContext:
@@ -306,9 +307,9 @@ def _self_signed(der: bytes) -> bool:
     return cert.issuer == cert.subject
 
 
-def _name_of(der: bytes) -> str:
-    """The name to check a pinned certificate under: ours, else its first DNS name, else its first IP address,
-    else its CN."""
+def _name_of(der: bytes, host: str = "") -> str:
+    """The name to check a pinned certificate under: ``host`` (the address's) if the certificate names it, else
+    ours, else its first DNS name, else its first IP address, else its CN."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
     cert = x509.load_der_x509_certificate(der)
@@ -317,10 +318,16 @@ def _name_of(der: bytes) -> str:
         dns, ips = san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
     except x509.ExtensionNotFound:
         dns, ips = [], []
+    wanted = host.lower()
+    if any(wanted == str(ip) for ip in ips) or any(
+            wanted == d.lower() or (d.startswith("*.") and wanted.partition(".")[2] == d[2:].lower()) for d in dns):
+        return host  # as sent without a pin: what a proxy routing by SNI expects
     if SERVER_NAME in dns:
         return SERVER_NAME
-    if dns or ips:  # where a certificate names itself, its CN is not checked
-        return dns[0] if dns else str(ips[0])
+    if dns:  # where a certificate names itself, its CN is not checked; a wildcard stands for any one label
+        return next((d for d in dns if not d.startswith("*.")), dns[0].replace("*", "hivefold", 1))
+    if ips:
+        return str(ips[0])
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(cn[0].value) if cn else SERVER_NAME
 

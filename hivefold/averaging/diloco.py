@@ -240,8 +240,11 @@ class DiLoCo(OuterState):
             timeout = 2 * a.matchmaking_time + 2 * a.averaging_timeout
             control = self.averager.step(gather=gather, weight=float(samples) or 1e-6, wait=False, timeout=timeout)
         started = time.perf_counter()
+        # hivemind's timeout bounds the search for a group; a group found just before it still has the
+        # all-reduce's own timeout to finish
         self._pending = _Round(self.epoch, control, sent_local, own, started, own_norm, bool(refused),
-                               deadline=started + timeout + ROUND_GRACE_S if control is not None else started)
+                               deadline=started + timeout + a.averaging_timeout + ROUND_GRACE_S
+                               if control is not None else started)
         if control is None:
             self._land_round()
 

@@ -82,6 +82,7 @@ class Guarded:
         self._swarm_key, self._members, self._max_weight = swarm_key, None, max_weight
         self._limits, self._outliers = limits, outliers
         self._flags = mp.SimpleQueue()  # averager process -> owner: (libp2p peer id, why)
+        self._excluded_by_owner: dict[str, float] = {}  # what exclude() sent, as the owner's process knows it
 
     def run(self) -> None:
         die_with_parent()  # runs in the forked averager process: it must not outlive a killed peer
@@ -104,10 +105,15 @@ class Guarded:
         return _EXCLUDED.get(peer, 0.0) > time.monotonic()
 
     def exclude(self, peer: str) -> None:
-        """(owner) Stop averaging with ``peer`` in this averager's process too: another averager or a check in the
-        owning process caught it."""
+        """(owner, from the thread that drives this averager: hivemind's pipe is not thread-safe) Stop averaging
+        with ``peer`` in this averager's process too: another averager or a check in the owning process caught it."""
+        self._excluded_by_owner[peer] = time.monotonic() + EXCLUDE_S
         if self.is_alive():
             self._outer_pipe.send(("_exclude", [peer], {}))
+
+    def excluded(self, peer: str) -> bool:
+        """(owner) Whether :meth:`exclude` was called for ``peer`` within ``EXCLUDE_S``."""
+        return self._excluded_by_owner.get(peer, 0.0) > time.monotonic()
 
     async def _exclude(self, peer: str) -> None:
         _EXCLUDED[peer] = max(_EXCLUDED.get(peer, 0.0), time.monotonic() + EXCLUDE_S)

@@ -83,6 +83,7 @@ class SyncAveraging:
             log.warning("not sending this micro-batch's gradients to the swarm: they are not finite")
         self.opt.zero_grad()
         self.caught.collect(self.opt.take_flags(), f"swarm step {self.opt.local_epoch}")
+        self.opt.forward_exclusions()
 
     @property
     def flagged(self) -> dict[str, str]:
@@ -105,6 +106,7 @@ class SyncAveraging:
             return False
         finally:  # a member that served a bad state is reported
             self.caught.collect(self.opt.take_flags(), "state download")
+            self.opt.forward_exclusions()
         if self.opt.local_epoch <= before:
             return False
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -90,9 +91,11 @@ class _CheckedDownload(DecentralizedAverager):
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
         """The first state that passes the checks, from the members declaring the highest priority, one at a time
         (hivemind's takes the first served, without saying whose). A member whose state is bad, not merely
-        behind, is reported and no longer averaged with: an honest member cannot serve one."""
+        behind, cut short or of another layout, is reported and no longer averaged with: an honest member cannot
+        serve one. Members already caught are not asked."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for peer in declared(self.dht, self.prefix, str(self.peer_id))[:DOWNLOAD_TRIES]:
+        ranked = [p for p in declared(self.dht, self.prefix, str(self.peer_id)) if not self.excluded(p)]
+        for peer in ranked[:DOWNLOAD_TRIES]:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
@@ -112,24 +115,32 @@ class _CheckedDownload(DecentralizedAverager):
             if why is None:
                 return {**metadata, "optimizer_metadata": own_hyperparameters}, tensors
             log.error("not loading the state member %s served: %s", peer, why)
-            if why != BEHIND:
+            if why not in NOT_EVIDENCE:
                 self._flags.put((peer, f"served a bad state: {why}"))
                 self.exclude(peer)
         return None
 
 
-BEHIND = "its step is behind this peer's"  # not evidence: the member fell behind, or a step landed here meanwhile
+# Why a state is refused without blaming its server: it fell behind (or a step landed here meanwhile); a stream cut
+# short by a dropped connection (hivemind cannot tell it from a whole one) lacks tensors; another torch version
+# lays out AdamW's state differently. Only what no honest member serves is evidence: non-finite values, a norm far
+# beyond this member's, moments clipped gradients cannot give.
+BEHIND = "its step is behind this peer's"
+MISSING = "its step is missing"
+SHAPES = "its parameters do not have the model's shapes"
+LAYOUT = "its optimizer state does not have this optimizer's layout or shapes"
+NOT_EVIDENCE = (BEHIND, MISSING, SHAPES, LAYOUT)
 
 
 def refused_state(metadata, tensors: list[torch.Tensor], own: list[torch.Tensor], epoch: int) -> str | None:
     """None if a downloaded state (hivemind's metadata and flat tensors, the parameters first) may replace ``own``
     parameters at ``epoch``, else why not."""
     if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int):
-        return "its step is missing"
+        return MISSING
     if metadata["epoch"] < epoch:
         return BEHIND
     if len(tensors) < len(own) or any(t.shape != p.shape for t, p in zip(tensors, own, strict=False)):
-        return "its parameters do not have the model's shapes"
+        return SHAPES
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "it has non-finite values"
     return UpdateGuard.check_state(tensors[:len(own)], own)  # diloco's check of a downloaded state's size
@@ -144,7 +155,7 @@ def vetted_optimizer_state(optimizer: torch.optim.Optimizer, metadata, tensors: 
     own, own_tensors = dump_optimizer_state(optimizer)
     if not isinstance(metadata, list) or len(metadata) != len(own) or any(
             not isinstance(t, dict) or t.get("type") != o["type"] for t, o in zip(metadata, own, strict=True)):
-        return None, "its optimizer state does not have this optimizer's layout"
+        return None, LAYOUT
     vetted, flat = [], []
     for theirs, mine in zip(metadata, own, strict=True):
         if mine["type"] == "value":
@@ -154,7 +165,7 @@ def vetted_optimizer_state(optimizer: torch.optim.Optimizer, metadata, tensors: 
         index = theirs.get("index")
         if not isinstance(index, int) or not 0 <= index < len(tensors) or (
                 tensors[index].shape != own_tensors[mine["index"]].shape):
-            return None, "its optimizer state does not have this optimizer's shapes"
+            return None, LAYOUT
         vetted.append({"type": "tensor", "index": index})
         flat.append(tensors[index])
     state = nested_pack(flat, structure=optimizer.state_dict())["state"]
@@ -197,6 +208,8 @@ class GuardedOptimizer(hivemind.Optimizer):
 
     def __init__(self, *args, swarm_key: bytes | None, grad_clip: float, **kwargs):
         self._swarm_key, self._grad_clip = swarm_key, grad_clip
+        self._flags_lock = threading.Lock()  # flags are taken by the training and the heartbeat threads
+        self._to_exclude: list[str] = []
         target = kwargs["target_batch_size"]
         kwargs["grad_averager_factory"] = partial(GuardedGradientAverager, swarm_key=swarm_key, grad_clip=grad_clip,
                                                   max_weight=2.0 * target, **kwargs.pop("grad_averager_opts", {}))
@@ -207,12 +220,22 @@ class GuardedOptimizer(hivemind.Optimizer):
                                            grad_clip=self._grad_clip)):
             return super()._make_state_averager(**kwargs)
 
+    def _averagers(self) -> list[Guarded]:
+        return [a for a in (self.state_averager, self.grad_averager) if a is not None]
+
     def take_flags(self) -> list[tuple[str, str]]:
-        """Members either averager caught since the last call, as ``(libp2p peer id, why)``."""
-        averagers = [a for a in (self.state_averager, self.grad_averager) if a is not None]
-        flags = [flag for averager in averagers for flag in averager.take_flags()]
-        for peer, _ in flags:  # each averager runs in its own process, with its own list of members caught
-            for averager in averagers:
-                averager.exclude(peer)
+        """Members either averager caught since the last call, as ``(libp2p peer id, why)`` (from any thread)."""
+        with self._flags_lock:
+            flags = [flag for averager in self._averagers() for flag in averager.take_flags()]
+            self._to_exclude += [peer for peer, _ in flags]
         return flags
+
+    def forward_exclusions(self) -> None:
+        """Each averager runs in its own process, with its own list of members caught: tell both of every member
+        either caught. Call it from the training thread, which alone sends to the averagers."""
+        with self._flags_lock:
+            peers, self._to_exclude = self._to_exclude, []
+        for peer in peers:
+            for averager in self._averagers():
+                averager.exclude(peer)
 

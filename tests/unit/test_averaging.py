@@ -121,7 +121,8 @@ def test_a_state_download_that_outlasts_its_timeout_is_no_state_not_a_crash():
     diloco._downloads = StateDownloads(_OutlastedAverager(), "run", [], lambda: None)
     assert diloco.load_state_from_peers(timeout=1.0, accept_equal=True) is False
     sync = SyncAveraging.__new__(SyncAveraging)
-    sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager(), take_flags=list)
+    sync.opt = types.SimpleNamespace(local_epoch=3, state_averager=_OutlastedAverager(), take_flags=list,
+                                     forward_exclusions=lambda: None)
     sync.caught = Caught()
     assert sync.load_state_from_peers(timeout=1.0) is False
 

@@ -60,7 +60,9 @@ def test_piped_rows_are_never_wrapped(status, monkeypatch):
 def test_columns_is_respected_when_set(status, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     assert make_console(io.StringIO()).width == 100
-    assert max(len(line) for line in rendered(status, monkeypatch, columns=100).splitlines()) <= 100
+    text = rendered(status, monkeypatch, columns=100)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert all(f"{i}" * 16 in text for i in range(3)), text  # the whole id, what `coordinator ban` takes
 
 
 def test_keeper_line_says_how_long_ago_and_how_far_behind(status, monkeypatch):

@@ -15,6 +15,7 @@ from hivemind.utils.nested import nested_pack
 from hivefold.averaging.robust import robust_combine
 from hivefold.averaging.sync_members import (
     CLIP_MARGIN,
+    NOT_EVIDENCE,
     GuardedGradientAverager,
     refused_state,
     vetted_optimizer_state,
@@ -83,6 +84,9 @@ def test_a_downloaded_state_is_refused_unless_finite_of_the_models_shapes_near_i
         metadata, tensors, why):
     got = refused_state(metadata, tensors, [torch.ones(3), torch.ones(2)], epoch=4)
     assert (got is None) if why is None else (why in got), got
+    # only what no honest member serves gets its server reported: not a state behind, nor one cut short (a dropped
+    # connection ends hivemind's stream as if whole)
+    assert (got in NOT_EVIDENCE) == (why in ("behind", "missing", "shapes")), got
 
 
 def adamw(maximize: bool = False) -> torch.optim.AdamW:

@@ -200,8 +200,9 @@ def private_ca(tmp_path, names: list) -> tuple[ServerTLS, Path]:
     return tls, tmp_path / "ca.pem"
 
 
-@pytest.mark.parametrize("names", [[x509.DNSName("coord.internal")],
-                                   [x509.IPAddress(ipaddress.ip_address("10.9.8.7"))]], ids=["dns-name", "ip-only"])
+@pytest.mark.parametrize("names", [[x509.DNSName("coord.internal")], [x509.DNSName("*.coord.internal")],
+                                   [x509.IPAddress(ipaddress.ip_address("10.9.8.7"))]],
+                         ids=["dns-name", "wildcard", "ip-only"])
 def test_a_certificate_from_a_private_ca_works_pinned_and_on_first_use(run, tmp_path, known_coordinators, names):
     """The system's roots do not know a private CA: pinned, or trusted on first use, its certificate is the
     anchor (gRPC had been given the system's roots, and the handshake failed after the pin matched)."""
