@@ -67,6 +67,20 @@ class _Round:
     deadline: float = float("inf")  # perf_counter time by which hivemind must have ended the round
 
 
+def round_result(control: StepControl, deadline: float, epoch: int) -> dict | None:
+    """What a round's all-reduce gathered from its members, or None if it failed. Waits until ``deadline``
+    (``time.perf_counter()``; 0: not at all): hivemind ends a round by its own timeout, and should it not (a
+    group that never forms nor fails), the round is given up then instead of stalling the device for good."""
+    try:
+        return control.result(timeout=max(0.0, deadline - time.perf_counter()))
+    except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
+        if not control.done():
+            log.warning("outer round %d: hivemind did not end it by its timeout; giving it up", epoch)
+            control.cancel()
+        log.debug("outer round %d failed: %r", epoch, e)
+        return None
+
+
 class DiLoCo(OuterState):
     """The ``diloco`` averaging mode (see ``hivefold.averaging``).
 
@@ -259,17 +273,7 @@ class DiLoCo(OuterState):
 
     def _land_round(self, block: bool = False) -> None:
         r = self._pending
-        try:
-            # hivemind ends a round by its timeout; should it not (a group that never forms nor fails), a blocked
-            # caller gives up past the deadline instead of stalling the device for good.
-            wait = max(0.0, r.deadline - time.perf_counter()) if block else 0
-            gathered = r.control.result(timeout=wait) if r.control else None
-        except Exception as e:  # noqa: BLE001 - a failed round (timeout, peer gone) must not stop training
-            if block and not r.control.done():
-                log.warning("outer round %d: hivemind did not end it by its timeout; giving it up", r.epoch)
-                r.control.cancel()
-            log.debug("outer round %d failed: %r", r.epoch, e)
-            gathered = None
+        gathered = round_result(r.control, r.deadline if block else 0.0, r.epoch) if r.control else None
         self.caught.collect(self.averager.take_flags(), f"outer round {r.epoch}")
         update = None
         if gathered:

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import time
 import types
 
 import numpy as np
@@ -327,3 +328,33 @@ def test_a_member_that_holds_the_state_the_swarm_declares_downloads_nothing():
     assert take(["a", "b"], (0, agreement.sample(other)))[1] is init and downloaded == ["a"]  # another init
     assert take(["c", "a"], (0, agreement.sample(init)))[1] is init and downloaded == ["c"]  # behind: fetch it
     assert take(["a"], (0, agreement.sample(other))) is None  # nothing to compare: hivemind's download decides
+
+
+def test_a_round_hivemind_never_ends_is_given_up_at_its_deadline():
+    """Two clean-clone runs of the chaos test had a peer's round block for minutes after SIGSTOP/kill faults: a
+    blocked wait on the round now ends at its deadline, and the round is cancelled."""
+    from hivemind.averaging.control import StepControl
+    from hivemind.utils import get_dht_time
+    from hivemind.utils.mpfuture import MPFuture
+
+    from hivefold.averaging.diloco import round_result
+
+    MPFuture()  # hivemind starts its futures' backend for a plain one (a subclass first would set it on itself)
+
+    def control() -> StepControl:
+        made = StepControl(scheduled_time=get_dht_time(), deadline=get_dht_time() + 60, allow_retries=False,
+                           weight=1.0, data_for_gather=b"")
+        made.attach(MPFuture(), MPFuture())  # as the averager's process does when it takes the step
+        made.allow_allreduce()  # (wait=False: hivemind's step triggers it at once)
+        return made
+
+    stuck, t0 = control(), time.perf_counter()
+    assert round_result(stuck, t0 + 0.3, epoch=7) is None
+    assert 0.25 <= time.perf_counter() - t0 < 5 and stuck.cancelled()
+    landed = control()
+    landed.set_result({"member": b"gathered"})
+    assert round_result(landed, 0.0, epoch=7) == {"member": b"gathered"}
+    failed, t0 = control(), time.perf_counter()
+    failed.set_exception(TimeoutError("no group formed"))
+    assert round_result(failed, t0 + 30, epoch=7) is None and time.perf_counter() - t0 < 5
+    assert not failed.cancelled()
