@@ -88,7 +88,7 @@ class _CheckedDownload(DecentralizedAverager):
 
     _grad_ceiling = 0.0
 
-    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):  # noqa: ARG002 - always waits
         """The first state that passes the checks, from the members declaring the highest priority, one at a time
         (hivemind's takes the first served, without saying whose). A member whose state is bad, not merely
         behind, cut short or of another layout, is reported and no longer averaged with: an honest member cannot
@@ -114,10 +114,12 @@ class _CheckedDownload(DecentralizedAverager):
                                                                   tensors[n:], self._grad_ceiling)
             if why is None:
                 return {**metadata, "optimizer_metadata": own_hyperparameters}, tensors
+            if why in NOT_EVIDENCE:
+                log.warning("not loading the state member %s served: %s", peer, why)
+                continue
             log.error("not loading the state member %s served: %s", peer, why)
-            if why not in NOT_EVIDENCE:
-                self._flags.put((peer, f"served a bad state: {why}"))
-                self.exclude(peer)
+            self._flags.put((peer, f"served a bad state: {why}"))
+            self.exclude(peer)
         return None
 
 
