@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for command, text in COMMANDS.items():
         c = sub.add_parser(command, help=text, description=f"{text[0].upper()}{text[1:]}.")
         if command != "invite":
-            c.add_argument("peer_id", help="the peer's id: 16 hex digits, as `hivefold status` and its log show")
+            c.add_argument("peer_id", help="the peer's id (16 hex digits, as its log shows), or its first 8 or more, "
+                                           "as `hivefold status` shows")
         c.add_argument("--workdir", type=Path, default=argparse.SUPPRESS, required=True,
                        help="the coordinator's --workdir")
         c.add_argument("--ledger", default=argparse.SUPPRESS, metavar="PATH|URL",
@@ -72,11 +73,13 @@ def run_command(args: argparse.Namespace) -> int:
             print("the volunteer starts their peer with --invite and this token (shown only once):")
             print(token)
         elif args.coordinator_command == "ban":
-            released = ledger.ban(args.peer_id, reason=args.reason[:200], now=now)
-            print(f"peer {args.peer_id} banned; {released} active lease(s) went back to the pool")
+            peer_id = ledger.resolve_peer(args.peer_id)
+            released = ledger.ban(peer_id, reason=args.reason[:200], now=now)
+            print(f"peer {peer_id} banned; {released} active lease(s) went back to the pool")
         else:
-            ledger.unban(args.peer_id, now=now)
-            print(f"peer {args.peer_id} unbanned; it may register again")
+            peer_id = ledger.resolve_peer(args.peer_id)
+            ledger.unban(peer_id, now=now)
+            print(f"peer {peer_id} unbanned; it may register again")
     finally:
         ledger.close()
     return 0

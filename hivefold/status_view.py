@@ -82,14 +82,16 @@ def render(status: dict, *, clock: str = "") -> Group:
         f"train loss {fmt(status['train_loss'])}", f"val loss {fmt(status['val_loss'])}",
         status.get("averaging") or "",
     )
-    peers = Table(Column("peer", no_wrap=True, min_width=16), "name", "device", "batch", "online", "checked",
-                  "shards", "samples", "samples/s", "compute", "loss", "step", box=None)
+    # Never cut: the id's 8 digits (what `hivefold coordinator ban` takes), whether it is online, what was checked.
+    # Eleven columns fit 80 characters only just: the samples each peer trained are in --json.
+    peers = Table(Column("peer", no_wrap=True, min_width=8), "name", "device", "batch",
+                  Column("online", no_wrap=True), Column("checked", no_wrap=True), "shards", "samples/s",
+                  "compute", "loss", "step", box=None)
     for p in status["peers"]:
-        # The whole id: `hivefold coordinator ban` takes it. Names come from volunteers: Text keeps a '[' in one
-        # from being read as rich markup.
-        peers.add_row(p["peer_id"], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
+        # Names come from volunteers: Text keeps a '[' in one from being read as rich markup.
+        peers.add_row(p["peer_id"][:8], Text(p["name"]), p.get("device") or "?", str(p.get("micro_batch") or "?"),
                       online_cell(p), checked_cell(p), str(p["shards_done"]),
-                      str(p["samples"]), f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
+                      f"{p['samples_per_second']:.1f}", percent(p.get("utilization")),
                       fmt(p["recent_loss"]), str(p["epoch"]))
     return Group(head, progress_line(status), *keeper_lines(status), *access_lines(status),
                  *verification_lines(status), peers, leaderboard(status))
@@ -138,16 +140,12 @@ def online_cell(peer: dict) -> str:
 
 
 def checked_cell(peer: dict) -> str:
-    """Its results the keeper checked: ``—``, ``3 ok``, or ``2 ok, 1 bad`` with its reputation (1 until one fails:
-    ``(rep 0.43)``)."""
+    """Its results the keeper checked: ``—``, ``3 ok`` or ``2 ok 1 bad`` (its reputation follows from these two:
+    ``--json`` has it)."""
     valid, invalid = peer.get("results_valid") or 0, peer.get("results_invalid") or 0
     if not valid and not invalid:
         return "—"
-    cell = f"{valid} ok"
-    if invalid:
-        rep = peer.get("reputation")
-        cell += f", {invalid} bad" + (f" (rep {rep:.2f})" if rep is not None else "")
-    return cell
+    return f"{valid} ok" + (f" {invalid} bad" if invalid else "")
 
 
 def duration(seconds: float) -> str:

@@ -11,9 +11,10 @@ and it cannot register again until it is unbanned.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
-from coordinator.errors import NotFound, PermissionDenied
+from coordinator.errors import InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.backend import Connection
 from coordinator.ledger.leases import _close_lease, _get_lease
 from coordinator.ledger.schema import LeaseState
@@ -36,6 +37,22 @@ class PeerAccess(LedgerStore):
             c.execute("INSERT INTO invites VALUES (?, ?, ?, ?, ?)", (invite_digest(token), uses, expires_at, now, note))
             _event(c, now, "invite_created", detail=f"{uses} uses, {note}".strip(", "))
         return token
+
+    def resolve_peer(self, given: str) -> str:
+        """The whole id of the one peer whose id starts with ``given`` (at least 8 of its 16 hex digits, as
+        ``hivefold status`` shows them), or NotFound / InvalidArgument saying why not."""
+        text = given.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{8,16}", text):
+            raise InvalidArgument(f"{given!r} is not a peer id: give its 16 hex digits, or the first 8 or more, as "
+                                  "`hivefold status` and the peer's log show them")
+        rows = self._read("SELECT peer_id FROM peers WHERE substr(peer_id, 1, ?) = ? ORDER BY peer_id LIMIT 2",
+                          (len(text), text))
+        if not rows:
+            raise NotFound(f"no peer {given!r} in this run; peer ids are the hex digits `hivefold status` and the "
+                           "peer's log show")
+        if len(rows) > 1:
+            raise InvalidArgument(f"{given!r} starts more than one peer's id: give more of its 16 hex digits")
+        return rows[0][0]
 
     def ban(self, peer_id: str, *, reason: str, now: float) -> int:
         """Ban ``peer_id``: its active leases are released at once. Returns how many."""
@@ -89,5 +106,5 @@ def redeem_invite(c: Connection, invite: str, now: float) -> str:
 
 def _known(c: Connection, peer_id: str) -> None:
     if c.execute("SELECT 1 FROM peers WHERE peer_id = ?", (peer_id,)).fetchone() is None:
-        raise NotFound(f"no peer {peer_id!r} in this run; peer ids are the 16 hex digits `hivefold status` and the "
-                       "peer's log show")
+        raise NotFound(f"no peer {peer_id!r} in this run; peer ids are the 16 hex digits the peer's log shows "
+                       "(`hivefold status` shows their first 8)")

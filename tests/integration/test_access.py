@@ -58,7 +58,8 @@ def test_invite_only_run_and_a_ban(tmp_path):
         assert again.wait(120) == 2
         assert "this invite is used up" in again.log.read_text()
 
-        banned = hivefold("coordinator", "ban", friend_id, "--workdir", str(workdir), "--reason", "testing bans")
+        # by the 8 digits `hivefold status` shows
+        banned = hivefold("coordinator", "ban", friend_id[:8], "--workdir", str(workdir), "--reason", "testing bans")
         assert banned.returncode == 0 and f"peer {friend_id} banned" in banned.stdout, banned.stderr
         assert friend.wait(120) == 2, procs.tail()
         assert f"peer {friend_id} is banned from this run" in friend.log.read_text()

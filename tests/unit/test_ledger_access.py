@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from coordinator.errors import NotFound, PermissionDenied
+from coordinator.errors import InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger import LeaseState, Ledger
 from tests.unit.ledger_cases import SHARDS, lease, location, submit
 
@@ -90,6 +90,23 @@ def test_status_shows_who_is_banned_and_why(ledger):
     assert not peers["a"]["banned"] and peers["a"]["ban_reason"] is None
     from hivefold.status_view import online_cell
     assert online_cell(peers["b"]) == "banned"
+
+
+def test_a_peer_is_named_by_its_id_or_the_8_digits_status_shows(ledger):
+    for peer_id in ("0123456789abcdef", "0123456799999999", "fedcba9876543210"):
+        ledger.register_peer(peer_id=peer_id, name=peer_id, public_key=peer_id.encode() * 2, device_kind="",
+                             device_name="", memory_bytes=0, now=1.0)
+    assert ledger.resolve_peer("fedcba98") == "fedcba9876543210"  # what `hivefold status` shows
+    assert ledger.resolve_peer(" FEDCBA9876543210 ") == "fedcba9876543210"
+    with pytest.raises(InvalidArgument, match="starts more than one peer's id: give more"):
+        ledger.resolve_peer("01234567")
+    assert ledger.resolve_peer("012345678") == "0123456789abcdef"
+    with pytest.raises(InvalidArgument, match="is not a peer id: give its 16 hex digits, or the first 8"):
+        ledger.resolve_peer("fedcba9")  # too short to be safe
+    with pytest.raises(InvalidArgument, match="is not a peer id"):
+        ledger.resolve_peer("fedcba98%")  # not a pattern either
+    with pytest.raises(NotFound, match="no peer 'aaaaaaaa' in this run"):
+        ledger.resolve_peer("aaaaaaaa")
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("12h", 43200),
