@@ -105,9 +105,12 @@ def test_two_peers_train_to_step_3(swarm):
         assert done and all(accepted.get(s) == 1 for s in done)
         assert db.execute("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM results WHERE verdict = 'accepted' "
                           "GROUP BY shard_id, data_pass)").fetchone()[0] == 1
-        # The training loss falls: the first swarm step's micro-batches against the latest step's.
-        by_epoch = db.execute("SELECT epoch, AVG(loss) FROM losses GROUP BY epoch ORDER BY epoch").fetchall()
-    assert len(by_epoch) >= 2 and by_epoch[-1][1] < by_epoch[0][1] - 0.3, by_epoch
+        # The training loss falls: the first swarm step's micro-batches against all later ones. (Not against the
+        # latest step's alone: it may hold a shard or two, and one shard's loss differs from another's by more than
+        # the 0.3 asked here: 3.99 and 5.61 two shards apart in one run, at the same step.)
+        by_epoch = db.execute("SELECT epoch, AVG(loss), COUNT(*) FROM losses GROUP BY epoch ORDER BY epoch").fetchall()
+    later = sum(mean * n for _, mean, n in by_epoch[1:]) / max(1, sum(n for _, _, n in by_epoch[1:]))
+    assert len(by_epoch) >= 2 and later < by_epoch[0][1] - 0.3, by_epoch
 
     # The keeper wrote checkpoints and validation losses; generate loads the latest one.
     ckpt = wait_for(lambda: (s := swarm.status())["checkpoint"] and s["checkpoint"]["step"] >= 2 and s["checkpoint"],
