@@ -76,7 +76,8 @@ def field_value(field, draw, auth: pb.PeerAuth):
             # not depend on the list, which grows, or hypothesis cannot replay a case)
             TALLY["live_lease"] += 1
             return LEASES[draw(st.integers(0, 63)) % len(LEASES)]
-        long = st.builds(lambda c, n: c * n, st.characters(), st.integers(100, 5000))  # cheap to generate
+        long = st.builds(lambda c, n: c * n, st.characters(exclude_categories=("Cs",)),  # protobuf: no surrogates
+                             st.integers(100, 5000))  # cheap to generate
         return draw(st.one_of(st.text(max_size=40), long, st.just("../" * 20 + "etc/passwd")))
     return draw(st.one_of(st.binary(max_size=64), st.builds(lambda b, n: bytes([b]) * n, st.integers(0, 255),
                                                             st.integers(100, 5000))))
