@@ -243,6 +243,7 @@ class DiLoCo(OuterState):
                     for buf, d in zip(buffers, own, strict=True):
                         buf.copy_(d)
         a = self.spec.averaging
+        timeout = 2 * a.matchmaking_time + 2 * a.averaging_timeout
         self._sent_sample = self._global_sample
         if alone:
             control = None
@@ -251,14 +252,12 @@ class DiLoCo(OuterState):
             # Every member takes part in every round, even with nothing to add (it just joined or reloaded):
             # skipping one would leave its global parameters an outer update behind for good.
             gather = (self.epoch, agreement.fingerprint(self._sent_sample), self._sent_sample.tobytes())
-            timeout = 2 * a.matchmaking_time + 2 * a.averaging_timeout
             control = self.averager.step(gather=gather, weight=float(samples) or 1e-6, wait=False, timeout=timeout)
         started = time.perf_counter()
         # hivemind's timeout bounds the search for a group; a group found just before it still has the
         # all-reduce's own timeout to finish
         self._pending = _Round(self.epoch, control, sent_local, own, started, own_norm, bool(refused),
-                               deadline=started + timeout + a.averaging_timeout + ROUND_GRACE_S
-                               if control is not None else started)
+                               deadline=started + timeout + a.averaging_timeout + ROUND_GRACE_S)
         if control is None:
             self._land_round()
 

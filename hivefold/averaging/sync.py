@@ -82,7 +82,11 @@ class SyncAveraging:
             self.refused_out += 1
             log.warning("not sending this micro-batch's gradients to the swarm: they are not finite")
         self.opt.zero_grad()
-        self.caught.collect(self.opt.take_flags(), f"swarm step {self.opt.local_epoch}")
+        self._collect_flags(f"swarm step {self.opt.local_epoch}")
+
+    def _collect_flags(self, where: str) -> None:
+        """(training thread) The members the averagers caught, to report; and both averagers told of each."""
+        self.caught.collect(self.opt.take_flags(), where)
         self.opt.forward_exclusions()
 
     @property
@@ -105,8 +109,7 @@ class SyncAveraging:
         except FutureTimeout:  # no state, not a crash (see hivefold.averaging)
             return False
         finally:  # a member that served a bad state is reported
-            self.caught.collect(self.opt.take_flags(), "state download")
-            self.opt.forward_exclusions()
+            self._collect_flags("state download")
         if self.opt.local_epoch <= before:
             return False
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
