@@ -15,6 +15,12 @@ from hivefold.errors import ConfigError
 from hivefold.netaddr import parse_host_port
 from hivefold.spec import AVERAGING_MODES, COMPRESSIONS, model_config_from_name
 
+# A peer unheard of for this many heartbeats, and at least SILENT_FLOOR_S, is taken for gone: its leases expire (its
+# shards go back to the pool in about a minute, not at a deadline sized for its work); a result it still sends is
+# taken if nobody else's came first. The floor: a live peer's heartbeat thread may spend a few seconds per beat
+# linking to members (hivefold.addressbook) and asking for time, and short test intervals would take it for gone.
+SILENT_HEARTBEATS = 6
+SILENT_FLOOR_S = 60.0
 MAX_PROOF_SEGMENTS = 64  # --proof-segments at most (state changes cut a shard's segments further: hivefold.proof)
 
 
@@ -145,6 +151,11 @@ class CoordinatorConfig:
     tls_cert: Path | None = None  # the operator's certificate (PEM, chain included); None = self-signed in workdir
     tls_key: Path | None = None  # its private key (PEM, unencrypted)
     run: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def silent_seconds(self) -> float:
+        """A peer unheard of this long loses its leases (``SILENT_HEARTBEATS``, ``SILENT_FLOOR_S``)."""
+        return max(SILENT_HEARTBEATS * self.heartbeat_interval, SILENT_FLOOR_S)
 
     def __post_init__(self) -> None:
         parse_host_port(self.listen, flag="--listen")

@@ -147,6 +147,7 @@ def run(config: CoordinatorConfig, stop: threading.Event) -> None:
         tls, key_file = _tls(config)  # bad certificate files are refused before the run is opened
         spec, ledger = open_run(config.workdir, config.run, config.ledger)
         stack.callback(ledger.close)
+        ledger.silent_seconds = config.silent_seconds
         key = _signing_key(config, ledger)
         if config.keeper:  # a keeper of an earlier session is gone; this one's announces itself
             ledger.set_keeper_maddrs([])

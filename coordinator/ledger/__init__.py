@@ -10,7 +10,7 @@ The keeper process writes to the same file (checkpoints, evaluations, the swarm'
 downloads of the swarm's state fare); WAL mode lets the dashboard and status readers run beside
 the writers.
 
-A work unit's life (every arrow is one transaction; ``leases.py`` and ``peers.py``):
+A work unit's life (every arrow is one transaction; ``leases.py``, ``results.py`` and ``peers.py``):
 
     shard   pending ──LeaseShard──▶ leased ──SubmitResult (accepted)──▶ done
                ▲                      │                                  │
@@ -21,8 +21,8 @@ A work unit's life (every arrow is one transaction; ``leases.py`` and ``peers.py
 
     lease   active ──SubmitResult──▶ completed    (credited once; a repeat gets the first answer)
               │ ──deadline passed──▶ expired      (a result still comes in: accepted if the shard
-              │                                    is still pending in the same pass, else
-              │                                    recorded as rejected_late, no credit)
+              │   or its peer silent               is still pending in the same pass, else
+              │   (no heartbeat for a while)       recorded as rejected_late, no credit)
               │ ──ReleaseLease────▶ released
               └── ExtendLease: the deadline moves, against progress, within --lease-max-seconds;
                   heartbeats keep the peer online but never extend a lease
@@ -39,7 +39,8 @@ One module per concept, composed into ``Ledger`` below:
     nonces.py    signed requests' nonces, claimed once for all coordinators of a shared ledger
     reports.py   members caught poisoning the averaging: reports, and the ban enough of them bring
     verification.py  results sampled for a proof-of-training check, their proofs, verdicts, bans
-    leases.py    the run's shards, leasing them, results
+    leases.py    the run's shards, leasing them, expiring leases
+    results.py   results submitted under leases: accepted once, credited or held for a check
     progress.py  what the keeper records: the swarm's step, evaluations, checkpoints, state downloads
     status.py    the status document
     history.py   the swarm over time (charts), recent events, totals (metrics)
@@ -48,11 +49,12 @@ One module per concept, composed into ``Ledger`` below:
 from coordinator.ledger.access import INVITE_PREFIX, PeerAccess
 from coordinator.ledger.backend import SqliteBackend, is_postgres, redact
 from coordinator.ledger.history import NOTABLE_EVENTS, SwarmHistory
-from coordinator.ledger.leases import MAX_ACTIVE_LEASES, ShardLeases
+from coordinator.ledger.leases import MAX_ACTIVE_LEASES
 from coordinator.ledger.nonces import SharedNonces
 from coordinator.ledger.peers import SWARM_MADDRS_LIMIT, PeerRegistry
 from coordinator.ledger.progress import KeeperProgress
 from coordinator.ledger.reports import PoisonReports
+from coordinator.ledger.results import ShardResults
 from coordinator.ledger.schema import (
     MIGRATIONS,
     Lease,
@@ -75,6 +77,6 @@ __all__ = [
 ]
 
 
-class Ledger(PeerRegistry, PeerAccess, SharedNonces, PoisonReports, Verifications, ShardLeases, KeeperProgress,
+class Ledger(PeerRegistry, PeerAccess, SharedNonces, PoisonReports, Verifications, ShardResults, KeeperProgress,
              StatusReport, SwarmHistory):
     """Thread-safe access to the ledger file (or ``:memory:``)."""

@@ -1,22 +1,20 @@
-"""The work pool: a run's shards, their leases to peers and the results submitted under them.
+"""The work pool: a run's shards and their leases to peers (the results submitted under them: ``results.py``).
 
 A shard is leased to one peer at a time, for a time sized to its work and the peer's throughput; a
-lease that passes its deadline (extended only when the peer asks, against progress) goes back to the
-pool; a result is accepted once per shard and data pass, idempotently by lease id.
+lease that passes its deadline (extended only when the peer asks, against progress), or whose peer
+goes silent, goes back to the pool.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.credit import quick_return_points
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from coordinator.ledger.backend import Connection
-from coordinator.ledger.progress import _raise_global_step
 from coordinator.ledger.schema import (
     MAX_UNVERIFIED,
     CheckState,
@@ -24,20 +22,17 @@ from coordinator.ledger.schema import (
     LeaseOutcome,
     LeaseState,
     ShardState,
-    SubmitOutcome,
     Verdict,
 )
 from coordinator.ledger.store import LedgerStore, _event, _meta, _set_meta
 from hivefold.spec import ShardInfo
 
-if TYPE_CHECKING:
-    from coordinator.ledger.verification import VerifyPolicy
-
 MAX_ACTIVE_LEASES = 3  # per peer: the work unit training, one fetched ahead, one whose result awaits its ack
 
 
 class ShardLeases(LedgerStore):
-    """Setting up a run's shards, leasing them, and recording results."""
+    """Setting up a run's shards and leasing them (``LedgerStore.silent_seconds``: when a silent peer's leases
+    expire)."""
 
     def init_run(self, *, run_id: str, spec_hash: str, shards: list[ShardInfo], seed: int, data_passes: int,
                  now: float) -> None:
@@ -68,7 +63,7 @@ class ShardLeases(LedgerStore):
         up to ``MAX_ACTIVE_LEASES`` at once (one training, one fetched ahead, one awaiting its ack).
         """
         with self._tx() as c:
-            _expire(c, now)
+            _expire(c, now, self.silent_seconds)
             _not_banned(c, peer_id)  # here, not only at the token check: a ban from another process is cached a while
             active = [r[0] for r in c.execute("SELECT lease_id FROM leases WHERE peer_id = ? AND state = ? "
                                               "ORDER BY issued_at", (peer_id, LeaseState.ACTIVE.value))]
@@ -133,7 +128,7 @@ class ShardLeases(LedgerStore):
         or a result since it was issued). Returns (granted, the deadline now, why).
         """
         with self._tx() as c:
-            lease = _owned_lease(c, peer_id, lease_id, now)
+            lease = _owned_lease(c, peer_id, lease_id, now, self.silent_seconds)
             if lease.state is not LeaseState.ACTIVE:
                 return False, lease.deadline, f"lease {lease.state.value}"
             issued, progress = c.execute("SELECT issued_at, progress FROM leases WHERE lease_id = ?",
@@ -176,7 +171,7 @@ class ShardLeases(LedgerStore):
 
     def release(self, peer_id: str, lease_id: str, *, reason: str, now: float) -> bool:
         with self._tx() as c:
-            lease = _owned_lease(c, peer_id, lease_id, now)
+            lease = _owned_lease(c, peer_id, lease_id, now, self.silent_seconds)
             if lease.state is not LeaseState.ACTIVE:
                 return False
             _close_lease(c, lease, LeaseState.RELEASED, reason, now)
@@ -198,109 +193,14 @@ class ShardLeases(LedgerStore):
                           [(max(deadline, now + max(allotted, lease_seconds)), lease_id)
                            for lease_id, deadline, allotted in active])
             n = len(active)
+            _set_meta(c, "leases_resumed_at", repr(now))  # nobody could be heard from before now
             if n:
                 _event(c, now, "leases_resumed", detail=f"{n} active leases: {lease_seconds:.0f}s from the restart")
             return n
 
     def expire_leases(self, now: float) -> int:
         with self._tx() as c:
-            return _expire(c, now)
-
-    def submit(self, peer_id: str, lease_id: str, *, samples: int, losses: list[tuple[float, int]],
-               compute_seconds: float, credit_per_sample: float, now: float, qrb_k: float = 0.0,
-               qrb_deadline_s: float = 0.0, sign_receipt: Callable[..., str] | None = None,
-               verify: VerifyPolicy | None = None, digests: list[bytes] = (),
-               state_changes: list[int] = ()) -> SubmitOutcome:
-        """Record a result. Idempotent: a second submission of a lease returns the first outcome.
-
-        Accepted results earn ``samples × credit_per_sample`` points, times the quick-return bonus
-        (``coordinator.credit``) when ``qrb_k`` > 0; ``sign_receipt(**fields)`` signs the receipt, which
-        is stored with the result in the same transaction. ``verify`` may sample the result for a check
-        (``verification.py``): it is then pending, with its credit held and no receipt yet.
-        """
-        with self._tx() as c:
-            _expire(c, now)
-            row = c.execute(
-                "SELECT l.*, s.sha256, s.byte_size, s.num_sequences, s.state AS shard_state, r.verdict, r.credit, "
-                "r.detail, r.receipt, (SELECT value FROM meta WHERE key = 'data_pass') AS current_pass, "
-                "(SELECT banned FROM peers p WHERE p.peer_id = l.peer_id) AS banned FROM leases l "
-                "JOIN shards s USING (shard_id) LEFT JOIN results r USING (lease_id) WHERE l.lease_id = ?",
-                (lease_id,)).fetchone()
-            lease = _lease_of(row, lease_id)
-            if lease.peer_id != peer_id:
-                raise PermissionDenied(f"lease {lease_id} belongs to another peer")
-            if row["banned"]:
-                raise PermissionDenied(f"peer {peer_id} is banned from this run; its results earn nothing")
-            if row["verdict"] is not None:  # submitted before: the first answer again
-                return SubmitOutcome(Verdict(row["verdict"]), row["credit"], row["detail"], row["receipt"])
-            if samples != lease.num_sequences:
-                raise InvalidArgument(f"samples={samples} but shard {lease.shard_id} holds {lease.num_sequences} "
-                                      "sequences; submit only whole shards and release unfinished ones")
-            late_but_free = (lease.state is not LeaseState.ACTIVE and lease.data_pass == int(row["current_pass"])
-                             and row["shard_state"] == ShardState.PENDING.value)
-            receipt = ""
-            if lease.state is LeaseState.ACTIVE or late_but_free:
-                issued_at, allotted = row["issued_at"], row["allotted_s"]
-                verdict = Verdict.ACCEPTED
-                # the deadline the lease was given at issue (sized to the work and this peer), else the default
-                credit = quick_return_points(samples * credit_per_sample, deadline_s=allotted or qrb_deadline_s,
-                                             elapsed_s=now - issued_at, k=qrb_k)
-                detail = "accepted" if lease.state is LeaseState.ACTIVE else "accepted after lease expiry"
-                segment, unverifiable = self.sample_for_verification(
-                    c, peer_id, lease_id, shard_id=lease.shard_id, data_pass=lease.data_pass, losses=losses,
-                    digests=list(digests), state_changes=list(state_changes), credit=credit,
-                    compute_seconds=compute_seconds, policy=verify, now=now)
-                if unverifiable:  # no credit; the shard is trained again
-                    verdict, credit, detail = Verdict.INVALID, 0.0, f"invalid: {unverifiable}"
-                elif segment:
-                    verdict, credit = Verdict.PENDING, 0.0
-                    detail = "pending verification: the shard counts, its credit waits for the keeper's check"
-                elif sign_receipt is not None:
-                    receipt = sign_receipt(peer_id=peer_id, lease_id=lease_id, shard_id=lease.shard_id,
-                                           samples=samples, points=credit, accepted_at=now)
-                if lease.state is LeaseState.ACTIVE:
-                    c.execute("UPDATE leases SET state = ?, closed_at = ?, close_reason = 'result' "
-                              "WHERE lease_id = ?", (LeaseState.COMPLETED.value, now, lease_id))
-                else:
-                    c.execute("UPDATE leases SET state = ?, close_reason = 'late result' WHERE lease_id = ?",
-                              (LeaseState.COMPLETED.value, lease_id))
-                c.execute("UPDATE shards SET state = ? WHERE shard_id = ?",
-                          ((ShardState.PENDING if unverifiable else ShardState.DONE).value, lease.shard_id))
-            else:
-                verdict, credit = Verdict.REJECTED_LATE, 0.0
-                detail = f"lease {lease.state.value} and shard {lease.shard_id} was reassigned"
-            c.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (lease_id, lease.shard_id, peer_id, lease.data_pass, verdict.value, samples, compute_seconds,
-                       credit, now, detail, receipt))
-            c.executemany("INSERT INTO losses VALUES (?, ?, ?, ?)",
-                          [(lease_id, i, epoch, loss) for i, (loss, epoch) in enumerate(losses)])
-            if losses:
-                _raise_global_step(c, max(epoch for _, epoch in losses))
-            if verdict in (Verdict.REJECTED_LATE,):  # the results table (and verifications) record the others
-                _event(c, now, "result_" + verdict.value, peer_id=peer_id, shard_id=lease.shard_id, detail=lease_id)
-            return SubmitOutcome(verdict, credit, detail, receipt)
-
-    def set_sample_budget(self, sequences: int) -> None:
-        """The operator's budget (``--token-budget`` in sequences; 0 = none), written at every start: it may change."""
-        with self._tx() as c:
-            _set_meta(c, "sample_budget", str(max(0, sequences)))
-            if sequences and c.execute("SELECT value FROM meta WHERE key = 'completed_at'").fetchone():
-                done = c.execute("SELECT COALESCE(SUM(samples), 0) FROM results WHERE verdict = 'accepted'"
-                                 ).fetchone()[0]
-                if done < sequences:  # a raised budget reopens a run that had spent the old one
-                    c.execute("DELETE FROM meta WHERE key IN ('completed_at', 'completed_why')")
-
-    def shard_counts(self) -> dict[str, int]:
-        counts = {s.value: 0 for s in ShardState}
-        for row in self._read("SELECT state, COUNT(*) FROM shards GROUP BY state"):
-            counts[row[0]] = row[1]
-        return counts
-
-    def accepted_results_per_shard(self, data_pass: int) -> dict[int, int]:
-        rows = self._read("SELECT shard_id, COUNT(*) FROM results WHERE verdict = ? AND data_pass = ? "
-                          "GROUP BY shard_id", (Verdict.ACCEPTED.value, data_pass))
-        return {r[0]: r[1] for r in rows}
-
+            return _expire(c, now, self.silent_seconds)
 
 def _pass_order(n: int, seed: int, data_pass: int) -> np.ndarray:
     """Position of each shard in a pass's lease order: a fresh seeded shuffle per pass."""
@@ -345,9 +245,9 @@ def _lease_of(row, lease_id: str) -> Lease:
                  row["deadline"], row["sha256"], row["byte_size"], row["num_sequences"])
 
 
-def _owned_lease(c: Connection, peer_id: str, lease_id: str, now: float) -> Lease:
+def _owned_lease(c: Connection, peer_id: str, lease_id: str, now: float, silent_seconds: float) -> Lease:
     """Expire overdue leases, then return ``lease_id`` if ``peer_id`` holds it (in any state)."""
-    _expire(c, now)
+    _expire(c, now, silent_seconds)
     lease = _get_lease(c, lease_id)
     if lease.peer_id != peer_id:
         raise PermissionDenied(f"lease {lease_id} belongs to another peer")
@@ -362,12 +262,24 @@ def _close_lease(c: Connection, lease: Lease, state: LeaseState, reason: str, no
     _event(c, now, "lease_" + state.value, peer_id=lease.peer_id, shard_id=lease.shard_id, detail=reason)
 
 
-def _expire(c: Connection, now: float) -> int:
+def _expire(c: Connection, now: float, silent_seconds: float = math.inf) -> int:
+    """Expire the active leases past their deadline, and those whose peer went silent (``ShardLeases``)."""
     rows = c.execute("SELECT lease_id FROM leases WHERE state = ? AND deadline < ?",
                      (LeaseState.ACTIVE.value, now)).fetchall()
     for row in rows:
         _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED, "deadline passed", now)
-    return len(rows)
+    silent = []
+    if math.isfinite(silent_seconds):
+        since = now - silent_seconds
+        resumed = c.execute("SELECT value FROM meta WHERE key = 'leases_resumed_at'").fetchone()
+        if resumed is None or float(resumed[0]) < since:
+            silent = c.execute("SELECT l.lease_id FROM leases l JOIN peers p USING (peer_id) WHERE l.state = ? "
+                               "AND l.issued_at < ? AND p.last_seen < ?",
+                               (LeaseState.ACTIVE.value, since, since)).fetchall()
+        for row in silent:
+            _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED,
+                         f"its peer was silent for over {silent_seconds:.0f}s", now)
+    return len(rows) + len(silent)
 
 
 def _complete(c: Connection, now: float, why: str) -> None:

@@ -101,7 +101,7 @@ class PeerRegistry(LedgerStore):
 
         ``pause_reason``: why the peer is paused (online, not training), None while it trains."""
         with self._tx() as c:
-            _expire(c, now)
+            _expire(c, now, self.silent_seconds)
             c.execute("UPDATE peers SET last_seen = ?, epoch = ?, samples_reported = ?, recent_loss = ?, "
                       "samples_per_second = ?, utilization = ?, pause_reason = ?, left_at = NULL WHERE peer_id = ?",
                       (now, epoch, samples, recent_loss, samples_per_second, utilization, pause_reason, peer_id))

@@ -7,6 +7,7 @@ Every concept module (peers, leases, progress, status) subclasses ``LedgerStore`
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,15 @@ from coordinator.ledger.backend import Connection, open_backend, redact
 
 class LedgerStore:
     """The connection to the ledger (an SQLite path or ``:memory:``, or a ``postgresql://`` URL) and its
-    lock; ``Ledger`` adds the concepts."""
+    lock; ``Ledger`` adds the concepts.
+
+    ``silent_seconds``: an active lease also expires once its peer has not been heard from (no heartbeat)
+    for this long, counted from no earlier than the lease's issue and the last coordinator start: a
+    crashed peer's shard goes back to the pool in a few heartbeats, not at a deadline sized for its work.
+    The coordinator sets it from its heartbeat interval; other users of the ledger leave it off.
+    """
+
+    silent_seconds: float = math.inf
 
     def __init__(self, location: str | Path):
         self.path = str(location)  # the location as given (a URL keeps its password: log ``where`` instead)

@@ -161,6 +161,29 @@ def test_heartbeat_keeps_a_peer_alive_but_never_extends_its_leases(ledger):
     assert ledger.expire_leases(now=1.0 + LEASE_S + 1) == 1  # alive is not enough: the lease ran out
 
 
+def test_a_silent_peer_loses_its_leases_long_before_their_deadline(ledger):
+    """Found by the chaos run: a restarted peer's first heartbeats report a low rate, its lease is sized for it
+    (minutes), then it is killed; its shard waited out that deadline. A silent peer's leases expire instead."""
+    ledger.silent_seconds = 10.0
+    a = ledger.lease_shard("a", lease_seconds=1000.0, now=1.0).lease
+    b = ledger.lease_shard("b", lease_seconds=1000.0, now=1.0).lease
+    for t in (5.0, 10.0):  # b heartbeats, a is silent from registration (t=0) on
+        ledger.heartbeat("b", epoch=0, samples=0, recent_loss=None, samples_per_second=1.0, now=t)
+    assert ledger.expire_leases(now=10.5) == 0  # silent, but not for 10 s since its lease was issued
+    assert ledger.expire_leases(now=11.5) == 1  # a's, 990 s before its deadline
+    ids, _ = ledger.heartbeat("b", epoch=0, samples=0, recent_loss=None, samples_per_second=1.0, now=11.6)
+    assert ids == [b.lease_id]
+    again = ledger.lease_shard("b", lease_seconds=1000.0, now=12.0, held=[b.lease_id]).lease
+    assert again.shard_id == a.shard_id  # a's shard is back in the pool
+    assert submit(ledger, "a", a, now=13.0).detail != "accepted"  # someone else holds it now
+
+    # A coordinator restart: nobody could heartbeat while it was down, so silence counts from the restart.
+    assert ledger.resume_leases(lease_seconds=1000.0, now=100.0) == 2
+    assert ledger.expire_leases(now=109.0) == 0
+    ledger.heartbeat("b", epoch=0, samples=0, recent_loss=None, samples_per_second=1.0, now=109.0)
+    assert ledger.expire_leases(now=111.0) == 0  # b beat again in time
+    assert ledger.expire_leases(now=120.0) == 2  # b went silent too
+
 def test_a_lease_is_extended_on_request_against_progress_up_to_its_longest_life(ledger):
     a = lease(ledger, "a", now=0.0)  # deadline LEASE_S
     b = ledger.lease_shard("a", lease_seconds=LEASE_S, now=1.0, held=[a.lease_id]).lease  # queued behind a
