@@ -110,8 +110,8 @@ class Chaos(ChaosSwarm):
         else:
             peer = self.rng.choice(targets)
             if kind == "peer_stop":
-                # Long enough that its leases expire (silent for SILENT_HEARTBEATS heartbeats, or past the
-                # shortest lease) and the frozen peer wakes to find its shards handed on.
+                # Past the shortest lease's deadline (well short of the coordinator's silence threshold, a minute):
+                # the frozen peer wakes to find its leases expired and, if someone took them, its shards handed on.
                 seconds = c.lease_seconds + c.heartbeat_interval + self.rng.uniform(1.0, 5.0)
                 Processes.kill_group(peer.proc, signal.SIGSTOP)
                 peer.stopped_until = now + seconds

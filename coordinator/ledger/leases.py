@@ -264,22 +264,18 @@ def _close_lease(c: Connection, lease: Lease, state: LeaseState, reason: str, no
 
 def _expire(c: Connection, now: float, silent_seconds: float = math.inf) -> int:
     """Expire the active leases past their deadline, and those whose peer went silent (``ShardLeases``)."""
-    rows = c.execute("SELECT lease_id FROM leases WHERE state = ? AND deadline < ?",
-                     (LeaseState.ACTIVE.value, now)).fetchall()
-    for row in rows:
-        _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED, "deadline passed", now)
-    silent = []
-    if math.isfinite(silent_seconds):
-        since = now - silent_seconds
-        resumed = c.execute("SELECT value FROM meta WHERE key = 'leases_resumed_at'").fetchone()
-        if resumed is None or float(resumed[0]) < since:
-            silent = c.execute("SELECT l.lease_id FROM leases l JOIN peers p USING (peer_id) WHERE l.state = ? "
-                               "AND l.issued_at < ? AND p.last_seen < ?",
-                               (LeaseState.ACTIVE.value, since, since)).fetchall()
-        for row in silent:
-            _close_lease(c, _get_lease(c, row[0]), LeaseState.EXPIRED,
-                         f"its peer was silent for over {silent_seconds:.0f}s", now)
-    return len(rows) + len(silent)
+    overdue = [(r[0], "deadline passed") for r in c.execute(
+        "SELECT lease_id FROM leases WHERE state = ? AND deadline < ?", (LeaseState.ACTIVE.value, now))]
+    since = now - silent_seconds
+    resumed = c.execute("SELECT value FROM meta WHERE key = 'leases_resumed_at'").fetchone()
+    if math.isfinite(silent_seconds) and (resumed is None or float(resumed[0]) < since):
+        why = f"its peer was silent for over {silent_seconds:.0f}s"
+        overdue += [(r[0], why) for r in c.execute(
+            "SELECT l.lease_id FROM leases l JOIN peers p USING (peer_id) WHERE l.state = ? AND l.deadline >= ? "
+            "AND l.issued_at < ? AND p.last_seen < ?", (LeaseState.ACTIVE.value, now, since, since))]
+    for lease_id, why in overdue:
+        _close_lease(c, _get_lease(c, lease_id), LeaseState.EXPIRED, why, now)
+    return len(overdue)
 
 
 def _complete(c: Connection, now: float, why: str) -> None:
